@@ -1,0 +1,5 @@
+import sys
+
+from lorakit.cli.main import main
+
+sys.exit(main())
