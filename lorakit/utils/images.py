@@ -1,0 +1,89 @@
+"""Reading training images robustly.
+
+Every reader in lorakit goes through here so that EXIF orientation, odd modes (RGBA, LA, P, CMYK, I;16) and broken
+files are handled the same way everywhere, with errors that name the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lorakit.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif", ".jxl")
+
+
+class ImageReadError(UserError):
+    """An image file cannot be decoded; the message names the file."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    # 16/32-bit greyscale: scale to 8 bits instead of clipping (PIL's convert("L") clips I;16 at 255).
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image with EXIF orientation applied; raise ImageReadError naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = ImageOps.exif_transpose(im) or im
+            if img is im:
+                img = im.copy()
+    except FileNotFoundError:
+        raise ImageReadError(f"image {path} does not exist.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(
+            f"image {path} cannot be read ({type(exc).__name__}: {exc}). The file is corrupt, truncated or not an "
+            "image: re-export or delete it, or run with --on_bad_image skip to leave it out."
+        ) from None
+    return _to_8bit(img)
+
+
+def split_alpha(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """Return (RGB image composited on white, alpha channel or None)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+        rgba = img.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), alpha
+    if img.mode == "CMYK":
+        return img.convert("RGB"), None
+    return img.convert("RGB"), None
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """An RGB image, transparent pixels composited on white."""
+    rgb, _ = split_alpha(open_image(path))
+    return rgb
+
+
+def load_rgb_and_alpha(path: str | os.PathLike) -> tuple[Image.Image, Image.Image | None]:
+    return split_alpha(open_image(path))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, reading only the header."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"image {path} cannot be read ({type(exc).__name__}: {exc}).") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
