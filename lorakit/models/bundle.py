@@ -1,0 +1,120 @@
+"""ModelBundle: tokenizer(s), text encoder(s), VAE, UNet and noise schedule of one model, plus its Family."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lorakit.models.families import Family
+
+
+@dataclass
+class ModelBundle:
+    family: Family
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: Any
+    configs: dict[str, dict] = field(default_factory=dict)  # the configs the modules were built from
+    source: str | None = None
+    info: dict = field(default_factory=dict)  # facts found while loading (EMA present, dropped keys, ...)
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """Component name -> module, with names matching the family's config files."""
+        out: dict[str, torch.nn.Module] = {}
+        if self.unet is not None:
+            out["unet"] = self.unet
+        if self.vae is not None:
+            out["vae"] = self.vae
+        for spec, te in zip(self.family.text_encoders, self.text_encoders):
+            if te is not None:
+                out[spec.config_name] = te
+        return out
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.configs.get("vae", self.family.config("vae"))["scaling_factor"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "ModelBundle":
+        for module in self.components().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+def clip_layers(text_encoder) -> list:
+    """The CLIPEncoderLayer list of a transformers CLIP text model, whatever its module nesting (4.x or 5.x)."""
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return list(inner.encoder.layers)
+
+
+def build_unet(config: dict):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config(config)
+
+
+def build_vae(config: dict):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_config(config)
+
+
+def build_text_encoder(config: dict, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(**config)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg)
+
+
+def build_noise_scheduler(config: dict, prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    cfg = {k: v for k, v in config.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
+                                                      "clip_sample", "steps_offset", "timestep_spacing")}
+    return DDPMScheduler(**cfg, prediction_type=prediction_type)
+
+
+def build_bundle(family: Family, configs: dict[str, dict] | None = None, device: str | torch.device = "cpu",
+                 components: tuple[str, ...] = ("unet", "vae", "text_encoders"), prediction_type: str | None = None,
+                 dtype: torch.dtype | None = None) -> ModelBundle:
+    """Modules built from configs (the family's full-size ones unless given). device="meta" allocates no weights."""
+    from lorakit.models.tokenizer import make_clip_tokenizer
+
+    configs = {**{name: family.config(name) for name in _config_names(family)}, **(configs or {})}
+    ctx = torch.device(device) if str(device) == "meta" else contextlib.nullcontext()
+    old_dtype = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)  # build directly in the target dtype: no fp32 copy first
+    try:
+        with ctx:
+            unet = build_unet(configs["unet"]) if "unet" in components else None
+            vae = build_vae(configs["vae"]) if "vae" in components else None
+            tes = [build_text_encoder(configs[s.config_name], s.with_projection) if "text_encoders" in components else None
+                   for s in family.text_encoders]
+    finally:
+        torch.set_default_dtype(old_dtype)
+    tokenizers = [make_clip_tokenizer(s.pad_token) for s in family.text_encoders]
+    scheduler = build_noise_scheduler(configs["scheduler"], prediction_type or family.prediction_type)
+    bundle = ModelBundle(family, unet, vae, tes, tokenizers, scheduler, configs)
+    if str(device) not in ("meta", "cpu"):
+        bundle.to(device)
+    for module in bundle.components().values():
+        module.eval().requires_grad_(False)
+    return bundle
+
+
+def _config_names(family: Family) -> list[str]:
+    return ["unet", "vae", "scheduler"] + [s.config_name for s in family.text_encoders]
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())

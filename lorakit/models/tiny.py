@@ -1,0 +1,39 @@
+"""Tiny models of every family: the same module names and nesting as the real ones (so LoRA and checkpoint keys are
+identical), with tiny widths, for tests and demos."""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.models.bundle import ModelBundle, build_bundle
+from lorakit.models.families import Family, get_family
+
+TINY_TE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, projection_dim=32)
+
+
+def tiny_configs(family: Family) -> dict[str, dict]:
+    """Configs with tiny widths; depths, block types and layer counts stay those of the real model."""
+    unet = family.config("unet")
+    levels = len(unet["block_out_channels"])
+    te_hidden = [TINY_TE["hidden_size"]] * len(family.text_encoders)
+    unet.update(block_out_channels=[32, 64, 64, 64][:levels], norm_num_groups=8, cross_attention_dim=sum(te_hidden),
+                attention_head_dim=[8, 16, 16, 16][:levels] if isinstance(unet["attention_head_dim"], list) else 8)
+    if unet.get("addition_embed_type") == "text_time":
+        unet.update(addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + TINY_TE["projection_dim"])
+    vae = family.config("vae")
+    vae.update(block_out_channels=[16, 32, 32, 32], norm_num_groups=8, sample_size=64)
+    configs = {"unet": unet, "vae": vae}
+    for spec in family.text_encoders:
+        configs[spec.config_name] = {**family.config(spec.config_name), **TINY_TE}
+    return configs
+
+
+def tiny_bundle(family: str | Family = "sd1", seed: int = 0, dtype: torch.dtype = torch.float32) -> ModelBundle:
+    """A randomly initialised tiny model; the same seed gives the same weights."""
+    fam = family if isinstance(family, Family) else get_family(family)
+    devices = []  # fork_rng wants an explicit (empty) device list on CPU-only machines
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        bundle = build_bundle(fam, configs=tiny_configs(fam))
+    bundle.source = f"tiny:{fam.name}"
+    return bundle if dtype == torch.float32 else bundle.to(dtype=dtype)

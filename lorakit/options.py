@@ -1,0 +1,825 @@
+"""The one schema of every training option.
+
+Each option is declared once here, with the same name and meaning as the kohya-ss/sd-scripts flag our users already
+pass (`train_network.py`, `sdxl_train_network.py`). Everything else is generated from the list:
+
+- `build_parser()`        the argparse parser of `lorakit train` (`--flag=value` and `--flag value`, store_true booleans)
+- `load_config_file()`    `--config_file` TOML of flags (sections flattened like sd-scripts), typed and validated
+- `resolve()`             command line > config file > defaults, into one `argparse.Namespace`
+- `write_config_file()`   `--output_config`: the resolved, non-default values as TOML
+- `ss_metadata()`         the `ss_*` metadata values sd-scripts writes for those options
+- `dataset_config_keys()` which keys a `--dataset_config` TOML may hold at [general], [[datasets]], [[datasets.subsets]]
+
+Scopes (where a key may appear):
+- "train":   command line and `--config_file` only.
+- "dataset": a dataset-level key of `--dataset_config` ([[datasets]] or [general]); the command line gives its fallback.
+- "subset":  a subset-level key ([[datasets.subsets]], inheriting from [[datasets]] and [general]); the command line gives
+             its fallback unless `cli=False` (image_dir, is_reg, class_tokens: those only exist inside a dataset config).
+- "general": a key the dataset layer reads from the command line only (max_token_length, prior_loss_weight...).
+Value types are named by strings so the GUI and docs can read them: str, path, int, float, bool, int_or_ratio
+(`lr_warmup_steps`: int steps, float ratio < 1 or "N%"), resolution ("W,H" or one int), float_pair ("a,b"),
+number (int or float, kept as given). `nargs="*"` makes a list of that type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from lorakit.errors import UserError
+
+NO_EFFECT = "Accepted for sd-scripts compatibility; no effect here."
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: str  # see module docstring
+    default: Any
+    help: str
+    group: str
+    aliases: tuple[str, ...] = ()
+    choices: tuple | None = None
+    scope: str = "train"
+    nargs: str | None = None  # None or "*"
+    metadata_key: str | None = None  # ss_* key sd-scripts writes for it (str(value)); None: not written
+    cli: bool = True  # a command-line flag (False: only inside a dataset config)
+    config_name: str | None = None  # name inside --dataset_config when it differs (train_batch_size -> batch_size)
+    effect: bool = True  # False: accepted for compatibility, does nothing here
+    distinct: bool = False  # subset-only key that does not inherit from [[datasets]]/[general]
+
+    @property
+    def flags(self) -> list[str]:
+        return ["--" + self.name] + ["--" + a for a in self.aliases]
+
+    @property
+    def is_list(self) -> bool:
+        return self.nargs is not None
+
+
+def _o(name, type, default, help, group, **kw) -> Option:
+    if not kw.get("effect", True) and NO_EFFECT not in help:
+        help = f"{help} {NO_EFFECT}".strip()
+    return Option(name, type, default, help, group, **kw)
+
+
+G_MODEL, G_DATA, G_CAPTION, G_AUG, G_CACHE = "model", "dataset", "captions", "augmentation", "caching"
+G_NET, G_OPT, G_STEPS, G_LOSS, G_NOISE = "network", "optimizer", "steps", "loss", "noise"
+G_PREC, G_OUT, G_META, G_LOG, G_SAMPLE, G_MISC = "precision", "output", "metadata", "logging", "sampling", "misc"
+
+OPTIONS: list[Option] = [
+    # --- model ---------------------------------------------------------------------------------------------------
+    _o("pretrained_model_name_or_path", "path", None,
+       "Base model: a single-file checkpoint (.safetensors/.ckpt) or a diffusers folder.", G_MODEL,
+       metadata_key="ss_sd_model_name"),
+    _o("v2", "bool", False, "The base model is Stable Diffusion 2.x (normally detected from the checkpoint).", G_MODEL,
+       metadata_key="ss_v2"),
+    _o("v_parameterization", "bool", False, "Train with v-prediction (SD 2.x 768-v models).", G_MODEL),
+    _o("sdxl", "bool", False,
+       "The base model is SDXL (what sdxl_train_network.py implies; normally detected from the checkpoint).", G_MODEL),
+    _o("vae", "path", None, "Replace the checkpoint's VAE with this file or folder.", G_MODEL, metadata_key="ss_vae_name"),
+    _o("clip_skip", "int", None, "Use the output of the n-th text-encoder layer from the end (n >= 1; 2 for anime models). "
+       "SDXL ignores it.", G_MODEL, metadata_key="ss_clip_skip"),
+    _o("tokenizer_cache_dir", "path", None, "Folder for tokenizer files (tokenizers are bundled here).", G_MODEL,
+       effect=False),
+    _o("disable_mmap_load_safetensors", "bool", False, "Read safetensors without mmap.", G_MODEL, effect=False),
+    # --- dataset -------------------------------------------------------------------------------------------------
+    _o("train_data_dir", "path", None, "Folder of `N_name` subfolders (N = repeats) of training images, or of images "
+       "for --in_json.", G_DATA),
+    _o("reg_data_dir", "path", None, "Folder of `N_class` subfolders of regularization images.", G_DATA),
+    _o("in_json", "path", None, "Fine-tune metadata JSON {image_key: {caption, tags}}.", G_DATA),
+    _o("dataset_repeats", "int", 1, "Repeats of the dataset in fine-tune mode (--in_json).", G_DATA),
+    _o("dataset_config", "path", None, "TOML dataset config with [general], [[datasets]], [[datasets.subsets]].", G_DATA),
+    _o("dataset_class", "str", None, "Custom dataset class.", G_DATA, effect=False),
+    _o("resolution", "resolution", None, "Training resolution: 'SIZE' or 'WIDTH,HEIGHT' (e.g. 512 or 1024,1024). "
+       "Default: the model family's native resolution.", G_DATA, scope="dataset", metadata_key="ss_resolution"),
+    _o("train_batch_size", "int", 1, "Batch size per device.", G_DATA, scope="dataset", config_name="batch_size",
+       metadata_key="ss_batch_size_per_device"),
+    _o("enable_bucket", "bool", False, "Aspect-ratio buckets: batches of one resolution each.", G_DATA, scope="dataset",
+       metadata_key="ss_enable_bucket"),
+    _o("min_bucket_reso", "int", 256, "Smallest bucket side (divisible by bucket_reso_steps).", G_DATA, scope="dataset",
+       metadata_key="ss_min_bucket_reso"),
+    _o("max_bucket_reso", "int", 1024, "Largest bucket side (divisible by bucket_reso_steps).", G_DATA, scope="dataset",
+       metadata_key="ss_max_bucket_reso"),
+    _o("bucket_reso_steps", "int", 64, "Bucket side step (64 for SD1/2, a multiple of 32 for SDXL).", G_DATA,
+       scope="dataset"),
+    _o("bucket_no_upscale", "bool", False, "Never enlarge small images to fill a bucket.", G_DATA, scope="dataset",
+       metadata_key="ss_bucket_no_upscale"),
+    _o("resize_interpolation", "str", None, "Resize filter (default area for shrinking, lanczos for enlarging).", G_DATA,
+       scope="subset", choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")),
+    _o("network_multiplier", "float", 1.0, "LoRA multiplier for this dataset's batches.", G_DATA, scope="dataset",
+       cli=False),
+    _o("validation_seed", "int", None, "Seed for the validation split.", G_DATA, scope="dataset", effect=False),
+    _o("validation_split", "float", 0.0, "Fraction of the training images held out for validation.", G_DATA,
+       scope="dataset", effect=False),
+    _o("validate_every_n_steps", "int", None, "Validation period in steps.", G_DATA, effect=False),
+    _o("validate_every_n_epochs", "int", None, "Validation period in epochs.", G_DATA, effect=False),
+    _o("max_validation_steps", "int", None, "Validation batches per run.", G_DATA, effect=False),
+    _o("image_dir", "path", None, "Subset image folder.", G_DATA, scope="subset", cli=False, distinct=True),
+    _o("is_reg", "bool", False, "Subset holds regularization images.", G_DATA, scope="subset", cli=False,
+       distinct=True),
+    _o("num_repeats", "int", 1, "Times each image of the subset is shown per epoch.", G_DATA, scope="subset", cli=False),
+    _o("class_tokens", "str", None, "Caption for images of the subset without a caption file.", G_DATA,
+       scope="subset", cli=False),
+    _o("metadata_file", "path", None, "Fine-tune metadata JSON of the subset.", G_DATA, scope="subset", cli=False,
+       distinct=True),
+    _o("conditioning_data_dir", "path", None, "Folder of mask/conditioning images matching the training images "
+       "(for --masked_loss).", G_DATA, scope="subset", distinct=True),
+    _o("cache_info", "bool", False, "Cache image sizes and captions for a faster start.", G_DATA, scope="subset"),
+    _o("alpha_mask", "bool", False, "Use the image's alpha channel as the loss mask.", G_DATA, scope="subset"),
+    _o("max_data_loader_n_workers", "int", 8, "Most DataLoader worker processes.", G_DATA, scope="general"),
+    _o("persistent_data_loader_workers", "bool", False, "Keep DataLoader workers between epochs.", G_DATA,
+       scope="general", effect=False),
+    _o("on_bad_image", "str", "error", "What to do with an unreadable image: stop with an error naming it, or skip it "
+       "with a warning.", G_DATA, choices=("error", "skip"), scope="general"),
+    _o("debug_dataset", "bool", False, "Show the dataset instead of training.", G_DATA, scope="general", effect=False),
+    # --- captions ------------------------------------------------------------------------------------------------
+    _o("caption_extension", "str", ".txt", "Extension of caption files beside the images. NOTE: sd-scripts defaults "
+       "to '.caption' (a known trap: .txt captions were silently ignored); here the default is '.txt'.", G_CAPTION,
+       scope="subset", aliases=("caption_extention",)),
+    _o("shuffle_caption", "bool", False, "Shuffle the comma-separated tags each step (after the kept ones).", G_CAPTION,
+       scope="subset", metadata_key="ss_shuffle_caption"),
+    _o("caption_separator", "str", ",", "Tag separator of captions.", G_CAPTION, scope="subset"),
+    _o("keep_tokens", "int", 0, "Keep the first N tags fixed when shuffling or dropping tags.", G_CAPTION,
+       scope="subset", metadata_key="ss_keep_tokens"),
+    _o("keep_tokens_separator", "str", "", "Text before this separator stays fixed (instead of --keep_tokens).",
+       G_CAPTION, scope="subset"),
+    _o("secondary_separator", "str", None, "Separator that groups tags into one unit for shuffle/dropout, replaced "
+       "by caption_separator afterwards.", G_CAPTION, scope="subset"),
+    _o("enable_wildcard", "bool", False, "Expand {a|b|c} in captions to one choice per step.", G_CAPTION,
+       scope="subset"),
+    _o("caption_prefix", "str", None, "Text added before every caption.", G_CAPTION, scope="subset"),
+    _o("caption_suffix", "str", None, "Text added after every caption.", G_CAPTION, scope="subset"),
+    _o("caption_dropout_rate", "float", 0.0, "Probability of training a step with an empty caption.", G_CAPTION,
+       scope="subset", metadata_key="ss_caption_dropout_rate"),
+    _o("caption_dropout_every_n_epochs", "int", 0, "Drop all captions every N-th epoch.", G_CAPTION, scope="subset",
+       metadata_key="ss_caption_dropout_every_n_epochs"),
+    _o("caption_tag_dropout_rate", "float", 0.0, "Probability of dropping each (non-kept) tag.", G_CAPTION,
+       scope="subset", metadata_key="ss_caption_tag_dropout_rate"),
+    _o("token_warmup_min", "int", 1, "Start with N tags and grow to the full caption.", G_CAPTION, scope="subset"),
+    _o("token_warmup_step", "number", 0, "Step at which captions reach full length (N < 1: fraction of the run).",
+       G_CAPTION, scope="subset"),
+    _o("weighted_captions", "bool", False, "Read (tag:1.2) weights in captions.", G_CAPTION, scope="general"),
+    _o("max_token_length", "int", None, "Text-encoder context: 75 (default), 150 or 225 tokens.", G_CAPTION,
+       choices=(None, 75, 150, 225), scope="general", metadata_key="ss_max_token_length"),
+    # --- augmentation --------------------------------------------------------------------------------------------
+    _o("color_aug", "bool", False, "Weak random hue/gamma change (not with cached latents).", G_AUG, scope="subset",
+       metadata_key="ss_color_aug"),
+    _o("flip_aug", "bool", False, "Random horizontal flips.", G_AUG, scope="subset", metadata_key="ss_flip_aug"),
+    _o("random_crop", "bool", False, "Random instead of centre crop (not with cached latents).", G_AUG, scope="subset",
+       metadata_key="ss_random_crop"),
+    _o("face_crop_aug_range", "float_pair", None, "Face-centred crop scale range, e.g. 2.0,4.0.", G_AUG,
+       scope="subset", metadata_key="ss_face_crop_aug_range"),
+    # --- caching -------------------------------------------------------------------------------------------------
+    _o("cache_latents", "bool", False, "Encode images once and keep the latents in memory (no color_aug/random_crop).",
+       G_CACHE, metadata_key="ss_cache_latents"),
+    _o("cache_latents_to_disk", "bool", False, "Also keep the latents in <stem>_<W>x<H>_<family>.npz beside the images.",
+       G_CACHE),
+    _o("vae_batch_size", "int", 1, "Batch size when caching latents.", G_CACHE),
+    _o("skip_cache_check", "bool", False, "Trust existing cache files without checking their contents.", G_CACHE),
+    _o("cache_text_encoder_outputs", "bool", False, "Encode captions once (SDXL; needs UNet-only training and no "
+       "caption shuffle/dropout).", G_CACHE),
+    _o("cache_text_encoder_outputs_to_disk", "bool", False, "Also keep text-encoder outputs on disk.", G_CACHE),
+    # --- network -------------------------------------------------------------------------------------------------
+    _o("network_module", "str", "networks.lora", "Adapter family: networks.lora (LoRA/LoCon), lycoris.kohya "
+       "(use network_args algo=...), networks.dylora.", G_NET, metadata_key="ss_network_module"),
+    _o("network_dim", "int", None, "Rank of the LoRA modules (default 4).", G_NET, metadata_key="ss_network_dim"),
+    _o("network_alpha", "float", 1.0, "LoRA alpha; the update is scaled by alpha/dim (sd-scripts default 1).", G_NET,
+       metadata_key="ss_network_alpha"),
+    _o("network_dropout", "float", None, "Dropout on the LoRA down projection's output.", G_NET,
+       metadata_key="ss_network_dropout"),
+    _o("network_args", "str", None, "Extra adapter arguments as key=value, e.g. conv_dim=64 conv_alpha=32 algo=lora.",
+       G_NET, nargs="*"),
+    _o("network_weights", "path", None, "Start from this LoRA file.", G_NET),
+    _o("dim_from_weights", "bool", False, "Take the rank from --network_weights.", G_NET),
+    _o("network_train_unet_only", "bool", False, "Train only the UNet's LoRA modules.", G_NET),
+    _o("network_train_text_encoder_only", "bool", False, "Train only the text encoders' LoRA modules.", G_NET),
+    _o("unet_lr", "float", None, "UNet learning rate (default --learning_rate).", G_NET, metadata_key="ss_unet_lr"),
+    _o("text_encoder_lr", "float", None, "Text-encoder learning rate; two values for SDXL set TE1 and TE2 apart.", G_NET,
+       nargs="*", metadata_key="ss_text_encoder_lr"),
+    _o("scale_weight_norms", "float", None, "Scale down any LoRA module whose update norm exceeds this (1 is a good "
+       "start).", G_NET, metadata_key="ss_scale_weight_norms"),
+    _o("base_weights", "path", None, "LoRA files merged into the model before training.", G_NET, nargs="*"),
+    _o("base_weights_multiplier", "float", None, "Multipliers of --base_weights.", G_NET, nargs="*"),
+    _o("loraplus_lr_ratio", "float", None, "LoRA+: the lora_up weights learn this many times faster (also accepted as "
+       "network_args loraplus_lr_ratio=...).", G_NET),
+    _o("loraplus_unet_lr_ratio", "float", None, "LoRA+ ratio for the UNet only.", G_NET),
+    _o("loraplus_text_encoder_lr_ratio", "float", None, "LoRA+ ratio for the text encoders only.", G_NET),
+    _o("training_comment", "str", None, "Free text stored in the metadata.", G_NET, metadata_key="ss_training_comment"),
+    _o("no_metadata", "bool", False, "Write the LoRA without ss_* metadata.", G_NET),
+    # --- optimizer -----------------------------------------------------------------------------------------------
+    _o("optimizer_type", "str", "", "AdamW (default), AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, PagedLion8bit, "
+       "SGDNesterov, SGDNesterov8bit, DAdaptation, DAdaptAdam, DAdaptLion, DAdaptAdan, DAdaptAdanIP, DAdaptSGD, "
+       "DAdaptAdaGrad, Prodigy, AdaFactor, RAdamScheduleFree, AdamWScheduleFree, SGDScheduleFree, or module.Class. "
+       "Case-insensitive.", G_OPT),
+    _o("use_8bit_adam", "bool", False, "Old spelling of --optimizer_type AdamW8bit.", G_OPT),
+    _o("use_lion_optimizer", "bool", False, "Old spelling of --optimizer_type Lion.", G_OPT),
+    _o("learning_rate", "float", 1e-4, "Base learning rate (D-Adaptation and Prodigy want 1.0). sd-scripts' default "
+       "2e-6 is meant for full fine-tuning; LoRA default here is 1e-4.", G_OPT, metadata_key="ss_learning_rate"),
+    _o("optimizer_args", "str", None, "Optimizer keyword arguments as key=value with Python literals, e.g. "
+       "weight_decay=0.01 betas=0.9,0.999 d0=1e-6.", G_OPT, nargs="*"),
+    _o("max_grad_norm", "float", 1.0, "Clip the gradient norm to this (0: no clipping).", G_OPT,
+       metadata_key="ss_max_grad_norm"),
+    _o("gradient_accumulation_steps", "int", 1, "Batches whose gradients add up before one optimizer step.", G_OPT,
+       metadata_key="ss_gradient_accumulation_steps"),
+    _o("lr_scheduler", "str", "constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
+       "polynomial, adafactor.", G_OPT, metadata_key="ss_lr_scheduler",
+       choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                "adafactor", "warmup_stable_decay", "inverse_sqrt", "cosine_with_min_lr")),
+    _o("lr_scheduler_type", "str", "", "A custom scheduler class module.Class (with --lr_scheduler_args).", G_OPT),
+    _o("lr_scheduler_args", "str", None, "Scheduler keyword arguments as key=value Python literals.", G_OPT, nargs="*"),
+    _o("lr_warmup_steps", "int_or_ratio", 0, "Warmup: steps (int), a ratio of the run (< 1), or 'N%'.", G_OPT,
+       metadata_key="ss_lr_warmup_steps"),
+    _o("lr_decay_steps", "int_or_ratio", 0, "Decay steps for warmup_stable_decay: steps, ratio (< 1) or 'N%'.", G_OPT),
+    _o("lr_scheduler_num_cycles", "int", 1, "Restarts of cosine_with_restarts.", G_OPT),
+    _o("lr_scheduler_power", "float", 1.0, "Power of the polynomial schedule.", G_OPT),
+    _o("lr_scheduler_timescale", "int", None, "Timescale of inverse_sqrt (default: the warmup steps).", G_OPT),
+    _o("lr_scheduler_min_lr_ratio", "float", None, "Final lr as a ratio of the initial one (cosine_with_min_lr, "
+       "warmup_stable_decay).", G_OPT),
+    _o("fused_backward_pass", "bool", False, "Step the optimizer inside backward (AdaFactor only).", G_OPT, effect=False),
+    # --- steps ---------------------------------------------------------------------------------------------------
+    _o("max_train_steps", "int", 1600, "Optimizer steps to train (overridden by --max_train_epochs).", G_STEPS,
+       metadata_key="ss_max_train_steps"),
+    _o("max_train_epochs", "int", None, "Epochs to train (overrides --max_train_steps).", G_STEPS),
+    _o("seed", "int", None, "Random seed (a random one is drawn and recorded when unset).", G_STEPS,
+       metadata_key="ss_seed"),
+    _o("initial_epoch", "int", None, "Start counting epochs from this number.", G_STEPS),
+    _o("initial_step", "int", None, "Start counting steps from this number.", G_STEPS),
+    _o("skip_until_initial_step", "bool", False, "Skip batches until --initial_step.", G_STEPS),
+    # --- loss ----------------------------------------------------------------------------------------------------
+    _o("loss_type", "str", "l2", "l2, l1, huber or smooth_l1.", G_LOSS, choices=("l1", "l2", "huber", "smooth_l1"),
+       metadata_key="ss_loss_type"),
+    _o("huber_schedule", "str", "snr", "How huber_c changes with the timestep: constant, exponential or snr.", G_LOSS,
+       choices=("constant", "exponential", "snr"), metadata_key="ss_huber_schedule"),
+    _o("huber_c", "float", 0.1, "Huber threshold c.", G_LOSS, metadata_key="ss_huber_c"),
+    _o("huber_scale", "float", 1.0, "Scale of the Huber threshold.", G_LOSS, metadata_key="ss_huber_scale"),
+    _o("min_snr_gamma", "float", None, "Min-SNR weighting: weight min(SNR, gamma)/SNR (5 is the paper's value).",
+       G_LOSS, metadata_key="ss_min_snr_gamma"),
+    _o("debiased_estimation_loss", "bool", False, "Weight the loss by 1/sqrt(SNR).", G_LOSS,
+       metadata_key="ss_debiased_estimation"),
+    _o("scale_v_pred_loss_like_noise_pred", "bool", False, "Scale a v-prediction loss like a noise-prediction loss.",
+       G_LOSS),
+    _o("v_pred_like_loss", "float", None, "Add a v-prediction-like loss times this.", G_LOSS),
+    _o("masked_loss", "bool", False, "Multiply the loss by a mask (alpha channel or conditioning_data_dir).", G_LOSS),
+    _o("prior_loss_weight", "float", 1.0, "Loss weight of regularization images.", G_LOSS, scope="general",
+       metadata_key="ss_prior_loss_weight"),
+    # --- noise ---------------------------------------------------------------------------------------------------
+    _o("noise_offset", "float", None, "Add per-channel constant noise of this strength (about 0.1).", G_NOISE,
+       metadata_key="ss_noise_offset"),
+    _o("noise_offset_random_strength", "bool", False, "Draw the offset strength uniformly in [0, noise_offset].",
+       G_NOISE, metadata_key="ss_noise_offset_random_strength"),
+    _o("adaptive_noise_scale", "float", None, "Add |latent mean| * this to noise_offset.", G_NOISE,
+       metadata_key="ss_adaptive_noise_scale"),
+    _o("multires_noise_iterations", "int", None, "Pyramid (multi-resolution) noise levels (6-10).", G_NOISE,
+       metadata_key="ss_multires_noise_iterations"),
+    _o("multires_noise_discount", "float", 0.3, "Weight decay per pyramid level.", G_NOISE,
+       metadata_key="ss_multires_noise_discount"),
+    _o("ip_noise_gamma", "float", None, "Input-perturbation noise strength (about 0.1).", G_NOISE,
+       metadata_key="ss_ip_noise_gamma"),
+    _o("ip_noise_gamma_random_strength", "bool", False, "Draw the perturbation strength in [0, ip_noise_gamma].",
+       G_NOISE, metadata_key="ss_ip_noise_gamma_random_strength"),
+    _o("zero_terminal_snr", "bool", False, "Rescale betas so the last timestep has zero SNR.", G_NOISE,
+       metadata_key="ss_zero_terminal_snr"),
+    _o("min_timestep", "int", None, "Smallest timestep sampled (0-999, default 0).", G_NOISE),
+    _o("max_timestep", "int", None, "Largest timestep sampled, exclusive (1-1000, default 1000).", G_NOISE),
+    # --- precision and memory ------------------------------------------------------------------------------------
+    _o("mixed_precision", "str", "no", "no, fp16 (with loss scaling) or bf16.", G_PREC, choices=("no", "fp16", "bf16"),
+       metadata_key="ss_mixed_precision"),
+    _o("full_fp16", "bool", False, "Keep LoRA weights and gradients in fp16 (refused where it cannot learn).", G_PREC,
+       metadata_key="ss_full_fp16"),
+    _o("full_bf16", "bool", False, "Keep LoRA weights and gradients in bf16 (refused where it cannot learn).", G_PREC),
+    _o("fp8_base", "bool", False, "Store the frozen base model in fp8 (needs a GPU with fp8 support).", G_PREC,
+       metadata_key="ss_fp8_base"),
+    _o("fp8_base_unet", "bool", False, "fp8 for the UNet only.", G_PREC, metadata_key="ss_fp8_base_unet"),
+    _o("gradient_checkpointing", "bool", False, "Recompute activations in backward to save memory.", G_PREC,
+       metadata_key="ss_gradient_checkpointing"),
+    _o("xformers", "bool", False, "Memory-efficient attention (xformers if installed, else PyTorch SDPA).", G_PREC),
+    _o("mem_eff_attn", "bool", False, "Memory-efficient attention (PyTorch SDPA here).", G_PREC),
+    _o("sdpa", "bool", False, "PyTorch scaled-dot-product attention (the default here).", G_PREC),
+    _o("no_half_vae", "bool", False, "Keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16).",
+       G_PREC),
+    _o("lowram", "bool", False, "Load models straight to the GPU.", G_PREC, metadata_key="ss_lowram"),
+    _o("highvram", "bool", False, "Skip cache clearing between latent batches.", G_PREC),
+    _o("cpu_offload_checkpointing", "bool", False, "Offload checkpointed activations to CPU.", G_PREC, effect=False),
+    _o("torch_compile", "bool", False, "torch.compile the UNet.", G_PREC, effect=False),
+    _o("dynamo_backend", "str", "inductor", "torch.compile backend.", G_PREC, effect=False),
+    # --- output --------------------------------------------------------------------------------------------------
+    _o("output_dir", "path", None, "Folder for LoRA files and states.", G_OUT),
+    _o("output_name", "str", None, "File stem of the LoRA (default 'last').", G_OUT, metadata_key="ss_output_name"),
+    _o("save_model_as", "str", "safetensors", "safetensors (ckpt/pt accepted: saved as safetensors).", G_OUT,
+       choices=("safetensors", "ckpt", "pt")),
+    _o("save_precision", "str", None, "Dtype of the saved LoRA: float, fp16 or bf16 (default: as trained).", G_OUT,
+       choices=(None, "float", "fp16", "bf16")),
+    _o("save_every_n_epochs", "int", None, "Save a LoRA every N epochs ({name}-{epoch:06d}).", G_OUT),
+    _o("save_every_n_steps", "int", None, "Save a LoRA every N steps ({name}-step{step:08d}).", G_OUT),
+    _o("save_n_epoch_ratio", "int", None, "Save at least N LoRAs over the run.", G_OUT),
+    _o("save_last_n_epochs", "int", None, "Keep only the last N epoch saves.", G_OUT),
+    _o("save_last_n_epochs_state", "int", None, "Keep only the last N epoch states.", G_OUT),
+    _o("save_last_n_steps", "int", None, "Remove step saves older than N steps.", G_OUT),
+    _o("save_last_n_steps_state", "int", None, "Remove step states older than N steps.", G_OUT),
+    _o("save_state", "bool", False, "Save the full training state with each LoRA save (for --resume).", G_OUT),
+    _o("save_state_on_train_end", "bool", False, "Save the training state when the run ends.", G_OUT),
+    _o("resume", "path", None, "Resume exactly from a saved state folder.", G_OUT),
+    _o("use_safetensors", "bool", False, "Save as safetensors (always, here).", G_OUT, effect=False),
+    # --- metadata (ModelSpec) ------------------------------------------------------------------------------------
+    _o("metadata_title", "str", None, "modelspec.title (default: output_name).", G_META),
+    _o("metadata_author", "str", None, "modelspec.author.", G_META),
+    _o("metadata_description", "str", None, "modelspec.description.", G_META),
+    _o("metadata_license", "str", None, "modelspec.license.", G_META),
+    _o("metadata_tags", "str", None, "modelspec.tags (comma separated).", G_META),
+    _o("metadata_usage_hint", "str", None, "modelspec.usage_hint.", G_META),
+    _o("metadata_thumbnail", "str", None, "modelspec.thumbnail (data URI).", G_META),
+    _o("metadata_merged_from", "str", None, "modelspec.merged_from.", G_META),
+    _o("metadata_trigger_phrase", "str", None, "modelspec.trigger_phrase.", G_META),
+    _o("metadata_preprocessor", "str", None, "modelspec.preprocessor.", G_META),
+    _o("metadata_is_negative_embedding", "str", None, "modelspec.is_negative_embedding.", G_META),
+    # --- logging -------------------------------------------------------------------------------------------------
+    _o("logging_dir", "path", None, "Write TensorBoard logs under this folder.", G_LOG),
+    _o("log_with", "str", None, "tensorboard, wandb or all (wandb is not bundled).", G_LOG,
+       choices=(None, "tensorboard", "wandb", "all")),
+    _o("log_prefix", "str", None, "Prefix of the log folder name.", G_LOG),
+    _o("log_tracker_name", "str", None, "Tracker run name.", G_LOG),
+    _o("log_tracker_config", "path", None, "Tracker config file.", G_LOG, effect=False),
+    _o("log_config", "bool", False, "Log the resolved options.", G_LOG),
+    _o("wandb_run_name", "str", None, "wandb run name.", G_LOG, effect=False),
+    _o("wandb_api_key", "str", None, "wandb key (never written to --output_config).", G_LOG, effect=False),
+    _o("console_log_level", "str", None, "Console log level.", G_LOG,
+       choices=(None, "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    _o("console_log_file", "path", None, "Log to this file instead of stderr.", G_LOG),
+    _o("console_log_simple", "bool", False, "Plain console logs.", G_LOG, effect=False),
+    # --- sampling ------------------------------------------------------------------------------------------------
+    _o("sample_prompts", "path", None, "Prompt file for preview images (one per line; --n --w --h --d --l --s --ss).",
+       G_SAMPLE),
+    _o("sample_every_n_steps", "int", None, "Preview images every N steps.", G_SAMPLE),
+    _o("sample_every_n_epochs", "int", None, "Preview images every N epochs (overrides steps).", G_SAMPLE),
+    _o("sample_at_first", "bool", False, "Preview images before training.", G_SAMPLE),
+    _o("sample_sampler", "str", "ddim", "Sampler of the previews.", G_SAMPLE,
+       choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")),
+    # --- misc ----------------------------------------------------------------------------------------------------
+    _o("config_file", "path", None, "TOML file of these options (sd-scripts format; sections are flattened).", G_MISC),
+    _o("output_config", "bool", False, "Write the resolved options to --config_file and exit.", G_MISC),
+    _o("num_cpu_threads_per_process", "int", None, "accelerate launch's thread count.", G_MISC, effect=False),
+    _o("ddp_timeout", "int", None, "DDP timeout in minutes.", G_MISC),
+    _o("ddp_gradient_as_bucket_view", "bool", False, "DDP gradient_as_bucket_view.", G_MISC),
+    _o("ddp_static_graph", "bool", False, "DDP static_graph.", G_MISC),
+    _o("deepspeed", "bool", False, "DeepSpeed training.", G_MISC, effect=False),
+    _o("huggingface_repo_id", "str", None, "Upload target.", G_MISC, effect=False),
+    _o("huggingface_repo_type", "str", None, "Upload repo type.", G_MISC, effect=False),
+    _o("huggingface_path_in_repo", "str", None, "Upload path.", G_MISC, effect=False),
+    _o("huggingface_token", "str", None, "Upload token.", G_MISC, effect=False),
+    _o("huggingface_repo_visibility", "str", None, "Upload visibility.", G_MISC, effect=False),
+    _o("save_state_to_huggingface", "bool", False, "Upload states.", G_MISC, effect=False),
+    _o("resume_from_huggingface", "bool", False, "Resume from an uploaded state.", G_MISC, effect=False),
+    _o("async_upload", "bool", False, "Upload in the background.", G_MISC, effect=False),
+]
+
+OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+_FLAG_TO_OPTION: dict[str, Option] = {}
+for _opt in OPTIONS:
+    for _n in (_opt.name, *_opt.aliases):
+        assert _n not in _FLAG_TO_OPTION, _n
+        _FLAG_TO_OPTION[_n] = _opt
+# keys never written by --output_config
+_NOT_WRITTEN = {"config_file", "output_config", "wandb_api_key", "huggingface_token"}
+
+
+def get_option(name: str) -> Option:
+    """The option named `name` (or one of its aliases)."""
+    return _FLAG_TO_OPTION[name]
+
+
+def options_in_group(group: str) -> list[Option]:
+    return [o for o in OPTIONS if o.group == group]
+
+
+def groups() -> list[str]:
+    return list(dict.fromkeys(o.group for o in OPTIONS))
+
+
+def dataset_config_keys(level: str) -> dict[str, Option]:
+    """Keys allowed at `level` of a --dataset_config TOML: "general", "dataset" or "subset" -> {toml key: Option}.
+
+    A subset key may also be set at [[datasets]] and [general] (inherited), except distinct ones (image_dir...).
+    A dataset key may be set at [[datasets]] and [general].
+    """
+    if level not in ("general", "dataset", "subset"):
+        raise ValueError(level)
+    out: dict[str, Option] = {}
+    for o in OPTIONS:
+        key = o.config_name or o.name
+        if o.scope == "subset" and (level == "subset" or not o.distinct):
+            out[key] = o
+        elif o.scope == "dataset" and level in ("general", "dataset"):
+            out[key] = o
+    return out
+
+
+# ---- value parsing --------------------------------------------------------------------------------------------------
+
+
+def parse_int_or_ratio(value: str | int | float) -> int | float:
+    """sd-scripts' warmup value: "N%" -> N/100, a number >= 1 -> int steps, a number < 1 -> float ratio."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of steps, a ratio or a percentage")
+    if isinstance(value, (int, float)):
+        return int(value) if value >= 1 else float(value)
+    text = str(value).strip()
+    if text.endswith("%"):
+        return float(text[:-1]) / 100.0
+    number = float(text)
+    if number >= 1:
+        if number != int(number):
+            raise ValueError(f"{value!r}: steps must be a whole number (or a ratio below 1, or 'N%')")
+        return int(number)
+    return number
+
+
+def parse_resolution(value: Any) -> tuple[int, int] | None:
+    """'512' | '768,512' | 512 | [768, 512] -> (width, height)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a resolution")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [p.strip() for p in str(value).replace("x", ",").split(",") if p.strip()]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError(f"{value!r} is not 'SIZE' or 'WIDTH,HEIGHT'")
+    w, h = (int(p) for p in parts)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"{value!r}: sides must be positive")
+    return (w, h)
+
+
+def parse_float_pair(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    parts = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
+    if len(parts) != 2:
+        raise ValueError(f"{value!r} is not two numbers 'a,b'")
+    return (float(parts[0]), float(parts[1]))
+
+
+def _cli_converter(o: Option):
+    def bad(text, exc):
+        raise argparse.ArgumentTypeError(f"--{o.name}: {text!r} is not a valid {o.type} ({exc})")
+
+    def conv(text: str):
+        try:
+            if o.type in ("str", "path"):
+                return text
+            if o.type == "int":
+                return int(text)
+            if o.type == "float":
+                return float(text)
+            if o.type == "number":
+                f = float(text)
+                return int(f) if f.is_integer() and "." not in text and "e" not in text.lower() else f
+            if o.type == "int_or_ratio":
+                return parse_int_or_ratio(text)
+            if o.type == "resolution":
+                parse_resolution(text)  # validate; keep the user's text like sd-scripts does
+                return text
+            if o.type == "float_pair":
+                parse_float_pair(text)
+                return text
+        except (ValueError, TypeError) as exc:
+            bad(text, exc)
+        raise AssertionError(o.type)
+
+    conv.__name__ = o.type
+    return conv
+
+
+def coerce_value(o: Option, value: Any, source: str) -> Any:
+    """Check and convert a value read from a TOML file (`source` names the file) for option `o`.
+
+    TOML keeps types, so a wrong one (a string for an int, a number for a flag) is a UserError naming key and file.
+    List options take a list or one scalar (sd-scripts configs write both).
+    """
+    where = f"'{o.config_name or o.name}' in {source}"
+
+    def fail(expect: str):
+        raise UserError(f"{where} is {value!r} ({type(value).__name__}); expected {expect}. "
+                        f"Help: {o.help}")
+
+    def one(v):
+        t = o.type
+        if v is None:
+            return None
+        if t in ("str", "path"):
+            if isinstance(v, str):
+                return v
+            if t == "str" and isinstance(v, (int, float)) and not isinstance(v, bool) and o.is_list:
+                return str(v)
+            fail("a string")
+        if t == "bool":
+            if isinstance(v, bool):
+                return v
+            fail("true or false")
+        if t == "int":
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            fail("a whole number")
+        if t in ("float", "number"):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v) if t == "float" else v
+            if isinstance(v, str):
+                try:
+                    return float(v)
+                except ValueError:
+                    pass
+            fail("a number")
+        try:
+            if t == "int_or_ratio":
+                return parse_int_or_ratio(v)
+            if t == "resolution":
+                parse_resolution(v)
+                return v if not isinstance(v, list) else ",".join(str(x) for x in v)
+            if t == "float_pair":
+                parse_float_pair(v)
+                return v if not isinstance(v, list) else ",".join(str(x) for x in v)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"{where}: {exc}. Help: {o.help}") from None
+        raise AssertionError(t)
+
+    if o.is_list:
+        items = value if isinstance(value, list) else [value]
+        return [one(v) for v in items]
+    if isinstance(value, list) and o.type not in ("resolution", "float_pair"):
+        fail(f"one {o.type}, not a list")
+    if o.choices is not None:
+        v = one(value)
+        if v not in o.choices:
+            raise UserError(f"{where} is {value!r}; choose one of {', '.join(str(c) for c in o.choices if c)}.")
+        return v
+    return one(value)
+
+
+# ---- argparse -------------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UserErrors (the CLI prints them; tests can catch them)."""
+
+    def error(self, message):  # noqa: D401
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option] | None = None) -> None:
+    """Add every command-line option of the schema to `parser`, grouped, with defaults SUPPRESSed.
+
+    Suppressed defaults let `resolve()` tell what the user typed from what a config file or the default gave.
+    """
+    grp_objs: dict[str, Any] = {}
+    for o in options if options is not None else OPTIONS:
+        if not o.cli:
+            continue
+        grp = grp_objs.get(o.group)
+        if grp is None:
+            grp = grp_objs[o.group] = parser.add_argument_group(o.group)
+        default_txt = "" if o.default in (None, "", False) else f" (default: {o.default})"
+        kw: dict[str, Any] = {"dest": o.name, "default": argparse.SUPPRESS,
+                              "help": (o.help + default_txt).replace("%", "%%")}
+        if o.type == "bool":
+            grp.add_argument(*o.flags, action="store_true", **kw)
+            continue
+        kw["type"] = _cli_converter(o)
+        kw["metavar"] = o.type.upper()
+        if o.nargs:
+            kw["nargs"] = o.nargs
+        if o.choices is not None:
+            kw["choices"] = [c for c in o.choices if c is not None]
+            kw.pop("metavar")
+        grp.add_argument(*o.flags, **kw)
+
+
+def build_parser(prog: str = "lorakit train", description: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False)
+    add_options(parser)
+    return parser
+
+
+def suggest(name: str, candidates: Iterable[str] | None = None) -> str | None:
+    """The nearest known option name to `name` (difflib), or None."""
+    pool = list(candidates) if candidates is not None else list(_FLAG_TO_OPTION)
+    found = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _unknown_flag_error(tokens: Sequence[str]) -> UserError:
+    msgs = []
+    for tok in tokens:
+        if tok.startswith("-"):
+            name = tok.lstrip("-").split("=", 1)[0]
+            hint = suggest(name)
+            msgs.append(f"unknown option '--{name}'" + (f"; did you mean '--{hint}'?" if hint else "."))
+    if not msgs:
+        msgs.append(f"unexpected argument(s) {' '.join(tokens)!r} (every value follows its --flag)")
+    return UserError("; ".join(msgs))
+
+
+def strip_launcher(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Drop a leading `accelerate launch [opts] train_network.py` so seed command lines run as written.
+
+    Returns the remaining flags and what the prefix implies (`sdxl_train_network.py` -> {"sdxl": True}).
+    """
+    argv = list(argv)
+    implied: dict[str, Any] = {}
+    if not argv or not (argv[0] in ("accelerate", "python", "python3") or argv[0].endswith(".py")):
+        return argv, implied
+    for i, tok in enumerate(argv):
+        if tok.endswith(".py"):
+            if os.path.basename(tok).startswith("sdxl_"):
+                implied["sdxl"] = True
+            return argv[i + 1:], implied
+    return argv, implied
+
+
+# ---- config files ---------------------------------------------------------------------------------------------------
+
+
+def _config_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p if p.suffix == ".toml" else p.with_name(p.name + ".toml")
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a `--config_file` TOML of flags: sections are flattened (sd-scripts does the same), values validated.
+
+    Returns {option name: value}. Unknown keys and wrong types raise UserError naming the key and the file.
+    """
+    from lorakit.train.config_files import read_toml
+
+    p = _config_path(path)
+    if not p.exists():
+        raise UserError(f"Config file {p} does not exist (--config_file).")
+    data = read_toml(p)
+    flat: dict[str, tuple[Any, str]] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for k2, v2 in value.items():
+                flat[k2] = (v2, f"{p} [{key}]")
+        else:
+            flat[key] = (value, str(p))
+    out: dict[str, Any] = {}
+    for key, (value, where) in flat.items():
+        o = _FLAG_TO_OPTION.get(key)
+        if o is None:
+            hint = suggest(key)
+            raise UserError(f"Unknown option '{key}' in {where}" + (f"; did you mean '{hint}'?" if hint else ".")
+                            + " A --config_file holds command-line option names (dataset folders belong in "
+                              "--dataset_config).")
+        if not o.cli:
+            raise UserError(f"'{key}' in {where} only exists inside a --dataset_config subset, not in --config_file.")
+        out[o.name] = coerce_value(o, value, where)
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    return {o.name: (list(o.default) if isinstance(o.default, list) else o.default) for o in OPTIONS if o.cli}
+
+
+def resolve(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None,
+            config: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Parse `argv` into one Namespace with every option: command line > --config_file > defaults.
+
+    The Namespace also carries `_given` (names set on the command line or in the config file) and `_sources`
+    ({name: "cli"|"config"}) so metadata and --output_config can tell chosen values from defaults.
+    """
+    argv, implied = strip_launcher(list(argv) if argv is not None else [])
+    parser = parser or build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise _unknown_flag_error(unknown)
+    cli = {k: v for k, v in vars(ns).items() if k in OPTIONS_BY_NAME}
+    cli = {**implied, **cli}
+    cfg: dict[str, Any] = dict(config or {})
+    if cli.get("config_file") and not cli.get("output_config"):
+        cfg.update(load_config_file(cli["config_file"]))
+    values = defaults()
+    sources: dict[str, str] = {}
+    for k, v in cfg.items():
+        values[k] = v
+        sources[k] = "config"
+    for k, v in cli.items():
+        values[k] = v
+        sources[k] = "cli"
+    # sd-scripts' old spelling of caption_extension lands on the same dest through the alias; nothing else to merge.
+    out = argparse.Namespace(**values)
+    out._sources = sources
+    out._given = set(sources)
+    return out
+
+
+def given_values(ns: argparse.Namespace) -> dict[str, Any]:
+    """Options whose value differs from the default (what sd-scripts' --output_config writes)."""
+    d = defaults()
+    return {k: getattr(ns, k) for k in d if k not in _NOT_WRITTEN and getattr(ns, k, d[k]) != d[k]}
+
+
+def write_config_file(ns: argparse.Namespace, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """--output_config: write the non-default options as a flat TOML (refuses to overwrite, like sd-scripts)."""
+    from lorakit.train.config_files import write_toml
+
+    p = _config_path(path)
+    if p.exists() and not overwrite:
+        raise UserError(f"{p} already exists; --output_config will not overwrite it. Choose another --config_file.")
+    write_toml(p, given_values(ns))
+    return p
+
+
+# ---- metadata -------------------------------------------------------------------------------------------------------
+
+
+def _ss_str(value: Any) -> str:
+    return str(value)
+
+
+def ss_metadata(ns: argparse.Namespace, **computed: Any) -> dict[str, str]:
+    """The ss_* values sd-scripts writes for these options, as strings (str(value), so None -> "None").
+
+    `computed` overrides values known only at run time: max_train_steps (after --max_train_epochs),
+    optimizer (the "module.Class(k=v,...)" string), resolution (the (w, h) tuple), text_encoder_lr...
+    Keys about the dataset and the run (ss_num_train_images, ss_tag_frequency, timestamps...) come from the trainer.
+    """
+    md: dict[str, Any] = {}
+    for o in OPTIONS:
+        if o.metadata_key is None:
+            continue
+        v = getattr(ns, o.name, o.default)
+        if o.name == "resolution":
+            v = parse_resolution(v)
+        elif o.name == "text_encoder_lr":
+            # sd-scripts: one value -> that float, none -> None, several -> the list
+            v = None if not v else (v[0] if len(v) == 1 else list(v))
+        elif o.name in ("pretrained_model_name_or_path", "vae"):
+            if v is None:
+                continue
+            v = os.path.basename(str(v).rstrip("/\\")) if os.path.exists(str(v)) else v
+        elif o.name == "face_crop_aug_range" and v is not None:
+            v = parse_float_pair(v)
+        elif o.type == "bool":
+            v = bool(v)
+        elif o.name == "training_comment" and v is None:
+            v = None
+        md[o.metadata_key] = v
+    if getattr(ns, "network_args", None):
+        md["ss_network_args"] = json.dumps(network_args_dict(ns.network_args))
+    md["ss_optimizer"] = getattr(ns, "optimizer_type", "") or "AdamW"
+    for k, v in computed.items():
+        key = k if k.startswith("ss_") else "ss_" + k
+        md[key] = v
+    return {k: _ss_str(v) for k, v in md.items()}
+
+
+def network_args_dict(items: Sequence[str] | None) -> dict[str, str]:
+    """["conv_dim=64", "algo=lora"] -> {"conv_dim": "64", "algo": "lora"} (values stay strings, like sd-scripts)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--network_args item {item!r} is not key=value (e.g. conv_dim=64).")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def effective_max_train_steps(ns: argparse.Namespace, batches_per_epoch: int) -> int:
+    """sd-scripts: --max_train_epochs overrides --max_train_steps (epochs * ceil(batches / accumulation))."""
+    per_epoch = math.ceil(batches_per_epoch / max(1, ns.gradient_accumulation_steps))
+    if ns.max_train_epochs:
+        return ns.max_train_epochs * per_epoch
+    return ns.max_train_steps
+
+
+def option_table_markdown() -> str:
+    """The docs' option table, generated from the schema."""
+    lines = ["| option | type | default | scope | help |", "|---|---|---|---|---|"]
+    for o in OPTIONS:
+        t = o.type + ("[]" if o.is_list else "")
+        name = "--" + o.name if o.cli else o.name
+        lines.append(f"| `{name}` | {t} | {o.default!r} | {o.scope} | {o.help.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Option", "OPTIONS", "OPTIONS_BY_NAME", "NO_EFFECT", "get_option", "options_in_group", "groups",
+    "dataset_config_keys", "parse_int_or_ratio", "parse_resolution", "parse_float_pair", "coerce_value",
+    "add_options", "build_parser", "suggest", "strip_launcher", "load_config_file", "defaults", "resolve",
+    "given_values", "write_config_file", "ss_metadata", "network_args_dict", "effective_max_train_steps",
+    "option_table_markdown",
+]
