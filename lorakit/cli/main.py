@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"lorakit: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        return 0
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)
         return 130

@@ -16,12 +16,13 @@ def tiny_configs(family: Family) -> dict[str, dict]:
     unet = family.config("unet")
     levels = len(unet["block_out_channels"])
     te_hidden = [TINY_TE["hidden_size"]] * len(family.text_encoders)
-    unet.update(block_out_channels=[32, 64, 64, 64][:levels], norm_num_groups=8, cross_attention_dim=sum(te_hidden),
-                attention_head_dim=[8, 16, 16, 16][:levels] if isinstance(unet["attention_head_dim"], list) else 8)
+    # Channel ratios stay those of the real model: they decide where 1x1 skip convs exist, hence the key names.
+    unet.update(block_out_channels=[32, 64, 128, 128][:levels], norm_num_groups=8, cross_attention_dim=sum(te_hidden),
+                attention_head_dim=[2, 4, 8, 8][:levels] if isinstance(unet["attention_head_dim"], list) else 4)
     if unet.get("addition_embed_type") == "text_time":
         unet.update(addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + TINY_TE["projection_dim"])
     vae = family.config("vae")
-    vae.update(block_out_channels=[16, 32, 32, 32], norm_num_groups=8, sample_size=64)
+    vae.update(block_out_channels=[16, 32, 64, 64], norm_num_groups=8, sample_size=64)
     configs = {"unet": unet, "vae": vae}
     for spec in family.text_encoders:
         configs[spec.config_name] = {**family.config(spec.config_name), **TINY_TE}

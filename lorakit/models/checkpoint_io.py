@@ -1,0 +1,143 @@
+"""Reading checkpoint files safely and lazily.
+
+`.safetensors` are memory-mapped and read tensor by tensor. `.ckpt`/`.pt`/`.pth`/`.bin` go through torch's
+weights-only unpickler, which never runs code from the file; the only non-tensor globals allowed are the harmless ones
+that real SD checkpoints carry (a PyTorch Lightning callback record, numpy scalars).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lorakit.errors import UserError
+
+SAFETENSORS_EXT = (".safetensors", ".sft")
+PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class _LightningCheckpointRecord:
+    """Stand-in for pytorch_lightning's ModelCheckpoint callback state found in SD1 .ckpt files (data only)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _safe_globals() -> list:
+    import numpy as np
+
+    allowed: list = [(_LightningCheckpointRecord, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+    try:
+        from numpy.core.multiarray import scalar  # noqa: F401  (numpy<2 name, still pickled by old files)
+
+        allowed.append((scalar, "numpy.core.multiarray.scalar"))
+    except ImportError:
+        pass
+    allowed.append(np.dtype)
+    allowed.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32"))
+    return allowed
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(tensor index, metadata) of a safetensors file, reading only its header."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw_len = fh.read(8)
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        raise UserError(f"file {path} does not exist.") from None
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a valid .safetensors file ({exc}); the download may be incomplete.") from None
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata
+
+
+class StateSource:
+    """Uniform, lazy access to the tensors of a checkpoint file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"model file {self.path} does not exist: check the path (--pretrained_model_name_or_path).")
+        ext = self.path.suffix.lower()
+        self.metadata: dict[str, str] = {}
+        self._dict: dict[str, torch.Tensor] | None = None
+        self._st = None
+        if ext in SAFETENSORS_EXT:
+            index, self.metadata = read_safetensors_header(self.path)
+            self._shapes = {k: tuple(v["shape"]) for k, v in index.items()}
+            self._dtypes = {k: v["dtype"] for k, v in index.items()}
+            from safetensors import safe_open
+
+            try:
+                self._st = safe_open(str(self.path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise UserError(f"{self.path} cannot be opened as safetensors ({exc}).") from None
+        elif ext in PICKLE_EXT:
+            self._dict = load_pickle_checkpoint(self.path)
+            self._shapes = {k: tuple(v.shape) for k, v in self._dict.items()}
+            self._dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in self._dict.items()}
+        else:
+            raise UserError(f"{self.path}: unsupported model file type {ext!r}; use .safetensors, .ckpt, or a diffusers folder.")
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        return self._shapes.get(key)
+
+    def dtype_name(self, key: str) -> str | None:
+        return self._dtypes.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._st is not None:
+            return self._st.get_tensor(key)
+        return self._dict[key]
+
+    def release(self, key: str) -> None:
+        """Drop a tensor we have consumed, so a pickled checkpoint is not held twice in memory."""
+        if self._dict is not None:
+            self._dict.pop(key, None)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self.keys():
+            yield k, self.get(k)
+
+
+def load_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A .ckpt/.pt state dict through the weights-only unpickler; code inside the pickle is refused, never run."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("\n")[0]
+        raise UserError(
+            f"{path} was refused: its pickle asks to run or import code that a model file never needs ({detail}). "
+            "lorakit loads .ckpt files with a weights-only unpickler so a malicious file cannot execute anything. "
+            "If you trust the file, convert it to .safetensors with a tool you trust, or get a .safetensors release."
+        ) from None
+    except (EOFError, OSError, RuntimeError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc}).") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors.")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

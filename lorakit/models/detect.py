@@ -1,0 +1,95 @@
+"""Which family a checkpoint belongs to, from its keys and shapes (and metadata or flags when keys cannot tell)."""
+
+from __future__ import annotations
+
+from lorakit.errors import UserError
+from lorakit.models.families import FAMILIES, Family, get_family
+
+U = "model.diffusion_model."
+
+
+def _refuse(path, what: str, advice: str) -> UserError:
+    return UserError(f"{path} is {what}, which lorakit does not train or load. {advice}")
+
+
+def detect_ldm_family(path, keys: set[str], shape_of, metadata: dict[str, str],
+                      v2: bool = False, v_parameterization: bool = False, sdxl: bool = False) -> tuple[Family, bool]:
+    """(family, prediction_known) for a single-file LDM/SAI checkpoint. prediction_known is False only for SD2
+    files whose keys, metadata and flags leave epsilon vs v-prediction open (the caller may probe the UNet)."""
+    if any(k.startswith(U + "joint_blocks.") for k in keys):
+        raise _refuse(path, "a Stable Diffusion 3 checkpoint", "Use an SD1.x, SD2.x or SDXL base model.")
+    if any(k.startswith(("double_blocks.", U + "double_blocks.")) for k in keys):
+        raise _refuse(path, "a FLUX checkpoint", "Use an SD1.x, SD2.x or SDXL base model.")
+    conv_in = shape_of(U + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in[1] != 4:
+        kind = {9: "an inpainting model (9 UNet input channels)", 8: "an instruct-pix2pix model (8 input channels)"}
+        raise _refuse(path, kind.get(conv_in[1], f"a model with {conv_in[1]} UNet input channels"),
+                      "Train on the matching base model (not the inpainting/edit variant) and use the LoRA on either.")
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+        raise _refuse(path, "the SDXL refiner", "Train LoRAs on the SDXL base model (sd_xl_base_1.0 or a fine-tune of it).")
+    if has("conditioner.embedders.1.model.") or (sdxl and not has("cond_stage_model.")):
+        return FAMILIES["sdxl"], True
+    if has("cond_stage_model.model."):
+        declared = _declared_prediction(metadata)
+        if v_parameterization or declared == "v_prediction":
+            return FAMILIES["sd2-v"], True
+        if declared == "epsilon" or v2:  # --v2 without --v_parameterization declares epsilon, as in sd-scripts
+            return FAMILIES["sd2"], True
+        return FAMILIES["sd2"], False
+    if has("cond_stage_model.transformer."):
+        return FAMILIES["sd1"], True
+    # UNet only: the cross-attention width tells the family.
+    k_shape = shape_of(U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight") or shape_of(
+        U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight")
+    if k_shape is not None:
+        by_width = {768: "sd1", 1024: "sd2-v" if v_parameterization else "sd2", 2048: "sdxl"}
+        if k_shape[1] in by_width:
+            return get_family(by_width[k_shape[1]]), k_shape[1] != 1024 or v_parameterization
+    raise UserError(
+        f"{path} does not look like a Stable Diffusion checkpoint: none of the SD1.x, SD2.x or SDXL key layouts "
+        "matches (expected keys such as model.diffusion_model.input_blocks.* with cond_stage_model.* or "
+        "conditioner.embedders.*). If it is a LoRA, use `lorakit lora info`; if it is a diffusers model, pass its folder."
+    )
+
+
+def _declared_prediction(metadata: dict[str, str]) -> str | None:
+    pred = metadata.get("modelspec.prediction_type", "").lower()
+    if pred in ("v", "v_prediction", "v-prediction"):
+        return "v_prediction"
+    if pred in ("epsilon", "eps"):
+        return "epsilon"
+    arch = metadata.get("modelspec.architecture", "")
+    if "768-v" in arch:
+        return "v_prediction"
+    if arch.startswith("stable-diffusion-v2-512"):
+        return "epsilon"
+    return None
+
+
+def family_from_diffusers_config(unet_cfg: dict, scheduler_cfg: dict, folder) -> Family:
+    if unet_cfg.get("in_channels", 4) != 4:
+        raise _refuse(folder, f"a model with {unet_cfg['in_channels']} UNet input channels (inpainting or edit model)",
+                      "Use the matching base model.")
+    width = unet_cfg.get("cross_attention_dim")
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        if width == 1280:
+            raise _refuse(folder, "the SDXL refiner", "Train LoRAs on the SDXL base model.")
+        return FAMILIES["sdxl"]
+    if width == 768:
+        return FAMILIES["sd1"]
+    if width == 1024:
+        return FAMILIES["sd2-v" if scheduler_cfg.get("prediction_type") == "v_prediction" else "sd2"]
+    raise UserError(f"{folder}: UNet cross_attention_dim {width} matches no supported family (SD1.x, SD2.x, SDXL).")
+
+
+def looks_like_v_prediction(unet) -> bool:
+    """A1111's test for SD2 files that do not say: a v-model maps a constant 0.5 latent at t=999 far below it."""
+    import torch
+
+    p = next(unet.parameters())
+    x = torch.full((1, 4, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+    cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=p.dtype, device=p.device)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=cond).sample
+    return (out - x).float().mean().item() < -1

@@ -1,0 +1,212 @@
+"""Loading a model bundle from a single-file checkpoint (LDM/SAI layout) or a diffusers folder, offline.
+
+Modules are built on the meta device and the checkpoint's tensors are assigned into them one by one, converted to
+the requested dtype on the way: the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import UserError
+from lorakit.models.bundle import ModelBundle, build_bundle
+from lorakit.models.checkpoint_io import StateSource
+from lorakit.models.detect import detect_ldm_family, family_from_diffusers_config, looks_like_v_prediction
+from lorakit.models.families import Family, get_family
+from lorakit.models.keymaps import build_rules, from_ldm_tensor
+
+CONFIGS_METADATA_KEY = "lorakit.configs"  # our saved files carry their configs (tiny or non-standard widths)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype:
+    if value is None:
+        return torch.float32
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise UserError(f"unknown dtype {value!r}: use one of fp32, fp16, bf16.")
+    return DTYPES[value]
+
+
+def load_bundle(path: str | os.PathLike, *, family: str | Family | None = None, vae: str | os.PathLike | None = None,
+                dtype: str | torch.dtype | None = None, v2: bool = False, v_parameterization: bool = False,
+                sdxl: bool = False, components: tuple[str, ...] = ("unet", "vae", "text_encoders"),
+                configs: dict[str, dict] | None = None) -> ModelBundle:
+    """Load a checkpoint file or diffusers folder. The family is detected; flags or `family` only settle what keys
+    cannot tell (SD2 epsilon vs v-prediction) or confirm it. `configs` overrides module configs for non-standard
+    widths in files that do not carry them (our own files do, in their metadata)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(path)
+    torch_dtype = parse_dtype(dtype)
+    if path.is_dir():
+        bundle = load_diffusers_folder(path, torch_dtype, components)
+    else:
+        bundle = load_single_file(path, torch_dtype, components, v2=v2, v_parameterization=v_parameterization,
+                                  sdxl=sdxl, configs=configs)
+    if family is not None:
+        wanted = family if isinstance(family, Family) else get_family(family)
+        if wanted.name != bundle.family.name and {wanted.name, bundle.family.name} != {"sd2", "sd2-v"}:
+            raise UserError(f"{path} is a {bundle.family.title} model, not {wanted.title} as requested.")
+        if wanted.name != bundle.family.name:  # sd2 vs sd2-v: the caller's word settles the prediction type
+            bundle = _with_family(bundle, wanted)
+    if vae is not None:
+        load_vae_into(bundle, vae, torch_dtype)
+    return bundle
+
+
+def _with_family(bundle: ModelBundle, family: Family) -> ModelBundle:
+    from lorakit.models.bundle import build_noise_scheduler
+
+    bundle.family = family
+    bundle.noise_scheduler = build_noise_scheduler(bundle.configs["scheduler"], family.prediction_type)
+    return bundle
+
+
+def load_single_file(path: Path, dtype: torch.dtype, components=("unet", "vae", "text_encoders"), *, v2=False,
+                     v_parameterization=False, sdxl=False, configs: dict | None = None) -> ModelBundle:
+    src = StateSource(path)
+    keys = set(src.keys())
+    family, prediction_known = detect_ldm_family(path, keys, src.shape, src.metadata, v2, v_parameterization, sdxl)
+    if configs is None and CONFIGS_METADATA_KEY in src.metadata:
+        try:
+            configs = json.loads(src.metadata[CONFIGS_METADATA_KEY])
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: metadata {CONFIGS_METADATA_KEY} is not valid JSON; the file is damaged.") from None
+    bundle = build_bundle(family, configs=configs, device="meta", components=components, dtype=dtype)
+    bundle.source = str(path)
+    bundle.info.update(
+        metadata=src.metadata,
+        ema_present=any(k.startswith("model_ema.") for k in keys),
+        file_dtypes=sorted({src.dtype_name(k) for k in keys if k.startswith("model.diffusion_model.")}),
+    )
+    _assign_from_ldm(bundle, src, dtype, path)
+    if family.name == "sd2" and not prediction_known and bundle.unet is not None:
+        if looks_like_v_prediction(bundle.unet):
+            bundle = _with_family(bundle, get_family("sd2-v"))
+        bundle.info["prediction_probed"] = True
+    return bundle
+
+
+def _assign_from_ldm(bundle: ModelBundle, src: StateSource, dtype: torch.dtype, path) -> None:
+    modules = bundle.components()
+    rules = build_rules(bundle.family, {name: list(m.state_dict().keys()) for name, m in modules.items()})
+    expected = {name: dict(m.state_dict()) for name, m in modules.items()}  # meta tensors: shapes only
+    loaded: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+    missing: dict[str, list[str]] = {}
+    used: set[str] = set()
+    for rule in rules:
+        component = rule.ours[0].split(".", 1)[0]
+        if rule.ldm not in src:
+            missing.setdefault(component, []).append(rule.ldm)
+            continue
+        for our_key, tensor in zip(rule.ours, from_ldm_tensor(rule, src.get(rule.ldm))):
+            local = our_key.split(".", 1)[1]
+            want = tuple(expected[component][local].shape)
+            if tuple(tensor.shape) != want:
+                raise UserError(
+                    f"{path}: tensor {rule.ldm} has shape {tuple(tensor.shape)} but the {bundle.family.title} "
+                    f"architecture needs {want}. The file is a different or modified architecture."
+                )
+            loaded[component][local] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        used.add(rule.ldm)
+        src.release(rule.ldm)
+    for component, names in missing.items():
+        if component == "vae" and len(names) == len(expected["vae"]):
+            bundle.vae = None  # no VAE inside: the caller must pass --vae for training or generation
+            bundle.info["vae_missing"] = True
+            continue
+        if len(names) == len(expected[component]):
+            raise UserError(f"{path} has no {component} weights (expected keys like {names[0]}). It may be a partial "
+                            "or extracted file; use a full checkpoint.")
+        raise UserError(f"{path}: {len(names)} {component} tensors are missing, e.g. {names[0]}. The file is damaged "
+                        "or is a different architecture.")
+    for name, module in bundle.components().items():
+        module.load_state_dict(loaded[name], assign=True, strict=True)
+        module.eval().requires_grad_(False)
+    ignored = [k for k in src.keys() if k not in used]
+    bundle.info["ignored_keys"] = len(ignored)
+    bundle.info["ignored_examples"] = ignored[:5]
+
+
+def load_vae_into(bundle: ModelBundle, vae_path, dtype: torch.dtype) -> None:
+    """A separate VAE file: LDM layout (with or without `first_stage_model.`) or diffusers layout."""
+    from lorakit.models.bundle import build_vae
+    from lorakit.models.keymaps import vae_key_to_ldm
+
+    vae_path = Path(vae_path)
+    if vae_path.is_dir():
+        from diffusers import AutoencoderKL
+
+        bundle.vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype, local_files_only=True)
+        bundle.vae.eval().requires_grad_(False)
+        return
+    src = StateSource(vae_path)
+    cfg = bundle.configs["vae"]
+    with torch.device("meta"):
+        vae = build_vae(cfg)
+    ours = list(vae.state_dict().keys())
+    expected = vae.state_dict()
+    keys = set(src.keys())
+    sd = {}
+    for key in ours:
+        ldm = vae_key_to_ldm(key, cfg)
+        for candidate in (key, ldm, "first_stage_model." + ldm):
+            if candidate in keys:
+                t = src.get(candidate)
+                if t.ndim == 4 and expected[key].ndim == 2:
+                    t = t.reshape(t.shape[0], t.shape[1])
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    raise UserError(f"{vae_path}: {candidate} has shape {tuple(t.shape)}, expected "
+                                    f"{tuple(expected[key].shape)}: not a VAE for this model.")
+                sd[key] = t.to(dtype)
+                break
+        else:
+            raise UserError(f"{vae_path} is not a Stable Diffusion VAE: tensor {key} (LDM name {ldm}) is missing.")
+    vae.load_state_dict(sd, assign=True, strict=True)
+    bundle.vae = vae.eval().requires_grad_(False)
+    bundle.info["vae_source"] = str(vae_path)
+
+
+def load_diffusers_folder(folder: Path, dtype: torch.dtype, components=("unet", "vae", "text_encoders")) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    index = folder / "model_index.json"
+    if not index.exists():
+        raise UserError(f"{folder} is a folder but has no model_index.json: pass a diffusers model folder or a "
+                        "single .safetensors/.ckpt file.")
+    try:
+        unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+        sched_path = folder / "scheduler" / "scheduler_config.json"
+        sched_cfg = json.loads(sched_path.read_text()) if sched_path.exists() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{folder}: cannot read the UNet/scheduler config ({exc}).") from None
+    family = family_from_diffusers_config(unet_cfg, sched_cfg, folder)
+    bundle = build_bundle(family, device="meta", components=())
+    bundle.source = str(folder)
+    if "unet" in components:
+        bundle.unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
+        bundle.configs["unet"] = dict(bundle.unet.config)
+    if "vae" in components and (folder / "vae").exists():
+        bundle.vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True)
+        bundle.configs["vae"] = dict(bundle.vae.config)
+    if "text_encoders" in components:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        tes = []
+        for spec in family.text_encoders:
+            cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+            te = cls.from_pretrained(folder / spec.config_name, torch_dtype=dtype, local_files_only=True)
+            bundle.configs[spec.config_name] = te.config.to_dict()
+            tes.append(te)
+        bundle.text_encoders = tes
+    if sched_cfg:
+        bundle.configs["scheduler"] = {**bundle.configs["scheduler"], **sched_cfg}
+    for module in bundle.components().values():
+        module.eval().requires_grad_(False)
+    return bundle
