@@ -22,6 +22,11 @@ SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class _LightningCheckpointRecord:
     """Stand-in for pytorch_lightning's ModelCheckpoint callback state found in SD1 .ckpt files (data only)."""
 
@@ -77,12 +82,10 @@ class StateSource:
             index, self.metadata = read_safetensors_header(self.path)
             self._shapes = {k: tuple(v["shape"]) for k, v in index.items()}
             self._dtypes = {k: v["dtype"] for k, v in index.items()}
-            from safetensors import safe_open
-
-            try:
-                self._st = safe_open(str(self.path), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise UserError(f"{self.path} cannot be opened as safetensors ({exc}).") from None
+            self._offsets = {k: tuple(v["data_offsets"]) for k, v in index.items()}
+            with open(self.path, "rb") as fh:
+                self._data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
+            self._st = open(self.path, "rb")  # noqa: SIM115 - kept open while the source lives
         elif ext in PICKLE_EXT:
             self._dict = load_pickle_checkpoint(self.path)
             self._shapes = {k: tuple(v.shape) for k, v in self._dict.items()}
@@ -104,8 +107,35 @@ class StateSource:
 
     def get(self, key: str) -> torch.Tensor:
         if self._st is not None:
-            return self._st.get_tensor(key)
+            return self._read_safetensors_tensor(key)
         return self._dict[key]
+
+    def _read_safetensors_tensor(self, key: str) -> torch.Tensor:
+        # Plain reads instead of mmap: pages of a memory-mapped file count towards RSS until unmapped, which would
+        # add the whole file size to peak memory while loading.
+        begin, end = self._offsets[key]
+        buf = bytearray(end - begin)
+        self._st.seek(self._data_start + begin)
+        if self._st.readinto(buf) != len(buf):
+            raise UserError(f"{self.path} is truncated: tensor {key} is cut short. Download the file again.")
+        dtype = _ST_DTYPES.get(self._dtypes[key])
+        if dtype is None:
+            raise UserError(f"{self.path}: tensor {key} has unsupported dtype {self._dtypes[key]}.")
+        shape = self._shapes[key]
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._st is not None:
+            self._st.close()
+            self._st = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def release(self, key: str) -> None:
         """Drop a tensor we have consumed, so a pickled checkpoint is not held twice in memory."""

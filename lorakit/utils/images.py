@@ -38,11 +38,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image with EXIF orientation applied; raise ImageReadError naming the file."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            img = ImageOps.exif_transpose(im) or im
-            if img is im:
-                img = im.copy()
+        img = Image.open(path)
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no second copy of a large image
     except FileNotFoundError:
         raise ImageReadError(f"image {path} does not exist.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
