@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 from lorakit.errors import UserError
-from lorakit.utils.atomic import write_text_atomic
 from lorakit.utils.images import is_image_file
 
 BACKUP_DIRNAME = ".lorakit-backup"
@@ -326,8 +325,20 @@ def apply_changes(
     out: TextIO | None = None,
 ) -> ChangeReport:
     """Write each (path, old text, new text) whose text differs: a unified diff when dry_run, else backup + atomic write."""
+    from lorakit.tools.image_prep import CaptionWriter
+
     out = out or sys.stdout
     bk = Backup(root, enabled=backup)
+    writer = CaptionWriter()
+    try:
+        _apply(root, changes, dry_run, bk, writer, report, out)
+    finally:
+        writer.close()
+    report.backup_dir = bk.dir
+    return report
+
+
+def _apply(root, changes, dry_run, bk, writer, report, out) -> None:
     for path, old, new in changes:
         report.files += 1
         if old == new:
@@ -341,10 +352,8 @@ def apply_changes(
             for line in diff:
                 out.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
             continue
-        bk.save(path)
-        write_text_atomic(path, new)
-    report.backup_dir = bk.dir
-    return report
+        bk.save(path)  # before the write is even queued
+        writer.submit(path, new)
 
 
 def edit_folder(

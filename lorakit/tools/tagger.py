@@ -13,6 +13,7 @@ Tag selection follows sd-scripts' finetune/tag_images_by_wd14_tagger.py:
 - `remove_underscore` turns "_" into " " in tags longer than 3 characters (so kaomoji like "^_^" survive);
 - `tag_replacement` "a,b;c,d" renames tag a to b (after underscore removal), "\\," and "\\;" are literal;
 - undesired tags are dropped (matched before or after renaming, "_" and " " equal);
+- `character_tag_expand` writes a character tag "name_(series)" as "name, series";
 - `character_tags_first` puts the character tags before the general ones, `always_first_tags` moves those tags, when
   present, to the very front.
 Two deliberate differences: character tags and always-first tags keep the order given (sd-scripts inserts each at
@@ -25,16 +26,17 @@ import csv
 import os
 import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from lorakit.errors import UserError
+from lorakit.tools.image_prep import CaptionWriter, bounded_map
 from lorakit.tools.tag_edit import (
+    CaptionText,
     caption_path,
     find_images,
     join_tags,
@@ -42,7 +44,6 @@ from lorakit.tools.tag_edit import (
     read_caption,
     split_tags,
 )
-from lorakit.utils.atomic import write_text_atomic
 from lorakit.utils.images import ImageReadError, load_rgb, split_alpha
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
@@ -69,6 +70,7 @@ class TaggerOptions:
     rating: str = "none"  # "none" | "first" | "last"
     tag_replacements: Sequence[tuple[str, str]] = ()
     caption_separator: str = ", "
+    character_tag_expand: bool = False  # "name_(series)" -> "name, series" (sd-scripts' --character_tag_expand)
 
 
 def parse_tag_replacement(spec: str | None) -> list[tuple[str, str]]:
@@ -126,9 +128,15 @@ class Labels:
     names: list[str]  # output index -> tag as written (after underscore removal and replacement)
     original: list[str]  # output index -> tag as in the CSV
     categories: list[int]
+    undesired: frozenset = frozenset()  # normalised undesired tags this label set was built with
 
-    def indices(self, category: int) -> np.ndarray:
-        return np.array([i for i, c in enumerate(self.categories) if c == category], dtype=np.int64)
+    def __post_init__(self):
+        self.cat_array = np.asarray(self.categories, dtype=np.int64)
+        # Matched before or after renaming, so the user may name either spelling.
+        self.blocked = np.zeros(len(self.names), dtype=bool)
+        if self.undesired:
+            self.blocked[:] = [normalize_tag(n) in self.undesired or normalize_tag(o) in self.undesired
+                               for n, o in zip(self.names, self.original)]
 
 
 def read_selected_tags(path: str | os.PathLike) -> tuple[list[str], list[int]]:
@@ -155,7 +163,13 @@ def read_selected_tags(path: str | os.PathLike) -> tuple[list[str], list[int]]:
 
 
 def build_labels(names: list[str], categories: list[int], opts: TaggerOptions) -> Labels:
-    final = [n.replace("_", " ") if opts.remove_underscore and len(n) > 3 else n for n in names]
+    final = list(names)
+    if opts.character_tag_expand:
+        for i, (n, c) in enumerate(zip(names, categories)):
+            if c == CHARACTER and n.endswith(")") and "(" in n:
+                head, _, series = n[:-1].rpartition("(")
+                final[i] = head.rstrip("_") + opts.caption_separator + series
+    final = [n.replace("_", " ") if opts.remove_underscore and len(n) > 3 else n for n in final]
     for src, dst in opts.tag_replacements:
         hit = [i for i, n in enumerate(final) if n == src] or [
             i for i, n in enumerate(final) if normalize_tag(n) == normalize_tag(src)
@@ -164,46 +178,36 @@ def build_labels(names: list[str], categories: list[int], opts: TaggerOptions) -
             print(f"lorakit: warning: --tag_replacement source {src!r} is not a tag of this model", file=sys.stderr)
         for i in hit[:1]:
             final[i] = dst
-    return Labels(final, list(names), list(categories))
+    return Labels(final, list(names), list(categories), frozenset(normalize_tag(t) for t in opts.undesired_tags))
 
 
 def select_tags(probs: np.ndarray, labels: Labels, opts: TaggerOptions) -> list[str]:
     """The caption tags for one image's output vector, in order."""
-    undesired = {normalize_tag(t) for t in opts.undesired_tags}
-
-    def wanted(i: int) -> bool:
-        return normalize_tag(labels.names[i]) not in undesired and normalize_tag(labels.original[i]) not in undesired
-
-    general, character = [], []
-    for i, (p, c) in enumerate(zip(probs, labels.categories)):
-        if c == GENERAL and p >= opts.general_threshold and wanted(i):
-            general.append(labels.names[i])
-        elif c == CHARACTER and p >= opts.character_threshold and wanted(i):
-            character.append(labels.names[i])
+    if labels.undesired != frozenset(normalize_tag(t) for t in opts.undesired_tags):
+        labels = Labels(labels.names, labels.original, labels.categories,
+                        frozenset(normalize_tag(t) for t in opts.undesired_tags))
+    cat = labels.cat_array
+    probs = np.asarray(probs)
+    # Vectorised thresholding: real taggers have ~10,000 outputs and keep a few dozen.
+    is_general = (cat == GENERAL) & (probs >= opts.general_threshold)
+    is_character = (cat == CHARACTER) & (probs >= opts.character_threshold)
+    kept = np.flatnonzero((is_general | is_character) & ~labels.blocked).tolist()
     if opts.character_tags_first:
-        tags = character + general
-    else:  # CSV order: the published CSVs list every general tag before the character tags
-        order = sorted(
-            [i for i, c in enumerate(labels.categories) if c in (GENERAL, CHARACTER)],
-        )
-        kept = set(general) | set(character)
-        tags, seen = [], set()
-        for i in order:
-            n = labels.names[i]
-            if n in kept and n not in seen and _passes(probs[i], labels.categories[i], opts) and wanted(i):
-                tags.append(n)
-                seen.add(n)
+        kept = [i for i in kept if is_character[i]] + [i for i in kept if not is_character[i]]
+    # else CSV order: the published CSVs list every general tag before the character tags.
+    tags = [labels.names[i] for i in kept]
     if opts.rating in ("first", "last"):
-        ridx = labels.indices(RATING)
+        ridx = np.flatnonzero(cat == RATING)
         if len(ridx):
             best = int(ridx[int(np.argmax(probs[ridx]))])
-            if wanted(best):
+            if not labels.blocked[best]:
                 if opts.rating == "first":
                     tags.insert(0, labels.names[best])
                 else:
                     tags.append(labels.names[best])
     if opts.always_first_tags:
-        front = [t for t in opts.always_first_tags if t in tags]
+        by_norm = {normalize_tag(t): t for t in reversed(tags)}
+        front = [by_norm[normalize_tag(t)] for t in opts.always_first_tags if normalize_tag(t) in by_norm]
         tags = front + [t for t in tags if t not in front]
     # A replacement may map two tags onto one name: keep the first.
     out, seen = [], set()
@@ -212,10 +216,6 @@ def select_tags(probs: np.ndarray, labels: Labels, opts: TaggerOptions) -> list[
             seen.add(t)
             out.append(t)
     return out
-
-
-def _passes(p: float, cat: int, opts: TaggerOptions) -> bool:
-    return p >= (opts.general_threshold if cat == GENERAL else opts.character_threshold)
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -346,23 +346,6 @@ class WD14Tagger:
 # ------------------------------------------------------------------------------------------------ folder tagging
 
 
-def bounded_map(fn: Callable, items: Iterable, workers: int, window: int | None = None) -> Iterator:
-    """map(fn, items) in order, on `workers` processes (in-process when workers <= 1), with at most `window` results
-    waiting so that memory stays bounded however many images there are."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    window = window or workers * 4
-    with ProcessPoolExecutor(max_workers=workers) as ex:
-        pending = []
-        for item in items:
-            pending.append(ex.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for f in pending:
-            yield f.result()
-
-
 @dataclass
 class TagReport:
     images: int = 0
@@ -415,18 +398,21 @@ def tag_folder(
         for (path, _), p in zip(batch, probs):
             tags = select_tags(p, labels, opts)
             cap = caption_path(Path(path), caption_extension)
+            text = None
             if append and cap.exists():
-                text = read_caption(cap)
-                first = text.partition("\n")[0].rstrip("\r")
-                existing = split_tags(first)
+                old = CaptionText.parse(read_caption(cap))
+                existing = split_tags(old.first)
                 have = {normalize_tag(t) for t in existing}
                 tags = existing + [t for t in tags if normalize_tag(t) not in have]
+                if old.eol:  # keep any further lines (wildcard captions) as they were
+                    text = old.render(join_tags(tags, opts.caption_separator))
             report.frequency.update(tags)
-            write_text_atomic(cap, join_tags(tags, opts.caption_separator) + "\n")
+            writer.submit(cap, text if text is not None else join_tags(tags, opts.caption_separator) + "\n")
             report.written += 1
 
     batch: list[tuple[str, np.ndarray]] = []
     bar = tqdm(total=len(todo), unit="img", desc="tagging", disable=not progress, smoothing=0.0)
+    writer = CaptionWriter()
     try:
         for path, arr, err in bounded_map(_prep_one, ((str(p), size) for p in todo), workers):
             bar.update(1)
@@ -441,4 +427,5 @@ def tag_folder(
             flush(batch)
     finally:
         bar.close()
+        writer.close()
     return report

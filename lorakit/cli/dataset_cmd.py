@@ -1,0 +1,80 @@
+"""`lorakit dataset check`: what the trainer will see, before it trains (sd-scripts flag names)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check", help="report folders, captions, buckets, steps and problems of a dataset",
+        description="Scan a DreamBooth-style train folder (subfolders `N_class`) or an sd-scripts dataset TOML and "
+                    "report repeats, image/caption counts, bad files, buckets, steps per epoch, top tags and warnings.")
+    p.add_argument("source", metavar="TRAIN_DIR_OR_TOML", help="--train_data_dir folder or --dataset_config TOML")
+    p.add_argument("--reg_data_dir", default=None)
+    p.add_argument("--in_json", default=None, help="fine-tuning metadata JSON/JSONL (with TRAIN_DIR as image dir)")
+    p.add_argument("--caption_extension", "--caption_extention", dest="caption_extension", default=".caption")
+    p.add_argument("--resolution", default=None, help="W,H or one number (default 512)")
+    p.add_argument("--enable_bucket", action="store_true")
+    p.add_argument("--min_bucket_reso", type=int, default=None)
+    p.add_argument("--max_bucket_reso", type=int, default=None)
+    p.add_argument("--bucket_reso_steps", type=int, default=None)
+    p.add_argument("--bucket_no_upscale", action="store_true")
+    p.add_argument("--train_batch_size", type=int, default=None)
+    p.add_argument("--max_token_length", type=int, default=None, choices=(75, 150, 225))
+    p.add_argument("--tokenizer", default=None, help="a local CLIP tokenizer folder for exact token counts")
+    p.add_argument("--quick", action="store_true", help="read image headers only (no full decode, no hashing)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_check)
+
+
+def _token_counter(path: str | None):
+    if not path:
+        return None
+    from transformers import CLIPTokenizer
+
+    from lorakit.errors import UserError
+
+    try:
+        tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's path
+        raise UserError(f"--tokenizer {path} cannot be loaded ({exc}); give a local folder with vocab.json and merges.txt.") from None
+    return lambda text: len(tok(text, truncation=False, add_special_tokens=False)["input_ids"])
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lorakit.data.check import build_report
+    from lorakit.data.config import build_dataset_configs
+    from lorakit.data.dataset import DatasetGroup
+    from lorakit.data.scan import ScanCache
+    from lorakit.errors import UserError
+
+    src = Path(args.source)
+    opts = {k: v for k, v in vars(args).items() if k not in ("func", "source", "json", "quick", "tokenizer", "command", "subcommand")}
+    if opts.get("resolution") is None and not (src.is_file()):
+        opts["resolution"] = "512"
+    if src.is_file() and src.suffix.lower() in (".toml", ".json"):
+        opts["dataset_config"] = str(src)
+    elif src.is_dir():
+        opts["train_data_dir"] = str(src)
+    else:
+        raise UserError(f"{src} is neither a folder nor a .toml dataset config.")
+    notes: list[str] = []
+    configs = build_dataset_configs(opts, notes=notes)
+    cache = ScanCache()
+    group = DatasetGroup.build(configs, seed=args.seed, on_bad_image="skip", scan_cache=cache)
+    report = build_report(group, decode=not args.quick, duplicates=not args.quick,
+                          token_counter=_token_counter(args.tokenizer), max_token_length=args.max_token_length,
+                          scan_cache=cache)
+    report.warnings = notes + report.warnings
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print(report.to_text())
+    return 1 if report.problems else 0

@@ -1,0 +1,143 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lorakit.data.config import build_dataset_configs
+from lorakit.data.dataset import DatasetGroup
+from lorakit.data.latents import (TextEncoderCache, cache_latents, group_static_captions, latents_npz_path,
+                                  load_latents_npz)
+from lorakit.errors import UserError
+
+
+def img(path, w, h, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+class Encoder:
+    """A VAE stand-in: 8x8 average pooling, RGB + their mean = 4 channels; counts images encoded."""
+
+    def __init__(self):
+        self.calls = 0
+        self.images = 0
+
+    def __call__(self, px):
+        self.calls += 1
+        self.images += px.shape[0]
+        p = F.avg_pool2d(px, 8)
+        return torch.cat([p, p.mean(1, keepdim=True)], 1)
+
+
+def group_for(root, **kw):
+    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 64), (80, 80)]):
+        if not (root / "train" / "2_cat" / f"i{i}.png").exists():
+            img(root / "train" / "2_cat" / f"i{i}.png", w, h, seed=i)
+    a = {"train_data_dir": str(root / "train"), "resolution": "64", "enable_bucket": True, "min_bucket_reso": 64,
+         "max_bucket_reso": 128, "bucket_reso_steps": 64}
+    a.update(kw)
+    return DatasetGroup.build(build_dataset_configs(a), seed=5, scan_cache=False)
+
+
+def test_memory_cache_matches_pixels(tmp_path):
+    g = group_for(tmp_path, flip_aug=True)
+    raw = [g.get_batch(1, k) for k in range(len(g))]
+    enc = Encoder()
+    stats = cache_latents(g, enc, batch_size=2, num_workers=2)
+    assert stats == {"encoded": 4, "reused": 0, "skipped": 0}
+    assert enc.images == 8  # plus flipped copies
+    for k, b0 in enumerate(raw):
+        b = g.get_batch(1, k)
+        assert b["images"] is None and b["paths"] == b0["paths"] and b["flipped"] == b0["flipped"]
+        torch.testing.assert_close(b["latents"], Encoder()(b0["images"]))
+        assert b["original_sizes_hw"].tolist() == b0["original_sizes_hw"].tolist()
+        assert b["crop_top_lefts"].tolist() == b0["crop_top_lefts"].tolist()
+
+
+def test_disk_cache_names_keys_reuse_and_rebuild(tmp_path):
+    g = group_for(tmp_path, flip_aug=True)
+    enc = Encoder()
+    cache_latents(g, enc, suffix="sdxl", to_disk=True, batch_size=3, vae_id="tiny")
+    d = tmp_path / "train" / "2_cat"
+    f = d / "i1_0096x0064_sdxl.npz"
+    assert f.exists() and latents_npz_path(d / "i1.png", (96, 64), "sdxl") == f
+    with np.load(f) as z:
+        assert {"latents", "original_size", "crop_ltrb", "latents_flipped"} <= set(z.files)
+        assert z["latents"].shape == (4, 8, 8) and z["original_size"].tolist() == [96, 64]
+    # second start: everything reused
+    g2 = group_for(tmp_path, flip_aug=True)
+    enc2 = Encoder()
+    assert cache_latents(g2, enc2, suffix="sdxl", to_disk=True, vae_id="tiny")["reused"] == 4 and enc2.calls == 0
+    b = g2.get_batch(1, 0)
+    assert b["latents"].shape[1] == 4
+    # changed image -> rebuilt; other VAE -> rebuilt
+    img(d / "i0.png", 64, 64, seed=99)
+    os.utime(d / "i0.png", ns=(1, 10**19))
+    g3 = group_for(tmp_path, flip_aug=True)
+    s = cache_latents(g3, Encoder(), suffix="sdxl", to_disk=True, vae_id="tiny")
+    assert (s["encoded"], s["reused"]) == (1, 3)
+    s = cache_latents(group_for(tmp_path, flip_aug=True), Encoder(), suffix="sdxl", to_disk=True, vae_id="other")
+    assert s["encoded"] == 4
+    # a file written without flipped latents does not serve flip_aug
+    lat, _, osz, crop, _ = load_latents_npz(f)
+    np.savez(f, latents=lat, original_size=np.array(osz), crop_ltrb=np.array(crop))
+    s = cache_latents(group_for(tmp_path, flip_aug=True), Encoder(), suffix="sdxl", to_disk=True, vae_id="other")
+    assert s["encoded"] == 1
+
+
+def test_refused_with_augmentation(tmp_path):
+    with pytest.raises(UserError, match="color_aug"):
+        cache_latents(group_for(tmp_path, color_aug=True), Encoder())
+    with pytest.raises(UserError, match="random_crop"):
+        cache_latents(group_for(tmp_path, random_crop=True), Encoder())
+
+
+def test_tiny_diffusers_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
+                        latent_channels=4, sample_size=64).eval()
+
+    def encode(px):
+        return vae.encode(px).latent_dist.mode() * 0.18215
+
+    g = group_for(tmp_path, alpha_mask=True)
+    cache_latents(g, encode, suffix="sd", to_disk=True, batch_size=4)
+    f = tmp_path / "train" / "2_cat" / "i3_0080x0080_sd.npz"
+    with np.load(f) as z:
+        assert z["latents"].shape == (4, 8, 8) and z["alpha_mask"].shape == (64, 64)
+    b = g.get_batch(1, 0)
+    assert b["latents"].shape[1:] == (4, 8, 8) and b["alpha_masks"].shape[1:] == (64, 64)
+
+
+def test_text_encoder_cache(tmp_path):
+    calls = []
+
+    def encode(caps):
+        calls.append(list(caps))
+        n = torch.tensor([[float(len(c))] for c in caps])
+        return {"hidden": n.repeat(1, 3), "pooled": n * 2}
+
+    c = TextEncoderCache(encode, cache_dir=tmp_path / "te", batch_size=2, key_prefix="sd1 clip_skip=2")
+    out = c.get(["ab", "abc", "ab"])
+    assert out["hidden"].shape == (3, 3) and out["pooled"][:, 0].tolist() == [4.0, 6.0, 4.0]
+    assert sum(len(x) for x in calls) == 2
+    c2 = TextEncoderCache(encode, cache_dir=tmp_path / "te", key_prefix="sd1 clip_skip=2")
+    c2.get(["abc"])
+    assert sum(len(x) for x in calls) == 2  # from disk
+    c3 = TextEncoderCache(lambda caps: torch.ones(len(caps), 2), key_prefix="other")
+    assert c3.get(["x", "y"]).shape == (2, 2)
+
+
+def test_static_captions_for_te_cache(tmp_path):
+    g = group_for(tmp_path, caption_prefix="pre")
+    assert group_static_captions(g) == ["pre cat"]
+    with pytest.raises(UserError, match="shuffle_caption"):
+        group_static_captions(group_for(tmp_path, shuffle_caption=True))
