@@ -246,3 +246,32 @@ def test_model_cli_info_tiny_and_convert(tmp_path, capsys):
     assert info["parameters"]["unet"] == 2_567_463_684
     assert main(["model", "convert", str(out), str(tmp_path / "half.safetensors"), "--dtype", "fp16"]) == 0
     assert main(["model", "info", str(tmp_path / "missing.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_loaded_model_computes_like_the_original(family, tmp_path):
+    """Weights equal is not enough: non-persistent buffers (CLIP position_ids) must be real after loading."""
+    from lorakit.models.conditioning import encode_text, tokenize
+
+    bundle = tiny_bundle(family, seed=8)
+    save_single_file(bundle, tmp_path / "m.safetensors")
+    loaded = load_bundle(tmp_path / "m.safetensors")
+    ids = tokenize(bundle, ["usu bear, forest"])
+    with torch.no_grad():
+        a, pa = encode_text(bundle, ids)
+        b, pb = encode_text(loaded, ids)
+        assert torch.equal(a, b)
+        assert (pa is None and pb is None) or torch.equal(pa, pb)
+        x = torch.randn(1, 3, 32, 32)
+        assert torch.equal(bundle.vae.encode(x).latent_dist.mean, loaded.vae.encode(x).latent_dist.mean)
+
+
+def test_tiny_sd1_diffusers_folder_is_recognised(tmp_path):
+    from lorakit.models.saving import save_diffusers_folder
+
+    bundle = tiny_bundle("sd1", seed=9)
+    save_diffusers_folder(bundle, tmp_path / "sd1")
+    loaded = load_bundle(tmp_path / "sd1")
+    assert loaded.family.name == "sd1"
+    assert torch.equal(loaded.text_encoders[0].state_dict()["embeddings.token_embedding.weight"],
+                       bundle.text_encoders[0].state_dict()["embeddings.token_embedding.weight"])

@@ -86,11 +86,19 @@ def build_noise_scheduler(config: dict, prediction_type: str):
 def build_bundle(family: Family, configs: dict[str, dict] | None = None, device: str | torch.device = "cpu",
                  components: tuple[str, ...] = ("unet", "vae", "text_encoders"), prediction_type: str | None = None,
                  dtype: torch.dtype | None = None) -> ModelBundle:
-    """Modules built from configs (the family's full-size ones unless given). device="meta" allocates no weights."""
+    """Modules built from configs (the family's full-size ones unless given). device="meta" allocates no weights;
+    device="empty" puts parameters on meta but keeps real buffers (CLIP's position_ids), ready for assigned weights."""
     from lorakit.models.tokenizer import make_clip_tokenizer
 
     configs = {**{name: family.config(name) for name in _config_names(family)}, **(configs or {})}
-    ctx = torch.device(device) if str(device) == "meta" else contextlib.nullcontext()
+    if str(device) == "meta":
+        ctx = torch.device("meta")
+    elif str(device) == "empty":
+        from accelerate import init_empty_weights
+
+        ctx = init_empty_weights(include_buffers=False)
+    else:
+        ctx = contextlib.nullcontext()
     old_dtype = torch.get_default_dtype()
     if dtype is not None and dtype.is_floating_point:
         torch.set_default_dtype(dtype)  # build directly in the target dtype: no fp32 copy first
@@ -105,7 +113,7 @@ def build_bundle(family: Family, configs: dict[str, dict] | None = None, device:
     tokenizers = [make_clip_tokenizer(s.pad_token) for s in family.text_encoders]
     scheduler = build_noise_scheduler(configs["scheduler"], prediction_type or family.prediction_type)
     bundle = ModelBundle(family, unet, vae, tes, tokenizers, scheduler, configs)
-    if str(device) not in ("meta", "cpu"):
+    if str(device) not in ("meta", "empty", "cpu"):
         bundle.to(device)
     for module in bundle.components().values():
         module.eval().requires_grad_(False)

@@ -67,7 +67,9 @@ def _declared_prediction(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def family_from_diffusers_config(unet_cfg: dict, scheduler_cfg: dict, folder) -> Family:
+def family_from_diffusers_config(unet_cfg: dict, scheduler_cfg: dict, folder, te_cfg: dict | None = None) -> Family:
+    """From configs, by structure first (SDXL's size embedding; OpenAI CLIP's quick_gelu vs OpenCLIP's gelu), then
+    by cross-attention width, so models of any width (our tiny ones included) are recognised."""
     if unet_cfg.get("in_channels", 4) != 4:
         raise _refuse(folder, f"a model with {unet_cfg['in_channels']} UNet input channels (inpainting or edit model)",
                       "Use the matching base model.")
@@ -76,9 +78,10 @@ def family_from_diffusers_config(unet_cfg: dict, scheduler_cfg: dict, folder) ->
         if width == 1280:
             raise _refuse(folder, "the SDXL refiner", "Train LoRAs on the SDXL base model.")
         return FAMILIES["sdxl"]
-    if width == 768:
+    act = (te_cfg or {}).get("hidden_act")
+    if act == "quick_gelu" or (act is None and width == 768):
         return FAMILIES["sd1"]
-    if width == 1024:
+    if act == "gelu" or width == 1024:
         return FAMILIES["sd2-v" if scheduler_cfg.get("prediction_type") == "v_prediction" else "sd2"]
     raise UserError(f"{folder}: UNet cross_attention_dim {width} matches no supported family (SD1.x, SD2.x, SDXL).")
 

@@ -78,7 +78,7 @@ def load_single_file(path: Path, dtype: torch.dtype, components=("unet", "vae", 
             configs = json.loads(src.metadata[CONFIGS_METADATA_KEY])
         except json.JSONDecodeError:
             raise UserError(f"{path}: metadata {CONFIGS_METADATA_KEY} is not valid JSON; the file is damaged.") from None
-    bundle = build_bundle(family, configs=configs, device="meta", components=components, dtype=dtype)
+    bundle = build_bundle(family, configs=configs, device="empty", components=components, dtype=dtype)
     bundle.source = str(path)
     bundle.info.update(
         metadata=src.metadata,
@@ -129,6 +129,9 @@ def _assign_from_ldm(bundle: ModelBundle, src: StateSource, dtype: torch.dtype, 
     for name, module in bundle.components().items():
         module.load_state_dict(loaded[name], assign=True, strict=True)
         module.eval().requires_grad_(False)
+        left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"{name}: tensors left without data after loading: {left[:3]}")
     ignored = [k for k in src.keys() if k not in used]
     bundle.info["ignored_keys"] = len(ignored)
     bundle.info["ignored_examples"] = ignored[:5]
@@ -148,7 +151,9 @@ def load_vae_into(bundle: ModelBundle, vae_path, dtype: torch.dtype) -> None:
         return
     src = StateSource(vae_path)
     cfg = bundle.configs["vae"]
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
         vae = build_vae(cfg)
     ours = list(vae.state_dict().keys())
     expected = vae.state_dict()
@@ -186,7 +191,9 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, components=("unet", 
         sched_cfg = json.loads(sched_path.read_text()) if sched_path.exists() else {}
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{folder}: cannot read the UNet/scheduler config ({exc}).") from None
-    family = family_from_diffusers_config(unet_cfg, sched_cfg, folder)
+    te_path = folder / "text_encoder" / "config.json"
+    te_cfg = json.loads(te_path.read_text()) if te_path.exists() else None
+    family = family_from_diffusers_config(unet_cfg, sched_cfg, folder, te_cfg)
     bundle = build_bundle(family, device="meta", components=())
     bundle.source = str(folder)
     if "unet" in components:
