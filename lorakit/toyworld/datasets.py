@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from lorakit.toyworld.world import CLASS_TOKEN, INSTANCE_TOKEN, SPECIES, TRIGGER, ToyWorld, character_samples, class_samples
+from lorakit.toyworld.world import (CLASS_TOKEN, INSTANCE_TOKEN, SPECIES, TRIGGER, ToyWorld, character_samples,
+                                    class_samples)
 from lorakit.utils.atomic import atomic_path, write_text_atomic
 
 

@@ -58,7 +58,7 @@ STREAM_PRETRAIN, STREAM_CHARACTER, STREAM_CLASS, STREAM_OPEN = 0, 1, 2, 3
 
 # ----------------------------------------------------------------------------------------------------------- captions
 def tags(attrs: dict) -> list[str]:
-    """Booru-style tags of an attribute dict, in `TAG_ORDER`. The new character's identity collapses into the trigger."""
+    """Booru-style tags of attributes, in `TAG_ORDER`. The new character's identity collapses into the trigger."""
     out: list[str] = []
     is_char = attrs.get("character") == INSTANCE_TOKEN
     for key in TAG_ORDER:
@@ -87,6 +87,40 @@ def tags(attrs: dict) -> list[str]:
 
 def caption(attrs: dict) -> str:
     return ", ".join(tags(attrs))
+
+
+def parse_caption(text: str) -> dict:
+    """The attributes a caption or prompt names, e.g. "usu bear, forest" -> the character's identity + background.
+
+    Unknown tags are ignored; attributes the text does not name are absent from the result. Benchmarks use it to know
+    what a prompt asks for.
+    """
+    out: dict = {}
+    nouns = {"fur", "skin", "feathers"}
+    for tag in (t.strip().lower() for t in text.split(",")):
+        words = tag.split()
+        if tag == TRIGGER:
+            out.update(CHARACTER)
+            out["character"] = INSTANCE_TOKEN
+        elif tag in SPECIES:
+            out["species"] = tag
+        elif len(words) == 2 and words[0] in COLORS and words[1] in nouns:
+            out["color"] = words[0]
+        elif tag == "crescent marking":
+            out["marking"] = True
+        elif len(words) == 2 and words[1] == "scarf" and words[0] in SCARVES:
+            out["scarf"] = words[0]
+        elif tag in ("hat", "glasses", "blush", "surprised"):
+            out[tag] = True
+        elif tag in BACKGROUNDS:
+            out["background"] = tag
+        elif tag in POSITIONS:
+            out["position"] = tag
+        elif tag in SIZES:
+            out["size"] = tag
+        elif tag in POSES:
+            out["pose"] = tag
+    return out
 
 
 def is_held_out(attrs: dict) -> bool:
@@ -256,7 +290,7 @@ def _draw_character(pen: _Pen, a: dict, rng: np.random.Generator) -> None:
     sp, fill = a["species"], _FILL[a["color"]]
     dark = _mix(fill, (0, 0, 0), 0.55) if a["color"] != "black" else (8, 8, 10)
     light = _mix(fill, (255, 255, 255), 0.45)
-    h = (0.6 if a["size"] == "large" else 0.38) * rng.uniform(0.94, 1.06)
+    h = (0.64 if a["size"] == "large" else 0.46) * rng.uniform(0.94, 1.06)
     cx = {"left": 0.27, "center": 0.5, "right": 0.73}[a["position"]] + rng.uniform(-0.03, 0.03)
     y0 = 0.94 + rng.uniform(-0.03, 0.02) if a["size"] == "large" else 0.86 + rng.uniform(-0.06, 0.04)
 
@@ -283,14 +317,14 @@ def _draw_character(pen: _Pen, a: dict, rng: np.random.Generator) -> None:
         pen.line(pts, fill, 0.075 * h)
     if sp == "bear":
         for s in (-1, 1):
-            pen.ell(cx + s * 0.18 * h, hy - 0.19 * h, 0.09 * h, 0.09 * h, fill, dark)
-            pen.ell(cx + s * 0.18 * h, hy - 0.19 * h, 0.045 * h, 0.045 * h, light)
+            pen.ell(cx + s * 0.19 * h, hy - 0.19 * h, 0.105 * h, 0.105 * h, fill, dark)
+            pen.ell(cx + s * 0.19 * h, hy - 0.19 * h, 0.055 * h, 0.055 * h, light)
     elif sp == "cat":
         for s in (-1, 1):
-            pen.poly([(cx + s * 0.23 * h, hy - 0.04 * h), (cx + s * 0.05 * h, hy - 0.2 * h),
-                      (cx + s * 0.22 * h, hy - 0.38 * h)], fill, dark)
-            pen.poly([(cx + s * 0.19 * h, hy - 0.1 * h), (cx + s * 0.1 * h, hy - 0.19 * h),
-                      (cx + s * 0.2 * h, hy - 0.3 * h)], light)
+            pen.poly([(cx + s * 0.25 * h, hy - 0.02 * h), (cx + s * 0.04 * h, hy - 0.2 * h),
+                      (cx + s * 0.25 * h, hy - 0.46 * h)], fill, dark)
+            pen.poly([(cx + s * 0.21 * h, hy - 0.1 * h), (cx + s * 0.1 * h, hy - 0.2 * h),
+                      (cx + s * 0.225 * h, hy - 0.37 * h)], light)
     elif sp == "rabbit":
         for s in (-1, 1):
             ang = s * rng.uniform(5, 15)
@@ -311,8 +345,8 @@ def _draw_character(pen: _Pen, a: dict, rng: np.random.Generator) -> None:
 
     if a["marking"]:  # the crescent: white lower rim left over when the fur-coloured ellipse covers the top
         my = y0 - 0.25 * h
-        pen.ell(cx, my, 0.17 * h, 0.11 * h, (250, 250, 246), dark)
-        pen.ell(cx, my - 0.075 * h, 0.175 * h, 0.1 * h, fill, width=0)
+        pen.ell(cx, my, 0.19 * h, 0.13 * h, (250, 250, 246), dark)
+        pen.ell(cx, my - 0.08 * h, 0.195 * h, 0.11 * h, fill, width=0)
 
     # arms (wings for birds); raised arms sit beside the head
     arm_fill = fill
@@ -334,7 +368,7 @@ def _draw_character(pen: _Pen, a: dict, rng: np.random.Generator) -> None:
         pen.ell(cx, hy, hrx, hry, fill, dark)
     if sp == "bird":
         for k in (-1, 0, 1):
-            pen.ell(cx + k * 0.04 * h, head_top + 0.01 * h, 0.025 * h, 0.07 * h, fill, dark, angle=k * 25)
+            pen.ell(cx + k * 0.05 * h, head_top - 0.01 * h, 0.035 * h, 0.095 * h, fill, dark, angle=k * 28)
         pen.ell(cx, hy, hrx - 0.01 * h, hry - 0.01 * h, fill)
 
     # face
@@ -352,7 +386,7 @@ def _draw_character(pen: _Pen, a: dict, rng: np.random.Generator) -> None:
     elif sp == "rabbit":
         pen.ell(cx, y0 - 0.575 * h, 0.022 * h, 0.018 * h, (236, 110, 140))
     elif sp == "bird":
-        pen.poly([(cx - 0.055 * h, y0 - 0.6 * h), (cx + 0.055 * h, y0 - 0.6 * h), (cx, y0 - 0.5 * h)],
+        pen.poly([(cx - 0.075 * h, y0 - 0.6 * h), (cx + 0.075 * h, y0 - 0.6 * h), (cx, y0 - 0.47 * h)],
                  (240, 150, 30), (150, 80, 10))
     if a["blush"]:
         blush = (232, 64, 100) if a["color"] == "pink" else (250, 110, 140)
@@ -367,9 +401,10 @@ def _draw_character(pen: _Pen, a: dict, rng: np.random.Generator) -> None:
                           (mouth_y + 0.02 * h) * pen.S], 20, 160, fill=(20, 12, 12),
                          width=max(1, round(pen.S * 0.012 * h / 0.5)))
     if a["glasses"]:
-        gr = 0.07 * h
+        gr = 0.085 * h
         for s in (-1, 1):
-            pen.ell(cx + s * eye_dx, eye_y, gr, gr, (206, 232, 255), (12, 12, 14), width=max(1, round(pen.S * 0.022 * h)))
+            pen.ell(cx + s * eye_dx, eye_y, gr, gr, (206, 232, 255), (12, 12, 14),
+                    width=max(1, round(pen.S * 0.028 * h)))
         pen.line([(cx - eye_dx + gr, eye_y), (cx + eye_dx - gr, eye_y)], (12, 12, 14), 0.02 * h)
     for s in (-1, 1):  # eyes: white ring keeps them visible on dark fur
         pen.ell(cx + s * eye_dx, eye_y, 0.042 * h, 0.046 * h, (250, 250, 250))
@@ -381,7 +416,7 @@ def _draw_character(pen: _Pen, a: dict, rng: np.random.Generator) -> None:
         sd = _mix(sc, (0, 0, 0), 0.45)
         ny = y0 - 0.44 * h
         side = 1 if rng.random() < 0.5 else -1
-        pen.rect(cx + side * 0.13 * h - 0.045 * h, ny, cx + side * 0.13 * h + 0.045 * h, ny + 0.2 * h, sc, sd,
+        pen.rect(cx + side * 0.13 * h - 0.045 * h, ny, cx + side * 0.13 * h + 0.045 * h, ny + 0.16 * h, sc, sd,
                  radius=0.02 * h)
         pen.rect(cx - 0.22 * h, ny - 0.045 * h, cx + 0.22 * h, ny + 0.045 * h, sc, sd, radius=0.04 * h)
     if a["hat"]:

@@ -1,0 +1,1 @@
+"""Shipped toy-world weights (a package so setuptools includes the files)."""
