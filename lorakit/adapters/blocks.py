@@ -1,0 +1,229 @@
+"""UNet blocks on the training side: sd-scripts' block indices for block_dims / lr weights, LBW block names, and the
+readable selector ("IN04-IN07,OUT03-OUT06", "MID", "TE").
+
+SD1/SD2 (25 indices): 0 = IN00, down_blocks i resnets/attentions j -> 1+3i+j, downsamplers of i -> 3+3i, 12 = MID,
+up_blocks i resnets/attentions j -> 13+3i+j, upsamplers of i -> 15+3i.  Index n < 12 is IN{n}, n > 12 is OUT{n-13}.
+SDXL (23 indices, SAI names): 0 = time/label embedding, input_blocks n -> 1+n (IN{n}), middle_block n -> 10+n (MID),
+output_blocks n -> 13+n (OUT{n}), 22 = out.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from lorakit.errors import UserError
+
+_RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
+_RE_SAI = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_")
+
+
+@dataclass(frozen=True)
+class BlockScheme:
+    """The block layout of one family on the training side."""
+
+    count: int  # length of block_dims
+    side: int  # values in down_lr_weight / up_lr_weight
+    mid: int  # values in mid_lr_weight
+    sai_names: bool  # kohya UNet names use SAI paths
+
+    def index(self, lora_name: str) -> int:
+        """sd-scripts' block index of a kohya module name; -1 for text-encoder (or unknown) names."""
+        if self.sai_names:
+            if not lora_name.startswith("lora_unet_"):
+                return -1
+            name = lora_name[len("lora_unet_"):]
+            if name.startswith(("time_embed_", "label_emb_")):
+                return 0
+            m = _RE_SAI.match(lora_name)
+            if m:
+                n = int(m.group(2))
+                return {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}[m.group(1)] + n
+            if name.startswith("out_"):
+                return 22
+            return -1
+        m = _RE_UPDOWN.search(lora_name)
+        if m:
+            side, i, kind, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+            idx = 3 * i + (2 if kind in ("upsamplers", "downsamplers") else j)
+            return 1 + idx if side == "down" else 13 + idx
+        if "mid_block_" in lora_name:
+            return 12
+        if lora_name.startswith("lora_unet_conv_in"):
+            return 0
+        if lora_name.startswith("lora_unet_conv_out") or lora_name.startswith("lora_unet_conv_norm_out"):
+            return 24
+        return -1
+
+    def name_of(self, index: int) -> str:
+        """IN00.. / MID / OUT00.. for a block index (SDXL 0 and 22 are "EMB" and "OUT")."""
+        if self.sai_names:
+            if index == 0:
+                return "EMB"
+            if index == 22:
+                return "END"
+            if 1 <= index <= 9:
+                return f"IN{index - 1:02d}"
+            if 10 <= index <= 12:
+                return "MID"
+            return f"OUT{index - 13:02d}"
+        if index < 12:
+            return f"IN{index:02d}"
+        if index == 12:
+            return "MID"
+        return f"OUT{index - 13:02d}"
+
+    def selectable(self) -> list[str]:
+        names: list[str] = []
+        for i in range(self.count):
+            n = self.name_of(i)
+            if n not in names and n not in ("EMB", "END"):
+                names.append(n)
+        return names
+
+    def indices_of(self, name: str) -> list[int]:
+        return [i for i in range(self.count) if self.name_of(i) == name]
+
+
+SD_SCHEME = BlockScheme(count=25, side=12, mid=1, sai_names=False)
+SDXL_SCHEME = BlockScheme(count=23, side=9, mid=3, sai_names=True)
+
+
+def scheme_for(family) -> BlockScheme:
+    """The scheme of a Family (its kohya UNet naming style decides)."""
+    return SDXL_SCHEME if getattr(family, "lora_unet_style", "diffusers") == "sai" else SD_SCHEME
+
+
+# ---- LBW names (generation side, also shown by `lora info`) -------------------------------------------------------
+def lbw_block_of(lora_name: str) -> str:
+    """BASE (text encoder), IN00..IN11, M00, OUT00..OUT11 for a kohya name of any family; OTHER for modules outside
+    the block grid (time embedding, conv_out)."""
+    if lora_name.startswith("lora_te"):
+        return "BASE"
+    m = _RE_SAI.match(lora_name)
+    if m:
+        kind, n = m.group(1), int(m.group(2))
+        return "M00" if kind == "middle_block" else f"{'IN' if kind == 'input_blocks' else 'OUT'}{n:02d}"
+    if lora_name.startswith(("lora_unet_conv_out", "lora_unet_conv_norm_out")):
+        return "OTHER"
+    idx = SD_SCHEME.index(lora_name)
+    if 0 <= idx < 12:
+        return f"IN{idx:02d}"
+    if idx == 12:
+        return "M00"
+    if 13 <= idx < 25:
+        return f"OUT{idx - 13:02d}"
+    return "OTHER"
+
+
+# ---- readable selector --------------------------------------------------------------------------------------------
+TE_NAMES = ("TE", "BASE")
+
+
+def parse_block_selector(text: str, scheme: BlockScheme) -> tuple[set[int], bool]:
+    """"IN04-IN07,OUT03-06,MID,TE" -> (block indices, text encoder included). Accepts "M00" for MID and "OUT03-06"
+    shorthand. Unknown names raise UserError listing the valid ones."""
+    valid = scheme.selectable()
+    order = {n: i for i, n in enumerate(valid)}
+    aliases = {"M00": "MID", "MID00": "MID"}
+    chosen: set[int] = set()
+    te = False
+
+    def norm(tok: str, prefix_from: str | None = None) -> str:
+        t = tok.strip().upper()
+        if prefix_from and t.isdigit():
+            t = re.match(r"[A-Z]+", prefix_from).group(0) + t
+        m = re.fullmatch(r"(IN|OUT)(\d{1,2})", t)
+        if m:
+            t = f"{m.group(1)}{int(m.group(2)):02d}"
+        t = aliases.get(t, t)
+        if t not in order:
+            raise UserError(f"network_args blocks: unknown block {tok.strip()!r}. Valid names: "
+                            f"{', '.join(valid)}, TE (text encoder); ranges like IN04-IN07 or OUT03-06.")
+        return t
+
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.upper() in TE_NAMES:
+            te = True
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            a = norm(a)
+            b = norm(b, prefix_from=a)
+            lo, hi = order[a], order[b]
+            if lo > hi:
+                raise UserError(f"network_args blocks: range {part!r} runs backwards; write it as {b}-{a}.")
+            names = valid[lo:hi + 1]
+        else:
+            names = [norm(part)]
+        for n in names:
+            chosen.update(scheme.indices_of(n))
+    return chosen, te
+
+
+# ---- block lr weights (sd-scripts) --------------------------------------------------------------------------------
+LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def _preset(spec: str, n: int) -> list[float]:
+    name, _, base = spec.partition("+")
+    base_lr = float(base) if base else 0.0
+    if name == "cosine":
+        return [math.sin(math.pi * (i / (n - 1)) / 2) + base_lr for i in reversed(range(n))]
+    if name == "sine":
+        return [math.sin(math.pi * (i / (n - 1)) / 2) + base_lr for i in range(n)]
+    if name == "linear":
+        return [i / (n - 1) + base_lr for i in range(n)]
+    if name == "reverse_linear":
+        return [i / (n - 1) + base_lr for i in reversed(range(n))]
+    if name == "zeros":
+        return [0.0 + base_lr] * n
+    raise UserError(f"network_args: unknown lr weight preset {spec!r}; use one of {', '.join(LR_PRESETS)} "
+                    f"(optionally with +base, e.g. cosine+0.1) or {n} comma-separated numbers.")
+
+
+def _floats(field: str, text: str) -> list[float]:
+    try:
+        return [float(s) if s.strip() else 0.0 for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"network_args {field}: {text!r} is not a list of numbers.") from None
+
+
+def block_lr_weights(scheme: BlockScheme, down: str | None, mid: str | None, up: str | None,
+                     zero_threshold: float = 0.0) -> list[float] | None:
+    """The per-block lr factor vector (length scheme.count) from down/mid/up_lr_weight, or None when none is set.
+    Short lists are filled with 1, long ones cut (sd-scripts); factors <= zero_threshold become 0."""
+    if down is None and mid is None and up is None:
+        return None
+
+    def side(field, spec):
+        if spec is None:
+            return [1.0] * scheme.side
+        vals = _floats(field, spec) if ("," in spec or _is_number(spec)) else _preset(spec.strip(), scheme.side)
+        vals = vals[:scheme.side] + [1.0] * (scheme.side - len(vals))
+        return [v if v > zero_threshold else 0.0 for v in vals]
+
+    d = side("down_lr_weight", down)
+    u = side("up_lr_weight", up)
+    if mid is None:
+        m = [1.0] * scheme.mid
+    else:
+        m = _floats("mid_lr_weight", mid)
+        m = m[:scheme.mid] + [1.0] * (scheme.mid - len(m))
+        m = [v if v > zero_threshold else 0.0 for v in m]
+    out = d + m + u
+    if scheme.sai_names:
+        out = [1.0] + out + [1.0]
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,100 @@
+"""LoHa (LyCORIS "loha"): delta W = (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b)  (Hadamard product).
+
+Plain: hada_w1_a (out, r), hada_w1_b (r, in*kh*kw), same for w2. Tucker (3x3 conv): hada_t1 (r, r, kh, kw),
+hada_w1_a (r, out), hada_w1_b (r, in); W1[p, q] = sum_ij t1[i, j] * w1_a[i, p] * w1_b[j, q]. rank = hada_w1_b.shape[0],
+as A1111 and ComfyUI compute it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lorakit.adapters.base import AdapterModule, alpha_or_rank, layer_kind
+
+
+def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ijkl,ip,jq->pqkl", t, wa, wb)
+
+
+class LoHaModule(AdapterModule):
+    algo = "loha"
+
+    def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1.0, dropout=None,
+                 rank_dropout=None, module_dropout=None, use_tucker=False, weight_decompose=False, wd_on_out=False,
+                 **_ignored):
+        super().__init__(lora_name, org_module, multiplier)
+        kind = layer_kind(org_module)
+        r = self.lora_dim = int(lora_dim)
+        out_dim, in_dim = self.shape[0], self.shape[1]
+        k = self.shape[2:]
+        self.tucker = bool(use_tucker and kind == "conv")
+        if self.tucker:
+            self.hada_t1 = nn.Parameter(torch.empty(r, r, *k))
+            self.hada_w1_a = nn.Parameter(torch.empty(r, out_dim))
+            self.hada_w1_b = nn.Parameter(torch.empty(r, in_dim))
+            self.hada_t2 = nn.Parameter(torch.empty(r, r, *k))
+            self.hada_w2_a = nn.Parameter(torch.empty(r, out_dim))
+            self.hada_w2_b = nn.Parameter(torch.empty(r, in_dim))
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+        else:
+            flat_in = in_dim * math.prod(k)
+            self.hada_w1_a = nn.Parameter(torch.empty(out_dim, r))
+            self.hada_w1_b = nn.Parameter(torch.empty(r, flat_in))
+            self.hada_w2_a = nn.Parameter(torch.empty(out_dim, r))
+            self.hada_w2_b = nn.Parameter(torch.empty(r, flat_in))
+        # LyCORIS' init: one factor of the second product is zero, so the delta starts at zero
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+        nn.init.zeros_(self.hada_w2_a)
+        alpha = alpha_or_rank(alpha, r)
+        self.scale = alpha / r
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self._alpha_f = alpha
+        self.rank_dropout = rank_dropout or None
+        self.module_dropout = module_dropout or None
+        if weight_decompose:
+            self._init_dora(wd_on_out)
+
+    @property
+    def rank(self):
+        return self.lora_dim
+
+    @classmethod
+    def from_weights(cls, lora_name, org_module, w):
+        r = w["hada_w1_b"].shape[0]
+        mod = cls(lora_name, org_module, lora_dim=r, alpha=w.get("alpha"), use_tucker="hada_t1" in w)
+        with torch.no_grad():
+            for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"):
+                if key in w:
+                    p = getattr(mod, key)
+                    if p.shape != w[key].shape:
+                        raise ValueError(f"{lora_name}.{key}: shape {tuple(w[key].shape)} does not fit the model layer "
+                                         f"{tuple(mod.shape)} (expected {tuple(p.shape)})")
+                    p.copy_(w[key])
+        if "alpha" not in w:
+            mod.alpha.fill_(float(r))
+            mod.scale = 1.0
+        if "dora_scale" in w:
+            mod._init_dora(False, w["dora_scale"])
+        return mod
+
+    def delta_weight(self):
+        if self.tucker:
+            w1 = _tucker(self.hada_t1.float(), self.hada_w1_a.float(), self.hada_w1_b.float())
+            w2 = _tucker(self.hada_t2.float(), self.hada_w2_a.float(), self.hada_w2_b.float())
+        else:
+            w1 = self.hada_w1_a.float() @ self.hada_w1_b.float()
+            w2 = self.hada_w2_a.float() @ self.hada_w2_b.float()
+        d = (w1 * w2).reshape(self.shape) * self.scale
+        if self.training and self.rank_dropout:
+            keep = (torch.rand(d.shape[0], device=d.device) > self.rank_dropout).to(d.dtype)
+            d = d * keep.view(-1, *([1] * (d.dim() - 1)))
+        return d
+
+    def plus_parameters(self):
+        return [self.hada_w1_a, self.hada_w2_a]
