@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("source", metavar="TRAIN_DIR_OR_TOML", help="--train_data_dir folder or --dataset_config TOML")
     p.add_argument("--reg_data_dir", default=None)
     p.add_argument("--in_json", default=None, help="fine-tuning metadata JSON/JSONL (with TRAIN_DIR as image dir)")
-    p.add_argument("--caption_extension", "--caption_extention", dest="caption_extension", default=".caption")
+    p.add_argument("--caption_extension", "--caption_extention", dest="caption_extension", default=".txt",
+                   help="caption file extension (default .txt; sd-scripts defaults to .caption)")
     p.add_argument("--resolution", default=None, help="W,H or one number (default 512)")
     p.add_argument("--enable_bucket", action="store_true")
     p.add_argument("--min_bucket_reso", type=int, default=None)

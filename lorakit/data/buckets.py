@@ -34,6 +34,9 @@ def make_bucket_resolutions(max_reso: tuple[int, int], min_size: int = 256, max_
 def adjust_min_max_bucket_reso(resolution: tuple[int, int], min_bucket_reso: int, max_bucket_reso: int,
                                bucket_reso_steps: int, notes: list[str] | None = None) -> tuple[int, int]:
     """Round min down / max up to the step, as sd-scripts does, and check they bracket the resolution."""
+    if min_bucket_reso < bucket_reso_steps:
+        raise UserError(f"min_bucket_reso ({min_bucket_reso}) is smaller than one bucket step ({bucket_reso_steps}); "
+                        f"use --min_bucket_reso {bucket_reso_steps} or more, or a smaller --bucket_reso_steps.")
     if min_bucket_reso % bucket_reso_steps:
         new = min_bucket_reso - min_bucket_reso % bucket_reso_steps
         if notes is not None:

@@ -57,7 +57,7 @@ class SubsetConfig:
     # DreamBooth subsets
     is_reg: bool = False
     class_tokens: str | None = None
-    caption_extension: str = ".caption"
+    caption_extension: str = ".txt"  # sd-scripts defaults to .caption while its taggers write .txt: a known trap
     cache_info: bool = False
     alpha_mask: bool = False
     # fine-tuning subsets
