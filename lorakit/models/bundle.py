@@ -45,6 +45,10 @@ class ModelBundle:
 
     def to(self, device=None, dtype=None) -> "ModelBundle":
         for module in self.components().values():
+            p = next(module.parameters())
+            same_device = device is None or p.device == torch.device(device)
+            if same_device and (dtype is None or p.dtype == dtype):
+                continue  # nothing to do (and diffusers warns on every .to() call)
             module.to(device=device, dtype=dtype)
         return self
 
