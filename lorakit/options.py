@@ -28,7 +28,7 @@ import difflib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -165,7 +165,8 @@ OPTIONS: list[Option] = [
     _o("token_warmup_min", "int", 1, "Start with N tags and grow to the full caption.", G_CAPTION, scope="subset"),
     _o("token_warmup_step", "number", 0, "Step at which captions reach full length (N < 1: fraction of the run).",
        G_CAPTION, scope="subset"),
-    _o("weighted_captions", "bool", False, "Read (tag:1.2) weights in captions.", G_CAPTION, scope="general"),
+    _o("weighted_captions", "bool", False, "Read (tag:1.2) weights in captions (not supported yet: refused).",
+       G_CAPTION, scope="general"),
     _o("max_token_length", "int", None, "Text-encoder context: 75 (default), 150 or 225 tokens.", G_CAPTION,
        choices=(None, 75, 150, 225), scope="general", metadata_key="ss_max_token_length"),
     # --- augmentation --------------------------------------------------------------------------------------------
@@ -249,9 +250,11 @@ OPTIONS: list[Option] = [
     _o("max_train_epochs", "int", None, "Epochs to train (overrides --max_train_steps).", G_STEPS),
     _o("seed", "int", None, "Random seed (a random one is drawn and recorded when unset).", G_STEPS,
        metadata_key="ss_seed"),
-    _o("initial_epoch", "int", None, "Start counting epochs from this number.", G_STEPS),
-    _o("initial_step", "int", None, "Start counting steps from this number.", G_STEPS),
-    _o("skip_until_initial_step", "bool", False, "Skip batches until --initial_step.", G_STEPS),
+    _o("initial_epoch", "int", None, "Start counting epochs from this number (use --resume to continue a run).",
+       G_STEPS, effect=False),
+    _o("initial_step", "int", None, "Start counting steps from this number (use --resume to continue a run).",
+       G_STEPS, effect=False),
+    _o("skip_until_initial_step", "bool", False, "Skip batches until --initial_step.", G_STEPS, effect=False),
     # --- loss ----------------------------------------------------------------------------------------------------
     _o("loss_type", "str", "l2", "l2, l1, huber or smooth_l1.", G_LOSS, choices=("l1", "l2", "huber", "smooth_l1"),
        metadata_key="ss_loss_type"),
@@ -304,8 +307,9 @@ OPTIONS: list[Option] = [
     _o("sdpa", "bool", False, "PyTorch scaled-dot-product attention (the default here).", G_PREC),
     _o("no_half_vae", "bool", False, "Keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16).",
        G_PREC),
-    _o("lowram", "bool", False, "Load models straight to the GPU.", G_PREC, metadata_key="ss_lowram"),
-    _o("highvram", "bool", False, "Skip cache clearing between latent batches.", G_PREC),
+    _o("lowram", "bool", False, "Load models straight to the GPU (models are loaded without a second copy here).",
+       G_PREC, metadata_key="ss_lowram", effect=False),
+    _o("highvram", "bool", False, "Skip cache clearing between latent batches.", G_PREC, effect=False),
     _o("cpu_offload_checkpointing", "bool", False, "Offload checkpointed activations to CPU.", G_PREC, effect=False),
     _o("torch_compile", "bool", False, "torch.compile the UNet.", G_PREC, effect=False),
     _o("dynamo_backend", "str", "inductor", "torch.compile backend.", G_PREC, effect=False),
@@ -344,14 +348,14 @@ OPTIONS: list[Option] = [
     _o("log_with", "str", None, "tensorboard, wandb or all (wandb is not bundled).", G_LOG,
        choices=(None, "tensorboard", "wandb", "all")),
     _o("log_prefix", "str", None, "Prefix of the log folder name.", G_LOG),
-    _o("log_tracker_name", "str", None, "Tracker run name.", G_LOG),
+    _o("log_tracker_name", "str", None, "Tracker run name.", G_LOG, effect=False),
     _o("log_tracker_config", "path", None, "Tracker config file.", G_LOG, effect=False),
-    _o("log_config", "bool", False, "Log the resolved options.", G_LOG),
+    _o("log_config", "bool", False, "Print the options that differ from the defaults when training starts.", G_LOG),
     _o("wandb_run_name", "str", None, "wandb run name.", G_LOG, effect=False),
     _o("wandb_api_key", "str", None, "wandb key (never written to --output_config).", G_LOG, effect=False),
     _o("console_log_level", "str", None, "Console log level.", G_LOG,
-       choices=(None, "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
-    _o("console_log_file", "path", None, "Log to this file instead of stderr.", G_LOG),
+       choices=(None, "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), effect=False),
+    _o("console_log_file", "path", None, "Also write the run's log lines to this file.", G_LOG),
     _o("console_log_simple", "bool", False, "Plain console logs.", G_LOG, effect=False),
     # --- sampling ------------------------------------------------------------------------------------------------
     _o("sample_prompts", "path", None, "Prompt file for preview images (one per line; --n --w --h --d --l --s --ss).",
@@ -366,9 +370,10 @@ OPTIONS: list[Option] = [
     _o("config_file", "path", None, "TOML file of these options (sd-scripts format; sections are flattened).", G_MISC),
     _o("output_config", "bool", False, "Write the resolved options to --config_file and exit.", G_MISC),
     _o("num_cpu_threads_per_process", "int", None, "accelerate launch's thread count.", G_MISC, effect=False),
-    _o("ddp_timeout", "int", None, "DDP timeout in minutes.", G_MISC),
-    _o("ddp_gradient_as_bucket_view", "bool", False, "DDP gradient_as_bucket_view.", G_MISC),
-    _o("ddp_static_graph", "bool", False, "DDP static_graph.", G_MISC),
+    _o("ddp_timeout", "int", None, "Multi-process timeout in minutes.", G_MISC),
+    _o("ddp_gradient_as_bucket_view", "bool", False, "DDP gradient_as_bucket_view (gradients are all-reduced "
+       "directly here).", G_MISC, effect=False),
+    _o("ddp_static_graph", "bool", False, "DDP static_graph.", G_MISC, effect=False),
     _o("deepspeed", "bool", False, "DeepSpeed training.", G_MISC, effect=False),
     _o("huggingface_repo_id", "str", None, "Upload target.", G_MISC, effect=False),
     _o("huggingface_repo_type", "str", None, "Upload repo type.", G_MISC, effect=False),
@@ -636,18 +641,38 @@ def _unknown_flag_error(tokens: Sequence[str]) -> UserError:
 def strip_launcher(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
     """Drop a leading `accelerate launch [opts] train_network.py` so seed command lines run as written.
 
-    Returns the remaining flags and what the prefix implies (`sdxl_train_network.py` -> {"sdxl": True}).
+    Launcher options that are also options here (--num_cpu_threads_per_process, --mixed_precision) are kept in
+    front of the script's own flags (which win). Returns the flags and what the prefix implies
+    (`sdxl_train_network.py` -> {"sdxl": True}).
     """
     argv = list(argv)
     implied: dict[str, Any] = {}
-    if not argv or not (argv[0] in ("accelerate", "python", "python3") or argv[0].endswith(".py")):
+    script = next((i for i, tok in enumerate(argv) if tok.endswith(".py") and not tok.startswith("-")
+                   and (i == 0 or not argv[i - 1].startswith("--") or "=" in argv[i - 1]
+                        or argv[i - 1] in ("--num_cpu_threads_per_process",))), None)
+    if script is None:
         return argv, implied
-    for i, tok in enumerate(argv):
-        if tok.endswith(".py"):
-            if os.path.basename(tok).startswith("sdxl_"):
-                implied["sdxl"] = True
-            return argv[i + 1:], implied
-    return argv, implied
+    start = next((i for i, tok in enumerate(argv[:script]) if tok in ("accelerate", "python", "python3")), script)
+    head, argv = argv[:start], argv[start:]
+    script -= start
+    if os.path.basename(argv[script]).startswith("sdxl_"):
+        implied["sdxl"] = True
+    kept: list[str] = []
+    prefix = argv[:script]
+    i = 0
+    while i < len(prefix):
+        tok = prefix[i]
+        i += 1
+        if not tok.startswith("--"):
+            continue
+        name, eq, value = tok[2:].partition("=")
+        if not eq and i < len(prefix) and not prefix[i].startswith("-"):
+            value, eq = prefix[i], "="
+            i += 1
+        o = _FLAG_TO_OPTION.get(name)
+        if o is not None and o.cli:
+            kept.append(f"--{name}" if o.type == "bool" else f"--{name}={value}")
+    return head + kept + argv[script + 1:], implied
 
 
 # ---- config files ---------------------------------------------------------------------------------------------------
@@ -707,7 +732,11 @@ def resolve(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParse
     if unknown:
         raise _unknown_flag_error(unknown)
     cli = {k: v for k, v in vars(ns).items() if k in OPTIONS_BY_NAME}
-    cli = {**implied, **cli}
+    return resolve_given({**implied, **cli}, config=config)
+
+
+def resolve_given(cli: dict[str, Any], *, config: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Merge values typed on the command line (`cli`, already converted) over --config_file and defaults."""
     cfg: dict[str, Any] = dict(config or {})
     if cli.get("config_file") and not cli.get("output_config"):
         cfg.update(load_config_file(cli["config_file"]))
@@ -719,11 +748,39 @@ def resolve(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParse
     for k, v in cli.items():
         values[k] = v
         sources[k] = "cli"
-    # sd-scripts' old spelling of caption_extension lands on the same dest through the alias; nothing else to merge.
     out = argparse.Namespace(**values)
     out._sources = sources
     out._given = set(sources)
     return out
+
+
+class SuggestingParser(argparse.ArgumentParser):
+    """A (sub)parser for these options that strips an `accelerate launch ... train_network.py` prefix and answers an
+    unknown flag with the nearest known one (printed like argparse's own errors, exit status 2)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+
+        argv, implied = strip_launcher(list(sys.argv[1:] if args is None else args))
+        ns, extras = super().parse_known_args(argv, namespace)
+        if extras:
+            self.error(str(_unknown_flag_error(extras)))
+        for k, v in implied.items():
+            if not hasattr(ns, k):
+                setattr(ns, k, v)
+        return ns, []
+
+    def error(self, message):
+        import sys
+
+        # the full usage of ~200 options buries the message: print the message and where help is
+        print(f"{self.prog}: error: {message}\n(see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def given_from_namespace(ns: argparse.Namespace) -> dict[str, Any]:
+    """The option values present in a Namespace parsed with SUPPRESSed defaults (what the user typed)."""
+    return {k: v for k, v in vars(ns).items() if k in OPTIONS_BY_NAME}
 
 
 def given_values(ns: argparse.Namespace) -> dict[str, Any]:
@@ -820,6 +877,7 @@ __all__ = [
     "Option", "OPTIONS", "OPTIONS_BY_NAME", "NO_EFFECT", "get_option", "options_in_group", "groups",
     "dataset_config_keys", "parse_int_or_ratio", "parse_resolution", "parse_float_pair", "coerce_value",
     "add_options", "build_parser", "suggest", "strip_launcher", "load_config_file", "defaults", "resolve",
+    "resolve_given", "SuggestingParser", "given_from_namespace",
     "given_values", "write_config_file", "ss_metadata", "network_args_dict", "effective_max_train_steps",
     "option_table_markdown",
 ]

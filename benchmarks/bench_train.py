@@ -1,0 +1,169 @@
+"""Training-step benchmark on full-size SD1.5 / SDXL architectures with random weights.
+
+Per configuration (family x fp32/bf16 x gradient checkpointing on/off), in a fresh process so peak RSS is its own:
+  - floor: forward + backward through the frozen UNet (no LoRA; gradient w.r.t. the noisy latents only), the least
+    any LoRA training step must cost;
+  - step: one real training step of lorakit's loop body (text encoding, noise, UNet with LoRA rank 16 on every
+    attention layer, loss, backward, AdamW step), latents given as if cached;
+  - ratio = step / floor; peak RSS of the process.
+
+    .venv/bin/python benchmarks/bench_train.py                       # all configurations, a table at the end
+    .venv/bin/python benchmarks/bench_train.py --family sd1 --steps 3 # only SD1.5
+    .venv/bin/python benchmarks/bench_train.py --one sd1 fp32 0       # one configuration (JSON line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _random_full_bundle(family_name: str, dtype):
+    """Full-size modules with random weights, built on meta then filled (fast: no per-layer init)."""
+    import torch
+
+    from lorakit.models.bundle import build_bundle
+    from lorakit.models.families import get_family
+
+    fam = get_family(family_name)
+    bundle = build_bundle(fam, device="meta", components=("unet", "text_encoders"))
+    g = torch.Generator().manual_seed(0)
+    for module in [bundle.unet] + list(bundle.text_encoders):
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.ndim == 1:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+            for name, b in module.named_buffers():
+                if name.endswith("position_ids"):
+                    b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
+        module.to(dtype=dtype)
+        module.requires_grad_(False).eval()
+    return bundle
+
+
+def run_one(family: str, dtype_name: str, gc: bool, steps: int) -> dict:
+    import torch
+
+    from lorakit.adapters.network import create_network
+    from lorakit.train import noise as N
+    from lorakit.train.trainer import _batch_loss, encode_text
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    t0 = time.time()
+    bundle = _random_full_bundle(family, dtype)
+    build_s = time.time() - t0
+    fam = bundle.family
+    res = 256
+    lat = torch.randn(1, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(1))
+    ac = N.alphas_cumprod_from_betas(bundle.noise_scheduler.betas.double()).float()
+    if gc:
+        bundle.unet.enable_gradient_checkpointing()
+        bundle.unet.train()
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+    batch = {"latents": lat, "images": None, "captions": ["a photo of a bear, forest, standing"],
+             "loss_weights": torch.ones(1), "alpha_masks": None,
+             "original_sizes_hw": torch.tensor([[res, res]]), "crop_top_lefts": torch.tensor([[0, 0]]),
+             "target_sizes_hw": torch.tensor([[res, res]])}
+    opts = SimpleNamespace(clip_skip=None, max_token_length=None, noise_offset=None, noise_offset_random_strength=False,
+                           adaptive_noise_scale=None, multires_noise_iterations=None, multires_noise_discount=0.3,
+                           ip_noise_gamma=None, ip_noise_gamma_random_strength=False, min_timestep=None,
+                           max_timestep=None, loss_type="l2", huber_schedule="snr", huber_c=0.1, huber_scale=1.0,
+                           min_snr_gamma=None, scale_v_pred_loss_like_noise_pred=False, v_pred_like_loss=None,
+                           debiased_estimation_loss=False, masked_loss=False, alpha_mask=False)
+
+    # floor: frozen UNet forward + backward to the input
+    with torch.no_grad(), autocast:
+        hidden, pooled = encode_text(bundle, batch["captions"], None, None)
+    kwargs = {}
+    if fam.size_conditioning:
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[res, res, 0, 0, res, res]],
+                                                                                       dtype=hidden.dtype)}
+
+    def floor_step():
+        x = lat.clone().to(dtype).requires_grad_(True)
+        with autocast:
+            out = bundle.unet(x, torch.tensor([500]), hidden, **kwargs).sample
+        out.float().square().mean().backward()
+
+    floor = []
+    for i in range(steps + 1):
+        t = time.time()
+        floor_step()
+        if i:
+            floor.append(time.time() - t)
+
+    torch.manual_seed(0)
+    net = create_network(bundle, "networks.lora", 16, 8, {}, train_text_encoder=False)
+    net.apply_to(bundle)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    step_t = []
+    for i in range(steps + 1):
+        t = time.time()
+        with autocast:
+            loss = _batch_loss(bundle, batch, opts, ac, gen, None, None, False, fam.prediction_type, "cpu", dtype)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            step_t.append(time.time() - t)
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    f, s = sum(floor) / len(floor), sum(step_t) / len(step_t)
+    return {"family": family, "dtype": dtype_name, "gradient_checkpointing": gc, "resolution": res, "batch": 1,
+            "lora_params": sum(p.numel() for p in net.parameters()), "floor_s": round(f, 3), "step_s": round(s, 3),
+            "ratio": round(s / f, 3), "peak_rss_gib": round(rss_gib, 2), "build_s": round(build_s, 1),
+            "threads": torch.get_num_threads(), "steps": steps}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--one", nargs=3, metavar=("FAMILY", "DTYPE", "GC"))
+    ap.add_argument("--family", action="append", choices=["sd1", "sdxl"])
+    ap.add_argument("--dtype", action="append", choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=1800)
+    args = ap.parse_args()
+    if args.one:
+        fam, dt, gc = args.one
+        print(json.dumps(run_one(fam, dt, gc in ("1", "true", "True"), args.steps)), flush=True)
+        return 0
+    rows = []
+    for fam in args.family or ["sd1", "sdxl"]:
+        for dt in args.dtype or ["fp32", "bf16"]:
+            for gc in ("0", "1"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--one", fam, dt, gc, "--steps", str(args.steps)]
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{fam} {dt} gc={gc}: timed out", flush=True)
+                    continue
+                line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+                if out.returncode or not line:
+                    print(f"{fam} {dt} gc={gc}: failed\n{out.stderr[-2000:]}", flush=True)
+                    continue
+                row = json.loads(line[-1])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| family | dtype | grad ckpt | floor s | step s | step/floor | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['family']} | {r['dtype']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['floor_s']} | "
+              f"{r['step_s']} | {r['ratio']} | {r['peak_rss_gib']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
