@@ -169,15 +169,3 @@ def test_apply_max_norm():
     for x, y in zip(before, after):
         assert y == pytest.approx(min(x, 0.5), rel=1e-4)
     assert mx == pytest.approx(max(after), rel=1e-4)
-
-
-def test_sample_prompt_file(tmp_path):
-    from lorakit.train.trainer import parse_sample_prompts
-
-    p = tmp_path / "prompts.txt"
-    p.write_text("# comment\nzq shape, red --n blurry, bad --w 96 --h 64 --d 5 --l 6.5 --s 12 --ss euler_a\n"
-                 "plain prompt\n", encoding="utf-8")
-    got = parse_sample_prompts(p)
-    assert got[0] == {"prompt": "zq shape, red", "negative_prompt": "blurry, bad", "width": 96, "height": 64, "seed": 5,
-                      "scale": 6.5, "sample_steps": 12, "sample_sampler": "euler_a"}
-    assert got[1] == {"prompt": "plain prompt"}

@@ -265,126 +265,22 @@ def dataset_metadata(group, opts) -> dict[str, str]:
 
 
 # ================================================================================================ sampling =========
-def parse_sample_prompts(path: str | os.PathLike) -> list[dict]:
-    """sd-scripts' prompt file: one prompt a line, options --n --w --h --d --l --s --ss (# lines are comments);
-    .toml/.json files hold a list of {prompt, negative_prompt, width, height, seed, scale, sample_steps}."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"--sample_prompts {p} does not exist.")
-    if p.suffix.lower() in (".toml", ".json"):
-        from lorakit.train.config_files import read_toml
-
-        data = read_toml(p) if p.suffix.lower() == ".toml" else json.loads(p.read_text(encoding="utf-8"))
-        items = data.get("prompt", data) if isinstance(data, dict) else data
-        return [dict(i) for i in items]
-    out = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(" --")
-        item: dict[str, Any] = {"prompt": parts[0].strip()}
-        for part in parts[1:]:
-            key, _, val = part.strip().partition(" ")
-            val = val.strip()
-            try:
-                if key == "n":
-                    item["negative_prompt"] = val
-                elif key == "w":
-                    item["width"] = int(val)
-                elif key == "h":
-                    item["height"] = int(val)
-                elif key == "d":
-                    item["seed"] = int(val)
-                elif key == "l":
-                    item["scale"] = float(val)
-                elif key == "s":
-                    item["sample_steps"] = int(val)
-                elif key == "ss":
-                    item["sample_sampler"] = val
-            except ValueError:
-                raise UserError(f"{p}: cannot read --{key} {val!r} in line {line!r}.") from None
-        out.append(item)
-    return out
-
-
-_SAMPLERS = {
-    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler", "k_lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler", "k_euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "k_euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler", "dpm_2": "KDPM2DiscreteScheduler", "k_dpm_2": "KDPM2DiscreteScheduler",
-    "dpm_2_a": "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a": "KDPM2AncestralDiscreteScheduler",
-    "dpmsolver": "DPMSolverMultistepScheduler", "dpmsolver++": "DPMSolverMultistepScheduler",
-    "dpmsingle": "DPMSolverSinglestepScheduler",
-}
-
-
 def load_prompts(path):
-    """The prompt file, read by the generation layer when present (its SamplePrompt objects), else here."""
-    try:
-        from lorakit.generate.sample_prompts import load_sample_prompts
-    except ImportError:
-        return parse_sample_prompts(path)
+    """sd-scripts' prompt file (.txt with --n --w --h --d --l --s --ss, or .toml/.json), read by the generation layer."""
+    from lorakit.generate.sample_prompts import load_sample_prompts
+
     return load_sample_prompts(path)
 
 
-def render_samples(bundle, prompts, out_dir: Path, name: str, opts, *, epoch=None, step=0, device="cpu",
-                   dtype=torch.float32) -> list[Path]:
-    """Preview images through the generation layer (A1111-style prompts, <lora:...>, infotext) when it exists."""
-    if prompts and not isinstance(prompts[0], dict):
-        from lorakit.generate.pipeline import generate_samples
+def render_samples(bundle, prompts, out_dir: Path, name: str, opts, *, epoch=None, step=0, device="cpu") -> list[Path]:
+    """Preview images through the generation layer (A1111-style prompts, <lora:...>, infotext)."""
+    from lorakit.generate.pipeline import generate_samples
 
-        suffix = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
-        skip = None if bundle.family.size_conditioning else effective_clip_skip(bundle.family, opts.clip_skip)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return generate_samples(bundle, prompts, out_dir, prefix=f"{name}_{suffix}_", sampler=opts.sample_sampler,
-                                clip_skip=skip, device=device)
-    return sample_images(bundle, prompts, out_dir, name, opts, epoch=epoch, step=step, device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def sample_images(bundle, prompts: list[dict], out_dir: Path, name: str, opts, *, epoch=None, step=0,
-                  device="cpu", dtype=torch.float32) -> list[Path]:
-    """Render the prompt list with the current (unmerged) LoRA through diffusers' pipelines; training RNGs are
-    untouched (each image has its own generator)."""
-    import diffusers
-
-    fam = bundle.family
-    sched_cfg = dict(bundle.noise_scheduler.config)
-    out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
-    paths = []
-    for i, item in enumerate(prompts):
-        sampler = item.get("sample_sampler", opts.sample_sampler)
-        sched_cls = getattr(diffusers, _SAMPLERS.get(sampler, "DDIMScheduler"))
-        extra = {"algorithm_type": "dpmsolver"} if sampler == "dpmsolver" else {}
-        scheduler = sched_cls.from_config(sched_cfg, **extra)
-        common = dict(vae=bundle.vae, unet=bundle.unet, scheduler=scheduler)
-        if fam.size_conditioning:
-            pipe = diffusers.StableDiffusionXLPipeline(
-                text_encoder=bundle.text_encoders[0], text_encoder_2=bundle.text_encoders[1],
-                tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], **common)
-        else:
-            pipe = diffusers.StableDiffusionPipeline(
-                text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False, **common)
-        pipe.set_progress_bar_config(disable=True)
-        seed = item.get("seed", (opts.seed or 0) + i)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        w = int(item.get("width", 512)) // 8 * 8
-        h = int(item.get("height", 512)) // 8 * 8
-        kw = dict(prompt=item.get("prompt", ""), negative_prompt=item.get("negative_prompt") or None, width=w,
-                  height=h, num_inference_steps=int(item.get("sample_steps", 30)),
-                  guidance_scale=float(item.get("scale", 7.5)), generator=gen)
-        skip = effective_clip_skip(fam, opts.clip_skip)
-        if not fam.size_conditioning and skip > 1:
-            kw["clip_skip"] = skip - 1  # diffusers counts layers skipped, not the layer read
-        with _autocast(device, dtype):
-            image = pipe(**kw).images[0]
-        path = out_dir / f"{name}_{suffix}_{i:02d}_{seed}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
+    skip = None if bundle.family.size_conditioning else effective_clip_skip(bundle.family, opts.clip_skip)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return generate_samples(bundle, prompts, out_dir, prefix=f"{name}_{suffix}_", sampler=opts.sample_sampler,
+                            clip_skip=skip, device=device)
 
 
 # ================================================================================================ helpers ==========
@@ -594,7 +490,6 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     network.apply_to(bundle)
     network.to(device=device, dtype=torch.float32)
     train_te = bool(network.te_adapters)
-    train_unet = bool(network.unet_adapters)
     log(f"{fam.title}: {len(network.unet_adapters)} UNet + {len(network.te_adapters)} text-encoder modules "
         f"({sum(p.numel() for p in network.parameters())} parameters)")
 
@@ -788,7 +683,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
         try:
             with torch.random.fork_rng(devices=[]):  # previews never shift the training RNG streams
                 result.samples += render_samples(bundle, prompts, out_dir / "sample", name, opts, epoch=at_epoch,
-                                                 step=global_step, device=device, dtype=weight_dtype)
+                                                 step=global_step, device=device)
         except UserError:
             raise
         except Exception as exc:  # a preview must never end a run
