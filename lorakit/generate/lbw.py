@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from lorakit.adapters.blocks import block_of_lora_name  # one key->block rule for the whole project
 from lorakit.errors import UserError
 
 __all__ = [
@@ -180,69 +181,6 @@ def resolve_lbw(
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA key -> block
 # ---------------------------------------------------------------------------------------------------------------
-
-_TE_PREFIXES = (
-    "lora_te",  # lora_te_, lora_te1_, lora_te2_
-    "te_",
-    "te1_",
-    "te2_",
-    "text_encoder",
-    "text_model",
-    "cond_stage_model",
-    "conditioner",
-    "embedders",
-)
-_UNET_PREFIXES = (
-    "lora_unet_",
-    "base_model_model_",
-    "unet_",
-    "model_diffusion_model_",
-    "diffusion_model_",
-)
-_SAI_IN = re.compile(r"input_blocks_(\d+)(?:_|$)")
-_SAI_OUT = re.compile(r"output_blocks_(\d+)(?:_|$)")
-_DOWN = re.compile(r"down_blocks_(\d+)_(resnets|attentions|downsamplers)_(\d+)(?:_|$)")
-_UP = re.compile(r"up_blocks_(\d+)_(resnets|attentions|upsamplers)_(\d+)(?:_|$)")
-
-
-def block_of_lora_name(name: str) -> str | None:
-    """Block of a LoRA module name or key: "BASE", "IN00".."IN11", "M00", "OUT00".."OUT11".
-
-    Works on kohya names (``lora_unet_down_blocks_1_attentions_0_...`` = input_blocks_4_1 = IN04, SDXL
-    ``lora_unet_input_blocks_4_1_...``), full keys with ``.lora_down.weight`` and dotted diffusers/PEFT names.
-    Text-encoder names are BASE. Returns None for UNet parts outside the numbered blocks (time embedding,
-    conv_out, ...): LBW leaves those at weight 1.
-    """
-    n = name.replace(".", "_").lower()
-    for prefix in _TE_PREFIXES:
-        if n.startswith(prefix):
-            return "BASE"
-    for prefix in _UNET_PREFIXES:
-        if n.startswith(prefix):
-            n = n[len(prefix):]
-            break
-    if n.startswith("transformer_resblocks"):
-        return "BASE"
-    m = _SAI_IN.match(n)
-    if m:
-        return f"IN{int(m.group(1)):02d}"
-    if n.startswith("middle_block") or n.startswith("mid_block"):
-        return "M00"
-    m = _SAI_OUT.match(n)
-    if m:
-        return f"OUT{int(m.group(1)):02d}"
-    m = _DOWN.match(n)
-    if m:
-        i, kind, j = int(m.group(1)), m.group(2), int(m.group(3))
-        return f"IN{3 + 3 * i:02d}" if kind == "downsamplers" else f"IN{1 + 3 * i + j:02d}"
-    m = _UP.match(n)
-    if m:
-        i, kind, j = int(m.group(1)), m.group(2), int(m.group(3))
-        return f"OUT{3 * i + 2:02d}" if kind == "upsamplers" else f"OUT{3 * i + j:02d}"
-    if n.startswith("conv_in"):
-        return "IN00"
-    return None
-
 
 def block_weight(name: str, weights: Mapping[str, float]) -> float:
     """LBW factor for a module: its block's weight, 1.0 for modules outside the numbered blocks."""
