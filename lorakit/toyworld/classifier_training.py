@@ -101,7 +101,7 @@ def train(out_path: str | Path, work_dir: str | Path, steps: int = 1800, batch_s
 
     start, elapsed_before, cpu_before = 0, 0.0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         if state.get("steps") == steps and state.get("batch_size") == batch_size and state.get("seed") == seed:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])

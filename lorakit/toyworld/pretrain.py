@@ -110,7 +110,7 @@ def train_vae(work_dir: str | Path, minutes: float, batch_size: int = 32, lr: fl
     state_path = work_dir / "vae_state.pt"
     step, spent = 0, 0.0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         vae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, spent = st["step"], st["seconds"]
@@ -173,7 +173,7 @@ def train_vae_decoder(work_dir: str | Path, minutes: float, batch_size: int = 32
     dec_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(dec_params, lr=lr, weight_decay=0.0)
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         vae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, spent = st["step"], st["seconds"]
@@ -220,7 +220,7 @@ def load_trained_vae(work_dir: Path, decoder: bool = True):
     path = work_dir / "vae_decoder_state.pt"
     if not (decoder and path.exists()):
         path = work_dir / "vae_state.pt"
-    st = torch.load(path, weights_only=False)
+    st = torch.load(path, weights_only=True)
     cfg = dict(st["config"])
     info_path = work_dir / "vae_info.json"
     if info_path.exists():
@@ -235,7 +235,7 @@ def encode_pool(vae, images: np.ndarray, work_dir: Path, log=print) -> tuple[tor
     """Posterior mean and std of every pool image (unscaled), cached."""
     path = work_dir / f"latents_{len(images)}.pt"
     if path.exists():
-        d = torch.load(path)
+        d = torch.load(path, weights_only=True)
         return d["mean"], d["std"]
     t0 = time.time()
     means, stds = [], []
@@ -297,7 +297,7 @@ def train_unet(work_dir: str | Path, minutes: float, batch_size: int = 64, lr: f
     state_path = work_dir / "unet_state.pt"
     step, spent = 0, 0.0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         unet.load_state_dict(st["unet"])
         te.load_state_dict(st["te"])
         ema_unet.load_state_dict(st["ema_unet"])
@@ -371,7 +371,7 @@ def bundle_from_work_dir(work_dir: str | Path, ema: bool = True):
     from lorakit.models.families import get_family
 
     work_dir = Path(work_dir)
-    st = torch.load(work_dir / "unet_state.pt", weights_only=False)
+    st = torch.load(work_dir / "unet_state.pt", weights_only=True)
     vae, vae_cfg = load_trained_vae(work_dir)
     cfg = {**st["configs"], "vae": vae_cfg}
     bundle = build_bundle(get_family("sd1"), configs=cfg)
