@@ -364,9 +364,17 @@ def threading_main() -> bool:
 
 # ================================================================================================ the run ==========
 def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None] = print,
-          stop_after_step: Optional[int] = None) -> TrainResult:
+          stop_after_step: Optional[int] = None, on_event: Optional[Callable[[dict], None]] = None) -> TrainResult:
     """Train a LoRA with resolved options. `bundle` skips model loading (tests, demo); `stop_after_step` acts like
-    Ctrl-C after that many optimizer steps (tests)."""
+    Ctrl-C after that many optimizer steps (tests). `on_event(dict)` (the GUI's progress) gets {"event": "start",
+    "max_steps", "num_epochs"}, {"event": "step", "step", "max_steps", "epoch", "loss", "loss_avg", "lr": {group: lr},
+    "effective_lr": {group: d*lr} (adaptive optimizers only)}, {"event": "saved", "path"} and
+    {"event": "sample", "paths"}."""
+
+    def emit(event: str, **kw) -> None:
+        if on_event is not None and is_main:
+            on_event({"event": event, **kw})
+
     from lorakit.adapters.network import create_network
     from lorakit.data import DatasetGroup, build_dataset_configs, cache_latents, group_static_captions
     from lorakit.data.latents import TextEncoderCache
@@ -613,6 +621,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
         set_train_mode(optimizer, True)
         result.saved.append(path)
         log(f"saved {path}")
+        emit("saved", path=str(path))
         return path
 
     def save_training_state(folder: Path, next_epoch: int, next_batch: int) -> Path:
@@ -682,8 +691,10 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
         py_state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):  # previews never shift the training RNG streams
-                result.samples += render_samples(bundle, prompts, out_dir / "sample", name, opts, epoch=at_epoch,
-                                                 step=global_step, device=device)
+                new = render_samples(bundle, prompts, out_dir / "sample", name, opts, epoch=at_epoch,
+                                     step=global_step, device=device)
+            result.samples += new
+            emit("sample", paths=[str(x) for x in new], step=global_step)
         except UserError:
             raise
         except Exception as exc:  # a preview must never end a run
@@ -704,6 +715,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     log(f"training: {group.num_train_images} images (with repeats), {batches_per_epoch} batches per epoch, "
         f"{num_epochs} epochs, {max_steps} steps, batch {opts.train_batch_size} x accumulation {accum}, seed {opts.seed}")
     bar = None
+    emit("start", max_steps=max_steps, num_epochs=num_epochs, step=global_step)
     if progress:
         from tqdm import tqdm
 
@@ -780,6 +792,10 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
                 if writer is not None:
                     for key, v in logs.items():
                         writer.add_scalar(key, v, global_step)
+                emit("step", step=global_step, max_steps=max_steps, epoch=epoch, loss=step_loss,
+                     loss_avg=logs["loss/average"], lr={k[3:]: v for k, v in logs.items()
+                                                        if k.startswith("lr/") and not k.startswith("lr/d*lr/")},
+                     effective_lr={k[8:]: v for k, v in logs.items() if k.startswith("lr/d*lr/")})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{logs['loss/average']:.4f}")
