@@ -25,6 +25,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--pool", type=int, default=20000, help="number of pretraining images rendered and cached")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--open_fraction", type=float, default=0.5,
+                   help="vae_decoder: share of each batch drawn from the open world (held-out looks included)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--te_token_std", type=float, default=None,
                    help="unet: init std of the text encoder's token embeddings (fresh runs only; default CLIP's 0.02)")
@@ -41,7 +43,8 @@ def main(argv=None):
     if a.stage == "vae":
         pretrain.train_vae(a.work_dir, a.minutes, pool=a.pool, seed=a.seed, threads=a.threads, log=log, **kw)
     elif a.stage == "vae_decoder":
-        pretrain.train_vae_decoder(a.work_dir, a.minutes, pool=a.pool, seed=a.seed, threads=a.threads, log=log, **kw)
+        pretrain.train_vae_decoder(a.work_dir, a.minutes, pool=a.pool, seed=a.seed, threads=a.threads, log=log,
+                                   open_fraction=a.open_fraction, **kw)
     elif a.stage == "unet":
         pretrain.train_unet(a.work_dir, a.minutes, pool=a.pool, seed=a.seed, threads=a.threads, log=log,
                             te_token_std=a.te_token_std, **kw)

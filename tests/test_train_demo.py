@@ -1,15 +1,28 @@
-"""`lorakit demo` end to end with few steps: it trains, saves and prints where everything is."""
+"""`lorakit demo` end to end with few steps: it trains on the shipped toy base, draws the before/after grid, scores
+the LoRA and prints where everything is."""
 
+import json
+
+from PIL import Image
 from test_train_common import one_thread  # noqa: F401
 
 
-def test_demo_runs_and_prints_paths(tmp_path, capsys):
+def test_demo_runs_draws_grid_and_prints_metrics(tmp_path, capsys):
+    from lorakit.cli.demo_cmd import GRID_PROMPTS, GRID_SEEDS
     from lorakit.cli.main import main
 
-    assert main(["demo", "--output_dir", str(tmp_path), "--steps", "4", "--no_progress"]) == 0
+    assert main(["demo", "--output_dir", str(tmp_path), "--steps", "4", "--eval_seeds", "1", "--no_progress"]) == 0
     out = capsys.readouterr().out
     lora = tmp_path / "output" / "usu_bear.safetensors"
     assert lora.exists() and f"LoRA: {lora}" in out
-    samples = sorted((tmp_path / "output" / "sample").glob("*.png"))
-    assert len(samples) == 2 and all(f"sample image: {p}" in out for p in samples)
-    assert "lorakit train --pretrained_model_name_or_path" in out
+    assert len(list((tmp_path / "dataset" / "train" / "20_usu bear").glob("*.png"))) == 15
+    assert not (tmp_path / "dataset" / "reg").exists()
+    assert "lorakit train --pretrained_model_name_or_path" in out and "--max_train_steps 4" in out
+    grid = Image.open(tmp_path / "before_after.png")
+    # one 64 px cell per (prompt, base/LoRA, seed) plus label margins
+    assert grid.width >= 64 * 2 * len(GRID_SEEDS) and grid.height >= 64 * len(GRID_PROMPTS)
+    report = json.loads((tmp_path / "quality.json").read_text())
+    for key in ("fidelity", "composability", "prior_agreement", "prior_leak", "bleed_agreement", "bleed_pixel_change"):
+        shown = f"{report[key]:.3f}" if key == "bleed_pixel_change" else f"{report[key]:.2f}"
+        assert 0.0 <= report[key] <= 1.0 and shown in out
+    assert "fidelity" in out and "before/after grid" in out

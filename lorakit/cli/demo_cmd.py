@@ -1,8 +1,10 @@
-"""`lorakit demo`: the whole training job on a built-in tiny model, in a minute or two on a CPU.
+"""`lorakit demo`: seed 001's "usu bear" LoRA, trained on the shipped toy base model and measured, in a few minutes.
 
-It writes a tiny Stable Diffusion 1.x checkpoint (random weights, real layer names) and a generated DreamBooth dataset
-("usu bear": 8 images in `train/10_usu bear`), then runs the same code path as `lorakit train` with an sd-scripts
-command line, and prints where the LoRA, the sample images and the equivalent command are.
+It writes seed 001's dataset layout from the toy world (`train/20_usu bear`: 15 images of the new character, a black
+bear with a white crescent and a red scarf that the base model never saw; with --reg, `reg/1_bear`), trains the
+LoRA with an sd-scripts command line through the same code as `lorakit train`, then draws a before/after grid (base vs
+LoRA, same prompts and seeds, through the same code as `lorakit generate`) and prints the quality metrics read by the
+shipped attribute classifier (fidelity, composability, prior preservation, bleed).
 """
 
 from __future__ import annotations
@@ -10,76 +12,113 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+GRID_PROMPTS = ("usu bear", "usu bear, forest", "usu bear, night", "usu bear, hat", "bear", "cat, sky")
+GRID_SEEDS = (11, 12, 13, 14)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="train a LoRA on a built-in tiny model and sample dataset (CPU, ~1-2 min)",
+    from lorakit.toyworld.recipe import EPOCHS, STEPS_PER_EPOCH
+
+    p = subparsers.add_parser("demo", help="train the 'usu bear' LoRA on the built-in toy base model, draw a "
+                              "before/after grid and print quality metrics (CPU, a few minutes)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="lorakit-demo", help="folder for the model, dataset and outputs")
-    p.add_argument("--steps", type=int, default=80, help="training steps (default 80)")
-    p.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"], help="tiny model family")
+    p.add_argument("--output_dir", default="lorakit-demo", help="folder for the dataset, LoRA, grid and metrics")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help=f"training epochs (default {EPOCHS}, as in seed 001: {EPOCHS * STEPS_PER_EPOCH} steps)")
+    p.add_argument("--steps", type=int, default=None, help="train this many steps instead of --epochs")
+    p.add_argument("--reg", action="store_true", help="also use 75 class regularization images (reg/1_bear)")
+    p.add_argument("--eval_seeds", type=int, default=8, help="samples per metric prompt (default 8)")
+    p.add_argument("--no_eval", action="store_true", help="skip the grid and the metrics")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def prepare(out: Path, family: str = "sd1") -> dict:
-    """Write the tiny checkpoint, the dataset and a prompt file (reused when present)."""
-    from lorakit.models.saving import save_single_file
-    from lorakit.models.tiny import tiny_bundle
-    from lorakit.toyworld.datasets import write_dreambooth_folder
+def before_after_grid(bundle, lora_dir: Path, lora_name: str, out_path: Path, prompts=GRID_PROMPTS,
+                      seeds=GRID_SEEDS, steps: int = 20, cfg_scale: float = 5.0) -> Path:
+    """Rows: prompts; columns: the base model then the LoRA, each on the same seeds. Saved with atomic write."""
+    from lorakit.generate.grid import draw_grid
+    from lorakit.generate.pipeline import GenerationSettings, Generator
+    from lorakit.utils.atomic import atomic_path
 
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "model" / f"tiny-{family}.safetensors"
-    if not ckpt.exists():
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        save_single_file(tiny_bundle(family, seed=0), ckpt)
-    data = write_dreambooth_folder(out / "dataset", n_train=8, n_reg=0, train_repeats=10, size=64, overwrite=True)
-    prompts = out / "prompts.txt"
-    prompts.write_text("usu bear, forest, center, small, standing --w 64 --h 64 --s 12 --d 1 --l 5\n"
-                       "usu bear, beach, left, large, waving --w 64 --h 64 --s 12 --d 2 --l 5\n", encoding="utf-8")
-    return {"checkpoint": ckpt, "train_data_dir": data["train_dir"], "prompts": prompts}
-
-
-def demo_argv(paths: dict, out: Path, steps: int) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(paths["checkpoint"]), "--train_data_dir", str(paths["train_data_dir"]),
-            "--output_dir", str(out / "output"), "--output_name", "usu_bear", "--resolution", "64",
-            "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "4",
-            "--optimizer_type", "AdamW", "--learning_rate", "2e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.1",
-            "--max_train_steps", str(steps), "--train_batch_size", "2", "--shuffle_caption", "--keep_tokens", "1",
-            "--caption_extension", ".txt", "--seed", "42", "--save_every_n_steps", str(max(1, steps // 2)),
-            "--sample_prompts", str(paths["prompts"]), "--sample_every_n_steps", str(steps),
-            "--sample_sampler", "euler_a", "--max_data_loader_n_workers", "1"]
+    size = bundle.configs["vae"].get("sample_size", 64)
+    rows = []
+    with Generator(bundle, lora_dir=lora_dir) as gen:
+        for prompt in prompts:
+            row = []
+            for with_lora in (False, True):
+                text = f"{prompt} <lora:{lora_name}:1>" if with_lora else prompt
+                for seed in seeds:
+                    s = GenerationSettings(prompt=text, steps=steps, sampler="DDIM", cfg_scale=cfg_scale, seed=seed,
+                                           width=size, height=size)
+                    row.append(gen(s).images[0])
+            rows.append(row)
+    cols = [f"base {s}" for s in seeds] + [f"LoRA {s}" for s in seeds]
+    img, _ = draw_grid(rows, cols, list(prompts))
+    with atomic_path(out_path) as tmp:
+        img.save(tmp, format="PNG")
+    return out_path
 
 
 def run(args) -> int:
     import torch
 
     from lorakit import options as O
+    from lorakit.toyworld.pretrain import default_base_path
+    from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
     from lorakit.train.trainer import train
 
-    # a tiny model is dominated by per-op overhead; one thread avoids contention on small machines
+    # the toy model is dominated by per-op overhead; one thread avoids contention on small machines
     torch.set_num_threads(1)
     out = Path(args.output_dir).resolve()
-    print(f"preparing a tiny {args.family} model and a sample dataset in {out}")
-    paths = prepare(out, args.family)
-    argv = demo_argv(paths, out, args.steps)
+    base = default_base_path()
+    print(f"toy base model: {base} (shipped; SD1 layout, 64 px)")
+    data = write_dataset(out / "dataset", reg=args.reg)
+    print(f"dataset: {data['train_subdir']} (15 images)" + (f", {data['reg_subdir']} (75 class images)"
+                                                             if data.get("reg_subdir") else ""))
+    argv = usu_bear_argv(base, data, out / "output", epochs=args.epochs, steps=args.steps)
+    argv += ["--save_every_n_steps", str(max(1, args.steps // 2))] if args.steps else ["--save_every_n_epochs", "5"]
     opts = O.resolve(argv)
     result = train(opts, progress=not args.no_progress)
     if result.interrupted:
         print(f"interrupted at step {result.global_step}: LoRA {result.final_lora}")
-        print("continue with: lorakit train " + " ".join(shlex.quote(a) for a in argv)
-              + f" --resume {shlex.quote(str(result.states[-1]))}")
+        if result.states:
+            print("continue with: lorakit train " + " ".join(shlex.quote(a) for a in argv)
+                  + f" --resume {shlex.quote(str(result.states[-1]))}")
         return 130
-    first = sum(result.losses[:10]) / max(1, len(result.losses[:10]))
-    last = sum(result.losses[-10:]) / max(1, len(result.losses[-10:]))
+    n = max(1, min(20, len(result.losses) // 5))
+    first = sum(result.losses[:n]) / n
+    last = sum(result.losses[-n:]) / n
     print()
-    print(f"loss: {first:.4f} (first 10 steps) -> {last:.4f} (last 10 steps)")
+    print(f"loss: {first:.4f} (first {n} steps) -> {last:.4f} (last {n} steps)")
     print(f"LoRA: {result.final_lora}")
     for p in result.saved[:-1]:
         print(f"checkpoint: {p}")
-    for s in result.samples:
-        print(f"sample image: {s}")
-    print(f"base model: {paths['checkpoint']}")
-    print(f"dataset: {paths['train_data_dir']}")
-    print("the same run as a command line:")
+    print("the same training as a command line:")
     print("  lorakit train " + " ".join(shlex.quote(a) for a in argv))
+    if args.no_eval:
+        return 0
+
+    from lorakit.models.loading import load_bundle
+    from lorakit.toyworld.quality import QualityEvaluator, QualitySettings, write_report_json
+
+    bundle = load_bundle(base, family="sd1", dtype="fp32")
+    lora = Path(result.final_lora)
+    grid = before_after_grid(bundle, lora.parent, lora.stem, out / "before_after.png")
+    print(f"before/after grid: {grid}  (rows: prompts; left: base model, right: with the LoRA; same seeds)")
+    print("one cell as a command line:")
+    print(f"  lorakit generate --model {shlex.quote(str(base))} --lora_dir {shlex.quote(str(lora.parent))} "
+          f"--prompt {shlex.quote(f'usu bear, forest <lora:{lora.stem}:1>')} --sampler DDIM --steps 20 "
+          f"--cfg_scale 5 --width 64 --height 64 --seed {GRID_SEEDS[0]}")
+    evaluator = QualityEvaluator(settings=QualitySettings(seeds=args.eval_seeds), bundle=bundle)
+    report = evaluator.evaluate(lora)
+    write_report_json(report, out / "quality.json")
+    print()
+    print(f"quality ({report.n_images} samples read by the toy-world classifier; {out / 'quality.json'}):")
+    print(f"  fidelity       {report.fidelity:.2f}  (base model {report.base_fidelity:.2f}): 'usu bear' prompts "
+          "drawn as the new character")
+    print(f"  composability  {report.composability:.2f}  'usu bear, forest' etc. show the character and the tag")
+    print(f"  prior kept     {report.prior_agreement:.2f}  'bear' samples keep the base model's species/colour/"
+          f"background; leak {report.prior_leak:.2f} (base {report.base_prior_leak:.2f}) read as the character")
+    print(f"  unrelated kept {report.bleed_agreement:.2f}  'cat, sky' etc. keep their labels; mean pixel change "
+          f"{report.bleed_pixel_change:.3f}")
     return 0

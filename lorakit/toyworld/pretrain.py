@@ -47,18 +47,23 @@ def toy_configs() -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def image_pool(work_dir: Path, n: int, seed: int = 0, log=print) -> tuple[np.ndarray, list[dict]]:
-    """The first `n` pretraining samples as uint8 (n, 64, 64, 3) + attribute dicts, cached in work_dir."""
-    from lorakit.toyworld.world import pretraining_sample
+def image_pool(work_dir: Path, n: int, seed: int = 0, log=print, kind: str = "pretrain"
+               ) -> tuple[np.ndarray, list[dict]]:
+    """The first `n` samples of a distribution ("pretrain", or "open" for the VAE decoder) as uint8 (n, 64, 64, 3)
+    + attribute dicts, cached in work_dir."""
+    from lorakit.toyworld.world import ToyWorld
 
-    img_path, meta_path = work_dir / f"pool_{seed}_{n}.npy", work_dir / f"pool_{seed}_{n}.json"
+    world = ToyWorld(seed, IMAGE_SIZE)
+    sample = {"pretrain": world.sample, "open": world.open_sample}[kind]
+    prefix = "pool" if kind == "pretrain" else f"pool_{kind}"
+    img_path, meta_path = work_dir / f"{prefix}_{seed}_{n}.npy", work_dir / f"{prefix}_{seed}_{n}.json"
     if img_path.exists() and meta_path.exists():
         return np.load(img_path), json.loads(meta_path.read_text())
     t0 = time.time()
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     attrs = []
     for i in range(n):
-        img, _, a = pretraining_sample(i, seed=seed, size=IMAGE_SIZE)
+        img, _, a = sample(i)
         images[i] = np.asarray(img, dtype=np.uint8)
         attrs.append(a)
     with atomic_path(img_path) as tmp:
@@ -66,7 +71,7 @@ def image_pool(work_dir: Path, n: int, seed: int = 0, log=print) -> tuple[np.nda
             np.save(fh, images)
     with atomic_path(meta_path) as tmp:
         Path(tmp).write_text(json.dumps(attrs))
-    log(f"rendered {n} pretraining images in {time.time() - t0:.0f}s")
+    log(f"rendered {n} {kind} images in {time.time() - t0:.0f}s")
     return images, attrs
 
 
@@ -161,12 +166,17 @@ def latent_scale(vae, images: np.ndarray) -> float:
 
 def train_vae_decoder(work_dir: str | Path, minutes: float, batch_size: int = 32, lr: float = 1e-3,
                       pool: int = DEFAULT_POOL, seed: int = 0, threads: int = 1, checkpoint_every_s: float = 120.0,
-                      log=print) -> dict:
+                      open_fraction: float = 0.5, open_pool: int = 6000, log=print) -> dict:
     """Stage 1b: keep the encoder (hence the latents the UNet learns) fixed and go on training the decoder only, on
-    posterior samples; it can run next to the UNet stage. Writes vae_decoder_state.pt, which export prefers."""
+    posterior samples; it can run next to the UNet stage. Writes vae_decoder_state.pt, which export prefers.
+
+    `open_fraction` of each batch comes from the open world (black bears, crescents). The VAE is a general image
+    codec, like SD's, which has seen every colour: a decoder trained on pretraining images only turns every bear
+    brown, so no LoRA could ever show the new character. The UNet and text encoder still never see it."""
     torch.set_num_threads(threads)
     work_dir = Path(work_dir)
     images, _ = image_pool(work_dir, pool, seed, log)
+    open_images = image_pool(work_dir, open_pool, seed, log, kind="open")[0] if open_fraction > 0 else None
     vae, cfg = load_trained_vae(work_dir, decoder=False)
     state_path = work_dir / "vae_decoder_state.pt"
     step, spent = 0, 0.0
@@ -188,8 +198,12 @@ def train_vae_decoder(work_dir: str | Path, minutes: float, batch_size: int = 32
         _save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                      "seconds": spent + time.time() - t_start, "config": cfg}, state_path)
 
+    n_open = int(round(batch_size * open_fraction)) if open_images is not None else 0
     while time.time() - t_start < minutes * 60:
-        x = to_tensor(images[rng.integers(0, len(images), batch_size)])
+        batch = images[rng.integers(0, len(images), batch_size - n_open)]
+        if n_open:
+            batch = np.concatenate([batch, open_images[rng.integers(0, len(open_images), n_open)]])
+        x = to_tensor(batch)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample

@@ -1,0 +1,197 @@
+"""LoRA quality on the toy world (issue 9): train the "usu bear" LoRA on the shipped toy base and score it.
+
+    python benchmarks/bench_quality.py                              # the recipe (seed 001's setup, scaled)
+    python benchmarks/bench_quality.py --reg                        # ... with the class reg images
+    python benchmarks/bench_quality.py -- --network_dim 4           # the recipe with flags added/overridden
+    python benchmarks/bench_quality.py --sweep all --table docs/quality.md
+
+Scores (lorakit/toyworld/quality.py): fidelity (trigger samples read as the character), composability (character and
+the other tag), prior preservation (the class prompt "bear" keeps the base model's labels; leak = class samples read
+as the character) and bleed (unrelated prompts keep their labels; mean pixel change). Sweeps reproduce seed 000's
+comparisons in miniature: dim, blocks, regularization images, optimizer, epochs.
+
+Every run lives in --work_dir/<name> and is skipped when its LoRA and scores exist, so an interrupted sweep resumes.
+One thread per process by default: the models are tiny and a second thread mostly adds contention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lorakit.toyworld.recipe import STEPS_PER_EPOCH  # noqa: E402  (light: no torch import)
+
+# seed 000's layer-selective character LoRA: IN04-IN07 and OUT03-OUT06 (sd-scripts indices 4-7 and 16-19)
+_SELECTED = {4, 5, 6, 7, 16, 17, 18, 19}
+_BLOCK_DIMS = ",".join("16" if i in _SELECTED else "0" for i in range(25))
+_D_ARGS = ["--learning_rate", "1", "--optimizer_args", "betas=0.9,0.999", "weight_decay=0", "d0=1e-06"]
+
+
+def sweeps(epochs: int) -> dict[str, list[tuple]]:
+    """{sweep: [(run name, extra flags, with reg images[, checkpoint epoch])]}; the recipe is dim 16, all blocks, no
+    reg, AdamW. The epochs sweep reads the recipe run's own checkpoints (constant LR, so the checkpoint after epoch N
+    is what a run of N epochs gives)."""
+    spe = STEPS_PER_EPOCH
+    return {
+        "dim": [("dim 4 (alpha 4)", ["--network_dim", "4", "--network_alpha", "4"], False),
+                ("dim 16 (alpha 16)", [], False),
+                ("dim 64 (alpha 64)", ["--network_dim", "64", "--network_alpha", "64"], False)],
+        "blocks": [("all blocks", [], False),
+                   ("IN04-07 + OUT03-06 only", ["--network_args", f"block_dims={_BLOCK_DIMS}"], False)],
+        "reg": [("no reg images", [], False), ("class reg images (reg/1_bear, 75)", [], True)],
+        "optimizer": [("AdamW lr 3e-3", [], False),
+                      ("DAdaptLion (lr 1, d0 1e-6)", ["--optimizer_type", "DAdaptLion", *_D_ARGS], False),
+                      ("Prodigy (lr 1, d0 1e-6)", ["--optimizer_type", "Prodigy", *_D_ARGS], False)],
+        "epochs": [(f"{e} epochs ({e * spe} steps)", [], False, e) for e in range(2, epochs, 2)]
+        + [(f"{epochs} epochs ({epochs * spe} steps)", [], False)],
+    }
+
+
+def slug(name: str, extra: list[str], reg: bool) -> str:
+    import hashlib
+
+    key = json.dumps([extra, reg])
+    safe = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def run_one(name: str, extra: list[str], reg: bool, work: Path, epochs: int, evaluator,
+            checkpoint: int | None = None, log=print) -> dict:
+    """Train (unless done) and score one configuration (or its checkpoint after epoch `checkpoint`); the result is
+    cached in <run>/quality[-epochN].json."""
+    from lorakit import options as O
+    from lorakit.toyworld.pretrain import default_base_path
+    from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
+    from lorakit.train.trainer import train
+
+    run = work / slug("", extra, reg)
+    result_path = run / (f"quality-epoch{checkpoint}.json" if checkpoint else "quality.json")
+    if result_path.exists():
+        return {**json.loads(result_path.read_text()), "name": name}
+    data = write_dataset(work / ("dataset_reg" if reg else "dataset_noreg"), reg=reg)
+    argv = usu_bear_argv(default_base_path(), data, run, epochs=epochs) + ["--save_every_n_epochs", "2"] + extra
+    lora = run / "usu_bear.safetensors"
+    seconds = None
+    timing = run / "train_seconds.txt"
+    if not lora.exists():
+        t0 = time.time()
+        res = train(O.resolve(argv), progress=False, log=lambda *a, **k: None)
+        if res.interrupted or not lora.exists():
+            raise SystemExit(f"{name}: training stopped early; rerun to resume the sweep")
+        timing.write_text(f"{time.time() - t0:.1f}\n")
+    if timing.exists() and not checkpoint:
+        seconds = float(timing.read_text())
+    target = run / f"usu_bear-{checkpoint:06d}.safetensors" if checkpoint else lora
+    report = evaluator.evaluate(target)
+    out = {"name": name, "flags": extra, "reg": reg, "train_seconds": seconds, **report.as_dict(),
+           "command": "lorakit train " + " ".join(shlex.quote(a) for a in argv)}
+    out.pop("details", None)
+    write_report_json_dict(out, result_path)
+    log(f"{name}: {report.summary()}" + (f" (trained in {seconds:.0f}s)" if seconds else ""))
+    return out
+
+
+def write_report_json_dict(d: dict, path: Path) -> None:
+    from lorakit.utils.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(d, indent=1, sort_keys=True) + "\n")
+
+
+COLUMNS = [("fidelity", "fidelity ↑"), ("composability", "composability ↑"), ("prior_agreement", "prior kept ↑"),
+           ("prior_leak", "prior leak ↓"), ("bleed_agreement", "unrelated kept ↑"),
+           ("bleed_pixel_change", "unrelated pixel change ↓")]
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    lines = []
+    for sweep, rows in results.items():
+        lines += [f"### {sweep}", "", "| run | " + " | ".join(c[1] for c in COLUMNS) + " | train s |",
+                  "|---" * (len(COLUMNS) + 2) + "|"]
+        for r in rows:
+            cells = [f"{r[k]:.3f}" if k == "bleed_pixel_change" else f"{r[k]:.2f}" for k, _ in COLUMNS]
+            secs = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "-"
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {secs} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work_dir", default="/tmp/lorakit-bench-quality")
+    p.add_argument("--sweep", default=None, help="dim, blocks, reg, optimizer, epochs (comma-separated), or all "
+                   "(default: one run of the recipe)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe (default: the recipe's)")
+    p.add_argument("--seeds", type=int, default=8, help="samples per prompt")
+    p.add_argument("--reg", action="store_true", help="single run with the class reg images")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", default=None, help="write the markdown table here (between the sweep markers)")
+    p.add_argument("--json", default=None, help="write all results as JSON here")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from lorakit.toyworld.quality import QualityEvaluator, QualitySettings
+    from lorakit.toyworld.recipe import EPOCHS
+
+    torch.set_num_threads(a.threads)
+    epochs = a.epochs or EPOCHS
+    work = Path(a.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    evaluator = QualityEvaluator(settings=QualitySettings(seeds=a.seeds))
+    print(f"base model sampled ({len(evaluator.prompts)} images) in {time.time() - t0:.0f}s")
+    if a.sweep:
+        all_sweeps = sweeps(epochs)
+        names = list(all_sweeps) if a.sweep == "all" else a.sweep.split(",")
+        unknown = [n for n in names if n not in all_sweeps]
+        if unknown:
+            p.error(f"unknown sweep {unknown}; choose from {', '.join(all_sweeps)} or all")
+        results = {n: [run_one(*entry[:3], work, epochs, evaluator, *entry[3:]) for entry in all_sweeps[n]]
+                   for n in names}
+    else:
+        results = {"run": [run_one("recipe" + (" " + " ".join(extra) if extra else ""), extra, a.reg, work,
+                                   epochs, evaluator)]}
+    text = table(results)
+    print(text)
+    base = evaluator.base_pred
+    print(f"base model: fidelity {results[next(iter(results))][0]['base_fidelity']:.2f}; "
+          f"{len(base['character']['labels'])} images per model")
+    if a.table:
+        cmd = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(x) for x in argv)
+        write_table(Path(a.table), text, cmd)
+    if a.json:
+        write_report_json_dict(results, Path(a.json))
+    return 0
+
+
+BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+
+
+def write_table(path: Path, text: str, command: str) -> None:
+    """Replace the block between the markers (or append it), keeping the rest of the document."""
+    from lorakit.utils.atomic import write_text_atomic
+
+    block = f"{BEGIN}\nMade by `{command}` on {time.strftime('%Y-%m-%d')}.\n\n{text}\n{END}"
+    doc = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in doc and END in doc:
+        doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+    else:
+        doc = (doc.rstrip() + "\n\n" if doc else "") + block + "\n"
+    write_text_atomic(path, doc)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
