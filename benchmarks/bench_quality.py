@@ -11,7 +11,8 @@ as the character) and bleed (unrelated prompts keep their labels; mean pixel cha
 comparisons in miniature: dim, blocks, regularization images, optimizer, epochs.
 
 Every run lives in --work_dir/<name> and is skipped when its LoRA and scores exist, so an interrupted sweep resumes.
-One thread per process by default: the models are tiny and a second thread mostly adds contention.
+One thread per process by default: the models are tiny and a second thread mostly adds contention; use --jobs to
+train several configurations at once instead.
 """
 
 from __future__ import annotations
@@ -55,48 +56,81 @@ def sweeps(epochs: int) -> dict[str, list[tuple]]:
     }
 
 
-def slug(name: str, extra: list[str], reg: bool) -> str:
+def run_dir(work: Path, extra: list[str], reg: bool) -> Path:
     import hashlib
 
-    key = json.dumps([extra, reg])
-    safe = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return work / f"run-{hashlib.sha1(json.dumps([extra, reg]).encode()).hexdigest()[:10]}"
 
 
-def run_one(name: str, extra: list[str], reg: bool, work: Path, epochs: int, evaluator,
-            checkpoint: int | None = None, log=print) -> dict:
-    """Train (unless done) and score one configuration (or its checkpoint after epoch `checkpoint`); the result is
-    cached in <run>/quality[-epochN].json."""
-    from lorakit import options as O
+def run_argv(work: Path, extra: list[str], reg: bool, epochs: int) -> list[str]:
     from lorakit.toyworld.pretrain import default_base_path
     from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
+
+    data = write_dataset(work / ("dataset_reg" if reg else "dataset_noreg"), reg=reg)
+    return usu_bear_argv(default_base_path(), data, run_dir(work, extra, reg), epochs=epochs) + [
+        "--save_every_n_epochs", "2"] + extra
+
+
+def train_config(extra: list[str], reg: bool, work: Path, epochs: int, threads: int = 1) -> float | None:
+    """Train one configuration unless its LoRA exists (a process-pool task); returns the seconds it took."""
+    import torch
+
+    from lorakit import options as O
     from lorakit.train.trainer import train
 
-    run = work / slug("", extra, reg)
+    torch.set_num_threads(threads)
+    run = run_dir(work, extra, reg)
+    lora, timing = run / "usu_bear.safetensors", run / "train_seconds.txt"
+    if lora.exists():
+        return float(timing.read_text()) if timing.exists() else None
+    t0 = time.time()
+    res = train(O.resolve(run_argv(work, extra, reg, epochs)), progress=False, log=lambda *a, **k: None)
+    if res.interrupted or not lora.exists():
+        raise SystemExit(f"training {run} stopped early; rerun to resume the sweep")
+    seconds = time.time() - t0
+    timing.write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+def score_config(name: str, extra: list[str], reg: bool, work: Path, epochs: int, evaluator,
+                 checkpoint: int | None = None, log=print) -> dict:
+    """Score a trained configuration (or its checkpoint after epoch `checkpoint`); cached in
+    <run>/quality[-epochN].json."""
+    run = run_dir(work, extra, reg)
     result_path = run / (f"quality-epoch{checkpoint}.json" if checkpoint else "quality.json")
     if result_path.exists():
         return {**json.loads(result_path.read_text()), "name": name}
-    data = write_dataset(work / ("dataset_reg" if reg else "dataset_noreg"), reg=reg)
-    argv = usu_bear_argv(default_base_path(), data, run, epochs=epochs) + ["--save_every_n_epochs", "2"] + extra
-    lora = run / "usu_bear.safetensors"
-    seconds = None
     timing = run / "train_seconds.txt"
-    if not lora.exists():
-        t0 = time.time()
-        res = train(O.resolve(argv), progress=False, log=lambda *a, **k: None)
-        if res.interrupted or not lora.exists():
-            raise SystemExit(f"{name}: training stopped early; rerun to resume the sweep")
-        timing.write_text(f"{time.time() - t0:.1f}\n")
-    if timing.exists() and not checkpoint:
-        seconds = float(timing.read_text())
-    target = run / f"usu_bear-{checkpoint:06d}.safetensors" if checkpoint else lora
+    seconds = float(timing.read_text()) if timing.exists() and not checkpoint else None
+    target = run / (f"usu_bear-{checkpoint:06d}.safetensors" if checkpoint else "usu_bear.safetensors")
     report = evaluator.evaluate(target)
     out = {"name": name, "flags": extra, "reg": reg, "train_seconds": seconds, **report.as_dict(),
-           "command": "lorakit train " + " ".join(shlex.quote(a) for a in argv)}
+           "command": "lorakit train " + " ".join(shlex.quote(a) for a in run_argv(work, extra, reg, epochs))}
     out.pop("details", None)
     write_report_json_dict(out, result_path)
     log(f"{name}: {report.summary()}" + (f" (trained in {seconds:.0f}s)" if seconds else ""))
     return out
+
+
+def train_all(entries: list[tuple], work: Path, epochs: int, jobs: int, threads: int) -> None:
+    """Train every distinct configuration, `jobs` at a time in separate processes."""
+    distinct = {}
+    for e in entries:
+        distinct.setdefault(str(run_dir(work, e[1], e[2])), (e[1], e[2]))
+    todo = [v for k, v in distinct.items() if not (Path(k) / "usu_bear.safetensors").exists()]
+    if not todo:
+        return
+    print(f"training {len(todo)} configurations, {jobs} at a time")
+    if jobs <= 1:
+        for extra, reg in todo:
+            train_config(extra, reg, work, epochs, threads)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        for f in [pool.submit(train_config, extra, reg, work, epochs, threads) for extra, reg in todo]:
+            f.result()
 
 
 def write_report_json_dict(d: dict, path: Path) -> None:
@@ -134,7 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", default=None, help="dim, blocks, reg, optimizer, epochs (comma-separated), or all "
                    "(default: one run of the recipe)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe (default: the recipe's)")
-    p.add_argument("--seeds", type=int, default=8, help="samples per prompt")
+    p.add_argument("--seeds", type=int, default=16, help="samples per prompt (16: 112 trigger samples)")
+    p.add_argument("--jobs", type=int, default=1, help="configurations trained at the same time (processes)")
     p.add_argument("--reg", action="store_true", help="single run with the class reg images")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", default=None, help="write the markdown table here (between the sweep markers)")
@@ -150,25 +185,26 @@ def main(argv=None) -> int:
     epochs = a.epochs or EPOCHS
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    evaluator = QualityEvaluator(settings=QualitySettings(seeds=a.seeds))
-    print(f"base model sampled ({len(evaluator.prompts)} images) in {time.time() - t0:.0f}s")
     if a.sweep:
         all_sweeps = sweeps(epochs)
         names = list(all_sweeps) if a.sweep == "all" else a.sweep.split(",")
         unknown = [n for n in names if n not in all_sweeps]
         if unknown:
             p.error(f"unknown sweep {unknown}; choose from {', '.join(all_sweeps)} or all")
-        results = {n: [run_one(*entry[:3], work, epochs, evaluator, *entry[3:]) for entry in all_sweeps[n]]
-                   for n in names}
+        selected = {n: all_sweeps[n] for n in names}
     else:
-        results = {"run": [run_one("recipe" + (" " + " ".join(extra) if extra else ""), extra, a.reg, work,
-                                   epochs, evaluator)]}
+        selected = {"run": [("recipe" + (" " + " ".join(extra) if extra else ""), extra, a.reg)]}
+    train_all([e for entries in selected.values() for e in entries], work, epochs, a.jobs, a.threads)
+    t0 = time.time()
+    evaluator = QualityEvaluator(settings=QualitySettings(seeds=a.seeds))
+    print(f"base model sampled ({len(evaluator.prompts)} images) in {time.time() - t0:.0f}s")
+    results = {n: [score_config(*e[:3], work, epochs, evaluator, *e[3:]) for e in entries]
+               for n, entries in selected.items()}
     text = table(results)
     print(text)
-    base = evaluator.base_pred
-    print(f"base model: fidelity {results[next(iter(results))][0]['base_fidelity']:.2f}; "
-          f"{len(base['character']['labels'])} images per model")
+    first = results[next(iter(results))][0]
+    print(f"base model: fidelity {first['base_fidelity']:.2f}, prior leak {first['base_prior_leak']:.2f}; "
+          f"{len(evaluator.prompts)} images per model")
     if a.table:
         cmd = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(x) for x in argv)
         write_table(Path(a.table), text, cmd)

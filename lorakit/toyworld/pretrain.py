@@ -12,7 +12,9 @@ Two stages, each resumable from `work_dir` and bounded by wall-clock minutes:
 `export_base` writes one SD1 single-file checkpoint (fp16) with UNet, VAE and text encoder; our files carry their
 configs, so `load_bundle(path)` rebuilds the tiny modules.
 
-Only `pretraining_sample` images are used: the held-out "usu bear" (black bear, crescent) never appears.
+The UNet and text encoder see only `pretraining_sample` images: the held-out "usu bear" (black bear, crescent) never
+appears to them. The VAE decoder stage also sees open-world images (a codec must render every colour; see
+`train_vae_decoder`).
 Checkpoints are written atomically (`atomic_path`), so a killed run resumes from the last one.
 """
 

@@ -37,16 +37,18 @@ class QualitySettings:
     cfg_scale: float = 5.0
     seed: int = 5000  # first sampling seed
     multiplier: float = 1.0  # LoRA weight
+    sets: tuple[str, ...] = ("trigger", "class", "unrelated")  # a subset samples less (`evaluate` needs all three)
 
     def prompt_sets(self) -> dict[str, list[tuple[str, dict]]]:
         """{set name: [(prompt, targets)]}; targets name the classifier heads a sample must read."""
         trig = TRIGGER
         composed = [(f"{trig}, {bg}", {"background": bg}) for bg in BACKGROUNDS] + [(f"{trig}, hat", {"hat": True})]
-        return {
+        every = {
             "trigger": [(trig, {})] + composed,
             "class": [("bear", {})] + [(f"bear, {bg}", {}) for bg in BACKGROUNDS[:2]],
             "unrelated": [(p, {}) for p in UNRELATED_PROMPTS],
         }
+        return {k: every[k] for k in self.sets}
 
 
 @dataclass
