@@ -47,7 +47,9 @@ def sweeps(epochs: int) -> dict[str, list[tuple]]:
                 ("dim 64 (alpha 64)", ["--network_dim", "64", "--network_alpha", "64"], False)],
         "blocks": [("all blocks", [], False),
                    ("IN04-07 + OUT03-06 only", ["--network_args", f"block_dims={_BLOCK_DIMS}"], False)],
-        "reg": [("no reg images", [], False), ("class reg images (reg/1_bear, 75)", [], True)],
+        "reg": [("no reg images", [], False),
+                ("reg/1_bear: 75 toy-world bears with captions", [], True),
+                ("reg/1_bear: 75 base-model samples of 'bear' (seed 001's way)", [], "generated")],
         "optimizer": [("AdamW lr 3e-3", [], False),
                       ("DAdaptLion (lr 1, d0 1e-6)", ["--optimizer_type", "DAdaptLion", *_D_ARGS], False),
                       ("Prodigy (lr 1, d0 1e-6)", ["--optimizer_type", "Prodigy", *_D_ARGS], False)],
@@ -66,7 +68,8 @@ def run_argv(work: Path, extra: list[str], reg: bool, epochs: int) -> list[str]:
     from lorakit.toyworld.pretrain import default_base_path
     from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
 
-    data = write_dataset(work / ("dataset_reg" if reg else "dataset_noreg"), reg=reg)
+    folder = {False: "dataset_noreg", True: "dataset_reg", "generated": "dataset_reg_generated"}[reg]
+    data = write_dataset(work / folder, reg=reg, base=default_base_path())
     return usu_bear_argv(default_base_path(), data, run_dir(work, extra, reg), epochs=epochs) + [
         "--save_every_n_epochs", "2"] + extra
 

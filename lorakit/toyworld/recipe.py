@@ -17,11 +17,33 @@ EPOCHS = 10
 STEPS_PER_EPOCH = 75  # 15 images x 20 repeats / batch 4 (twice that with reg images)
 
 
-def write_dataset(out: Path, reg: bool = False) -> dict:
-    """The dataset folders of seed 001 (15 character images x 20 repeats; 75 class images when `reg`)."""
+def write_dataset(out: Path, reg: bool | str = False, base: str | Path | None = None) -> dict:
+    """The dataset folders of seed 001: 15 character images x 20 repeats, and with `reg` 75 class images in
+    `reg/1_bear`: toy-world pictures of bears with full captions (`reg=True`), or, as seed 001 makes them, images the
+    base model draws for the class prompt "bear", without captions (`reg="generated"`, needs `base`)."""
     from lorakit.toyworld.datasets import write_dreambooth_folder
 
-    return write_dreambooth_folder(out, n_train=15, n_reg=75 if reg else 0, train_repeats=20, reg_repeats=1)
+    data = write_dreambooth_folder(out, n_train=15, n_reg=75 if reg is True else 0, train_repeats=20, reg_repeats=1)
+    if reg == "generated":
+        reg_sub = Path(out) / "reg" / "1_bear"
+        generate_class_images(base, reg_sub, 75)
+        data.update(reg_dir=reg_sub.parent, reg_subdir=reg_sub)
+    return data
+
+
+def generate_class_images(base: str | Path, outdir: Path, count: int) -> None:
+    """Seed 001's regularization images: the base model's own samples of the class prompt, through the same code as
+    `lorakit generate --prompt bear --count N --outdir reg/1_bear` (resumable, skips what exists)."""
+    from lorakit.generate.pipeline import GenerationSettings, Generator
+    from lorakit.generate.reg_images import generate_reg_images
+    from lorakit.models.loading import load_bundle
+
+    if outdir.is_dir() and len(list(outdir.glob("*.png"))) >= count:
+        return
+    bundle = load_bundle(base, family="sd1", dtype="fp32")
+    with Generator(bundle) as gen:
+        generate_reg_images(gen, GenerationSettings(prompt="bear", steps=20, sampler="DDIM", cfg_scale=5.0, seed=1000,
+                                                    width=64, height=64), count, outdir)
 
 
 def usu_bear_argv(base: str | Path, data: dict, output_dir: str | Path, output_name: str = "usu_bear",
