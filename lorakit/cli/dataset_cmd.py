@@ -47,32 +47,11 @@ def _token_counter(path: str | None):
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from lorakit.data.check import check_source
 
-    from lorakit.data.check import build_report
-    from lorakit.data.config import build_dataset_configs
-    from lorakit.data.dataset import DatasetGroup
-    from lorakit.data.scan import ScanCache
-    from lorakit.errors import UserError
-
-    src = Path(args.source)
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "source", "json", "quick", "tokenizer", "command", "subcommand")}
-    if opts.get("resolution") is None and not (src.is_file()):
-        opts["resolution"] = "512"
-    if src.is_file() and src.suffix.lower() in (".toml", ".json"):
-        opts["dataset_config"] = str(src)
-    elif src.is_dir():
-        opts["train_data_dir"] = str(src)
-    else:
-        raise UserError(f"{src} is neither a folder nor a .toml dataset config.")
-    notes: list[str] = []
-    configs = build_dataset_configs(opts, notes=notes)
-    cache = ScanCache()
-    group = DatasetGroup.build(configs, seed=args.seed, on_bad_image="skip", scan_cache=cache)
-    report = build_report(group, decode=not args.quick, duplicates=not args.quick,
-                          token_counter=_token_counter(args.tokenizer), max_token_length=args.max_token_length,
-                          scan_cache=cache)
-    report.warnings = notes + report.warnings
+    report = check_source(args.source, opts, seed=args.seed, quick=args.quick,
+                          token_counter=_token_counter(args.tokenizer), max_token_length=args.max_token_length)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")

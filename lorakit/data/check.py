@@ -182,3 +182,35 @@ def build_report(group, decode: bool = False, duplicates: bool = False,
             by_hash[h].append(p)
         rep.duplicates = [g for g in by_hash.values() if len(g) > 1]
     return rep
+
+
+def check_source(source, opts: dict, seed: int = 0, quick: bool = False,
+                 token_counter: Callable[[str], int] | None = None,
+                 max_token_length: int | None = None) -> DatasetReport:
+    """The whole `dataset check` run (CLI and GUI): `source` is a train folder or a --dataset_config TOML/JSON;
+    `opts` holds the dataset options (resolution, reg_data_dir, buckets...). A folder without a resolution is
+    checked at 512; a config file keeps its own."""
+    from pathlib import Path
+
+    from lorakit.data.config import build_dataset_configs
+    from lorakit.data.dataset import DatasetGroup
+    from lorakit.errors import UserError
+
+    src = Path(source)
+    opts = dict(opts)
+    if src.is_file() and src.suffix.lower() in (".toml", ".json"):
+        opts["dataset_config"] = str(src)
+    elif src.is_dir():
+        opts["train_data_dir"] = str(src)
+        if opts.get("resolution") is None:
+            opts["resolution"] = "512"
+    else:
+        raise UserError(f"{src} is neither a folder nor a .toml dataset config.")
+    notes: list[str] = []
+    configs = build_dataset_configs(opts, notes=notes)
+    cache = ScanCache()
+    group = DatasetGroup.build(configs, seed=seed, on_bad_image="skip", scan_cache=cache)
+    report = build_report(group, decode=not quick, duplicates=not quick, token_counter=token_counter,
+                          max_token_length=max_token_length, scan_cache=cache)
+    report.warnings = notes + report.warnings
+    return report

@@ -4,38 +4,21 @@ from __future__ import annotations
 
 import io
 
-from lorakit.errors import UserError
 from lorakit.gui.common import Context, handler
 
 
 def check_dataset(ctx: Context, train_dir: str, reg_dir: str | None, resolution: str, caption_extension: str,
                   enable_bucket: bool, batch_size: int, quick: bool):
-    """The same steps as `lorakit dataset check` (lorakit.cli.dataset_cmd.run_check): configs, group, report."""
-    from lorakit.data.check import build_report
-    from lorakit.data.config import build_dataset_configs
-    from lorakit.data.dataset import DatasetGroup
-    from lorakit.data.scan import ScanCache
+    """`lorakit dataset check` through the same function (lorakit.data.check.check_source)."""
+    from lorakit.data.check import check_source
 
     src = ctx.path(train_dir, "train folder")
     opts = {"reg_data_dir": str(ctx.path(reg_dir, "reg folder", kind="dir")) if reg_dir and reg_dir.strip() else None,
-            "in_json": None, "caption_extension": caption_extension or ".txt", "resolution": resolution or "512",
+            "in_json": None, "caption_extension": caption_extension or ".txt", "resolution": resolution or None,
             "enable_bucket": bool(enable_bucket), "min_bucket_reso": None, "max_bucket_reso": None,
             "bucket_reso_steps": None, "bucket_no_upscale": False,
             "train_batch_size": int(batch_size) if batch_size else None, "max_token_length": None, "seed": 0}
-    if src.is_file() and src.suffix.lower() in (".toml", ".json"):
-        opts["dataset_config"] = str(src)
-        opts["resolution"] = resolution or None
-    elif src.is_dir():
-        opts["train_data_dir"] = str(src)
-    else:
-        raise UserError(f"{src} is neither a folder nor a .toml dataset config.")
-    notes: list[str] = []
-    configs = build_dataset_configs(opts, notes=notes)
-    cache = ScanCache()
-    group = DatasetGroup.build(configs, seed=0, on_bad_image="skip", scan_cache=cache)
-    report = build_report(group, decode=not quick, duplicates=not quick, scan_cache=cache)
-    report.warnings = notes + report.warnings
-    return report
+    return check_source(src, opts, seed=0, quick=quick)
 
 
 def build(gr, ctx: Context) -> dict:
