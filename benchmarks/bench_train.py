@@ -58,7 +58,9 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int) -> dict:
 
     from lorakit.adapters.network import create_network
     from lorakit.train import noise as N
-    from lorakit.train.trainer import _batch_loss, encode_text
+    from lorakit.models.conditioning import added_cond_kwargs, encode_captions
+    from lorakit.train.loop import LossOptions, NoiseOptions, StepMaths, batch_loss
+    from lorakit.train.stages import picked
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     t0 = time.time()
@@ -85,11 +87,9 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int) -> dict:
 
     # floor: frozen UNet forward + backward to the input
     with torch.no_grad(), autocast:
-        hidden, pooled = encode_text(bundle, batch["captions"], None, None)
-    kwargs = {}
-    if fam.size_conditioning:
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[res, res, 0, 0, res, res]],
-                                                                                       dtype=hidden.dtype)}
+        hidden, pooled = encode_captions(bundle, batch["captions"], None, None)
+    kwargs = added_cond_kwargs(fam, pooled, batch["original_sizes_hw"], batch["crop_top_lefts"],
+                               batch["target_sizes_hw"], dtype=hidden.dtype, device="cpu")
 
     def floor_step():
         x = lat.clone().to(dtype).requires_grad_(True)
@@ -109,11 +109,13 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int) -> dict:
     net.apply_to(bundle)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
+    maths = StepMaths(ac, fam.prediction_type, picked(NoiseOptions, opts), picked(LossOptions, opts), None, None,
+                      False, torch.device("cpu"), dtype)
     step_t = []
     for i in range(steps + 1):
         t = time.time()
         with autocast:
-            loss = _batch_loss(bundle, batch, opts, ac, gen, None, None, False, fam.prediction_type, "cpu", dtype)
+            loss = batch_loss(bundle, batch, maths, gen, None, None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()

@@ -9,6 +9,7 @@ pass (`train_network.py`, `sdxl_train_network.py`). Everything else is generated
 - `write_config_file()`   `--output_config`: the resolved, non-default values as TOML
 - `ss_metadata()`         the `ss_*` metadata values sd-scripts writes for those options
 - `dataset_config_keys()` which keys a `--dataset_config` TOML may hold at [general], [[datasets]], [[datasets.subsets]]
+- `normalize()`           the frozen `Options` a run reads (implied flags resolved once; never written during the run)
 
 Scopes (where a key may appear):
 - "train":   command line and `--config_file` only.
@@ -18,12 +19,14 @@ Scopes (where a key may appear):
 - "general": a key the dataset layer reads from the command line only (max_token_length, prior_loss_weight...).
 Value types are named by strings so the GUI and docs can read them: str, path, int, float, bool, int_or_ratio
 (`lr_warmup_steps`: int steps, float ratio < 1 or "N%"), resolution ("W,H" or one int), float_pair ("a,b"),
-number (int or float, kept as given). `nargs="*"` makes a list of that type.
+number (int or float, kept as given), dict (a TOML table, dataset configs only). `nargs="*"` makes a list of that
+type.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import math
@@ -53,6 +56,7 @@ class Option:
     config_name: str | None = None  # name inside --dataset_config when it differs (train_batch_size -> batch_size)
     effect: bool = True  # False: accepted for compatibility, does nothing here
     distinct: bool = False  # subset-only key that does not inherit from [[datasets]]/[general]
+    check: str | None = None  # allowed range as an interval: "[1,)" >= 1, "(0,)" > 0, "[0,1)" 0 <= x < 1
 
     @property
     def flags(self) -> list[str]:
@@ -85,7 +89,7 @@ OPTIONS: list[Option] = [
        "The base model is SDXL (what sdxl_train_network.py implies; normally detected from the checkpoint).", G_MODEL),
     _o("vae", "path", None, "Replace the checkpoint's VAE with this file or folder.", G_MODEL, metadata_key="ss_vae_name"),
     _o("clip_skip", "int", None, "Use the output of the n-th text-encoder layer from the end (n >= 1; 2 for anime models). "
-       "SDXL ignores it.", G_MODEL, metadata_key="ss_clip_skip"),
+       "SDXL ignores it.", G_MODEL, metadata_key="ss_clip_skip", check="[1,)"),
     _o("tokenizer_cache_dir", "path", None, "Folder for tokenizer files (tokenizers are bundled here).", G_MODEL,
        effect=False),
     _o("disable_mmap_load_safetensors", "bool", False, "Read safetensors without mmap.", G_MODEL, effect=False),
@@ -94,21 +98,21 @@ OPTIONS: list[Option] = [
        "for --in_json.", G_DATA),
     _o("reg_data_dir", "path", None, "Folder of `N_class` subfolders of regularization images.", G_DATA),
     _o("in_json", "path", None, "Fine-tune metadata JSON {image_key: {caption, tags}}.", G_DATA),
-    _o("dataset_repeats", "int", 1, "Repeats of the dataset in fine-tune mode (--in_json).", G_DATA),
+    _o("dataset_repeats", "int", 1, "Repeats of the dataset in fine-tune mode (--in_json).", G_DATA, check="[1,)"),
     _o("dataset_config", "path", None, "TOML dataset config with [general], [[datasets]], [[datasets.subsets]].", G_DATA),
     _o("dataset_class", "str", None, "Custom dataset class.", G_DATA, effect=False),
     _o("resolution", "resolution", None, "Training resolution: 'SIZE' or 'WIDTH,HEIGHT' (e.g. 512 or 1024,1024). "
        "Default: the model family's native resolution.", G_DATA, scope="dataset", metadata_key="ss_resolution"),
     _o("train_batch_size", "int", 1, "Batch size per device.", G_DATA, scope="dataset", config_name="batch_size",
-       metadata_key="ss_batch_size_per_device"),
+       metadata_key="ss_batch_size_per_device", check="[1,)"),
     _o("enable_bucket", "bool", False, "Aspect-ratio buckets: batches of one resolution each.", G_DATA, scope="dataset",
        metadata_key="ss_enable_bucket"),
     _o("min_bucket_reso", "int", 256, "Smallest bucket side (divisible by bucket_reso_steps).", G_DATA, scope="dataset",
-       metadata_key="ss_min_bucket_reso"),
+       metadata_key="ss_min_bucket_reso", check="[1,)"),
     _o("max_bucket_reso", "int", 1024, "Largest bucket side (divisible by bucket_reso_steps).", G_DATA, scope="dataset",
-       metadata_key="ss_max_bucket_reso"),
+       metadata_key="ss_max_bucket_reso", check="[1,)"),
     _o("bucket_reso_steps", "int", 64, "Bucket side step (64 for SD1/2, a multiple of 32 for SDXL).", G_DATA,
-       scope="dataset"),
+       scope="dataset", check="[1,)"),
     _o("bucket_no_upscale", "bool", False, "Never enlarge small images to fill a bucket.", G_DATA, scope="dataset",
        metadata_key="ss_bucket_no_upscale"),
     _o("resize_interpolation", "str", None, "Resize filter (default area for shrinking, lanczos for enlarging).", G_DATA,
@@ -117,14 +121,15 @@ OPTIONS: list[Option] = [
        cli=False),
     _o("validation_seed", "int", None, "Seed for the validation split.", G_DATA, scope="dataset", effect=False),
     _o("validation_split", "float", 0.0, "Fraction of the training images held out for validation.", G_DATA,
-       scope="dataset", effect=False),
+       scope="dataset", effect=False, check="[0,1)"),
     _o("validate_every_n_steps", "int", None, "Validation period in steps.", G_DATA, effect=False),
     _o("validate_every_n_epochs", "int", None, "Validation period in epochs.", G_DATA, effect=False),
     _o("max_validation_steps", "int", None, "Validation batches per run.", G_DATA, effect=False),
     _o("image_dir", "path", None, "Subset image folder.", G_DATA, scope="subset", cli=False, distinct=True),
     _o("is_reg", "bool", False, "Subset holds regularization images.", G_DATA, scope="subset", cli=False,
        distinct=True),
-    _o("num_repeats", "int", 1, "Times each image of the subset is shown per epoch.", G_DATA, scope="subset", cli=False),
+    _o("num_repeats", "int", 1, "Times each image of the subset is shown per epoch.", G_DATA, scope="subset", cli=False,
+       check="[1,)"),
     _o("class_tokens", "str", None, "Caption for images of the subset without a caption file.", G_DATA,
        scope="subset", cli=False),
     _o("metadata_file", "path", None, "Fine-tune metadata JSON of the subset.", G_DATA, scope="subset", cli=False,
@@ -132,8 +137,17 @@ OPTIONS: list[Option] = [
     _o("conditioning_data_dir", "path", None, "Folder of mask/conditioning images matching the training images "
        "(for --masked_loss).", G_DATA, scope="subset", distinct=True),
     _o("cache_info", "bool", False, "Cache image sizes and captions for a faster start.", G_DATA, scope="subset"),
-    _o("alpha_mask", "bool", False, "Use the image's alpha channel as the loss mask.", G_DATA, scope="subset"),
-    _o("max_data_loader_n_workers", "int", 8, "Most DataLoader worker processes.", G_DATA, scope="general"),
+    _o("alpha_mask", "bool", False, "Use the image's alpha channel as the loss mask.", G_DATA, scope="subset",
+       distinct=True),
+    _o("custom_attributes", "dict", None, "Free key/value table carried with the subset (sd-scripts' custom_attributes).",
+       G_DATA, scope="subset", cli=False),
+    _o("bucket_log_aspect", "bool", False, "Pick the nearest bucket by |log(aspect)| instead of |aspect| (lorakit "
+       "addition).", G_DATA, scope="dataset", cli=False),
+    _o("reg_sampling", "str", "round_robin", "Regularization images per epoch: round_robin (sd-scripts) or random (a "
+       "fresh draw each epoch; lorakit addition).", G_DATA, scope="dataset", cli=False,
+       choices=("round_robin", "random")),
+    _o("max_data_loader_n_workers", "int", 8, "Most DataLoader worker processes.", G_DATA, scope="general",
+       check="[0,)"),
     _o("persistent_data_loader_workers", "bool", False, "Keep DataLoader workers between epochs.", G_DATA,
        scope="general", effect=False),
     _o("on_bad_image", "str", "error", "What to do with an unreadable image: stop with an error naming it, or skip it "
@@ -147,7 +161,7 @@ OPTIONS: list[Option] = [
        scope="subset", metadata_key="ss_shuffle_caption"),
     _o("caption_separator", "str", ",", "Tag separator of captions.", G_CAPTION, scope="subset"),
     _o("keep_tokens", "int", 0, "Keep the first N tags fixed when shuffling or dropping tags.", G_CAPTION,
-       scope="subset", metadata_key="ss_keep_tokens"),
+       scope="subset", metadata_key="ss_keep_tokens", check="[0,)"),
     _o("keep_tokens_separator", "str", "", "Text before this separator stays fixed (instead of --keep_tokens).",
        G_CAPTION, scope="subset"),
     _o("secondary_separator", "str", None, "Separator that groups tags into one unit for shuffle/dropout, replaced "
@@ -157,14 +171,15 @@ OPTIONS: list[Option] = [
     _o("caption_prefix", "str", None, "Text added before every caption.", G_CAPTION, scope="subset"),
     _o("caption_suffix", "str", None, "Text added after every caption.", G_CAPTION, scope="subset"),
     _o("caption_dropout_rate", "float", 0.0, "Probability of training a step with an empty caption.", G_CAPTION,
-       scope="subset", metadata_key="ss_caption_dropout_rate"),
+       scope="subset", metadata_key="ss_caption_dropout_rate", check="[0,1]"),
     _o("caption_dropout_every_n_epochs", "int", 0, "Drop all captions every N-th epoch.", G_CAPTION, scope="subset",
-       metadata_key="ss_caption_dropout_every_n_epochs"),
+       metadata_key="ss_caption_dropout_every_n_epochs", check="[0,)"),
     _o("caption_tag_dropout_rate", "float", 0.0, "Probability of dropping each (non-kept) tag.", G_CAPTION,
-       scope="subset", metadata_key="ss_caption_tag_dropout_rate"),
-    _o("token_warmup_min", "int", 1, "Start with N tags and grow to the full caption.", G_CAPTION, scope="subset"),
+       scope="subset", metadata_key="ss_caption_tag_dropout_rate", check="[0,1]"),
+    _o("token_warmup_min", "int", 1, "Start with N tags and grow to the full caption.", G_CAPTION, scope="subset",
+       check="[1,)"),
     _o("token_warmup_step", "number", 0, "Step at which captions reach full length (N < 1: fraction of the run).",
-       G_CAPTION, scope="subset"),
+       G_CAPTION, scope="subset", check="[0,)"),
     _o("weighted_captions", "bool", False, "Read (tag:1.2) weights in captions (not supported yet: refused).",
        G_CAPTION, scope="general"),
     _o("max_token_length", "int", None, "Text-encoder context: 75 (default), 150 or 225 tokens.", G_CAPTION,
@@ -182,7 +197,7 @@ OPTIONS: list[Option] = [
        G_CACHE, metadata_key="ss_cache_latents"),
     _o("cache_latents_to_disk", "bool", False, "Also keep the latents in <stem>_<W>x<H>_<family>.npz beside the images.",
        G_CACHE),
-    _o("vae_batch_size", "int", 1, "Batch size when caching latents.", G_CACHE),
+    _o("vae_batch_size", "int", 1, "Batch size when caching latents.", G_CACHE, check="[1,)"),
     _o("skip_cache_check", "bool", False, "Trust existing cache files without checking their contents.", G_CACHE),
     _o("cache_text_encoder_outputs", "bool", False, "Encode captions once (SDXL; needs UNet-only training and no "
        "caption shuffle/dropout).", G_CACHE),
@@ -190,28 +205,30 @@ OPTIONS: list[Option] = [
     # --- network -------------------------------------------------------------------------------------------------
     _o("network_module", "str", "networks.lora", "Adapter family: networks.lora (LoRA/LoCon), lycoris.kohya "
        "(use network_args algo=...), networks.dylora.", G_NET, metadata_key="ss_network_module"),
-    _o("network_dim", "int", None, "Rank of the LoRA modules (default 4).", G_NET, metadata_key="ss_network_dim"),
+    _o("network_dim", "int", None, "Rank of the LoRA modules (default 4).", G_NET, metadata_key="ss_network_dim",
+       check="[1,)"),
     _o("network_alpha", "float", 1.0, "LoRA alpha; the update is scaled by alpha/dim (sd-scripts default 1).", G_NET,
        metadata_key="ss_network_alpha"),
     _o("network_dropout", "float", None, "Dropout on the LoRA down projection's output.", G_NET,
-       metadata_key="ss_network_dropout"),
+       metadata_key="ss_network_dropout", check="[0,1)"),
     _o("network_args", "str", None, "Extra adapter arguments as key=value, e.g. conv_dim=64 conv_alpha=32 algo=lora.",
        G_NET, nargs="*"),
     _o("network_weights", "path", None, "Start from this LoRA file.", G_NET),
     _o("dim_from_weights", "bool", False, "Take the rank from --network_weights.", G_NET),
     _o("network_train_unet_only", "bool", False, "Train only the UNet's LoRA modules.", G_NET),
     _o("network_train_text_encoder_only", "bool", False, "Train only the text encoders' LoRA modules.", G_NET),
-    _o("unet_lr", "float", None, "UNet learning rate (default --learning_rate).", G_NET, metadata_key="ss_unet_lr"),
+    _o("unet_lr", "float", None, "UNet learning rate (default --learning_rate).", G_NET, metadata_key="ss_unet_lr",
+       check="[0,)"),
     _o("text_encoder_lr", "float", None, "Text-encoder learning rate; two values for SDXL set TE1 and TE2 apart.", G_NET,
-       nargs="*", metadata_key="ss_text_encoder_lr"),
+       nargs="*", metadata_key="ss_text_encoder_lr", check="[0,)"),
     _o("scale_weight_norms", "float", None, "Scale down any LoRA module whose update norm exceeds this (1 is a good "
-       "start).", G_NET, metadata_key="ss_scale_weight_norms"),
+       "start).", G_NET, metadata_key="ss_scale_weight_norms", check="(0,)"),
     _o("base_weights", "path", None, "LoRA files merged into the model before training.", G_NET, nargs="*"),
     _o("base_weights_multiplier", "float", None, "Multipliers of --base_weights.", G_NET, nargs="*"),
     _o("loraplus_lr_ratio", "float", None, "LoRA+: the lora_up weights learn this many times faster (also accepted as "
-       "network_args loraplus_lr_ratio=...).", G_NET),
-    _o("loraplus_unet_lr_ratio", "float", None, "LoRA+ ratio for the UNet only.", G_NET),
-    _o("loraplus_text_encoder_lr_ratio", "float", None, "LoRA+ ratio for the text encoders only.", G_NET),
+       "network_args loraplus_lr_ratio=...).", G_NET, check="(0,)"),
+    _o("loraplus_unet_lr_ratio", "float", None, "LoRA+ ratio for the UNet only.", G_NET, check="(0,)"),
+    _o("loraplus_text_encoder_lr_ratio", "float", None, "LoRA+ ratio for the text encoders only.", G_NET, check="(0,)"),
     _o("training_comment", "str", None, "Free text stored in the metadata.", G_NET, metadata_key="ss_training_comment"),
     _o("no_metadata", "bool", False, "Write the LoRA without ss_* metadata.", G_NET),
     # --- optimizer -----------------------------------------------------------------------------------------------
@@ -222,13 +239,14 @@ OPTIONS: list[Option] = [
     _o("use_8bit_adam", "bool", False, "Old spelling of --optimizer_type AdamW8bit.", G_OPT),
     _o("use_lion_optimizer", "bool", False, "Old spelling of --optimizer_type Lion.", G_OPT),
     _o("learning_rate", "float", 1e-4, "Base learning rate (D-Adaptation and Prodigy want 1.0). sd-scripts' default "
-       "2e-6 is meant for full fine-tuning; LoRA default here is 1e-4.", G_OPT, metadata_key="ss_learning_rate"),
+       "2e-6 is meant for full fine-tuning; LoRA default here is 1e-4.", G_OPT, metadata_key="ss_learning_rate",
+       check="[0,)"),
     _o("optimizer_args", "str", None, "Optimizer keyword arguments as key=value with Python literals, e.g. "
        "weight_decay=0.01 betas=0.9,0.999 d0=1e-6.", G_OPT, nargs="*"),
     _o("max_grad_norm", "float", 1.0, "Clip the gradient norm to this (0: no clipping).", G_OPT,
-       metadata_key="ss_max_grad_norm"),
+       metadata_key="ss_max_grad_norm", check="[0,)"),
     _o("gradient_accumulation_steps", "int", 1, "Batches whose gradients add up before one optimizer step.", G_OPT,
-       metadata_key="ss_gradient_accumulation_steps"),
+       metadata_key="ss_gradient_accumulation_steps", check="[1,)"),
     _o("lr_scheduler", "str", "constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
        "polynomial, adafactor.", G_OPT, metadata_key="ss_lr_scheduler",
        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -236,20 +254,22 @@ OPTIONS: list[Option] = [
     _o("lr_scheduler_type", "str", "", "A custom scheduler class module.Class (with --lr_scheduler_args).", G_OPT),
     _o("lr_scheduler_args", "str", None, "Scheduler keyword arguments as key=value Python literals.", G_OPT, nargs="*"),
     _o("lr_warmup_steps", "int_or_ratio", 0, "Warmup: steps (int), a ratio of the run (< 1), or 'N%'.", G_OPT,
-       metadata_key="ss_lr_warmup_steps"),
-    _o("lr_decay_steps", "int_or_ratio", 0, "Decay steps for warmup_stable_decay: steps, ratio (< 1) or 'N%'.", G_OPT),
-    _o("lr_scheduler_num_cycles", "int", 1, "Restarts of cosine_with_restarts.", G_OPT),
-    _o("lr_scheduler_power", "float", 1.0, "Power of the polynomial schedule.", G_OPT),
-    _o("lr_scheduler_timescale", "int", None, "Timescale of inverse_sqrt (default: the warmup steps).", G_OPT),
+       metadata_key="ss_lr_warmup_steps", check="[0,)"),
+    _o("lr_decay_steps", "int_or_ratio", 0, "Decay steps for warmup_stable_decay: steps, ratio (< 1) or 'N%'.", G_OPT,
+       check="[0,)"),
+    _o("lr_scheduler_num_cycles", "int", 1, "Restarts of cosine_with_restarts.", G_OPT, check="[1,)"),
+    _o("lr_scheduler_power", "float", 1.0, "Power of the polynomial schedule.", G_OPT, check="(0,)"),
+    _o("lr_scheduler_timescale", "int", None, "Timescale of inverse_sqrt (default: the warmup steps).", G_OPT,
+       check="[1,)"),
     _o("lr_scheduler_min_lr_ratio", "float", None, "Final lr as a ratio of the initial one (cosine_with_min_lr, "
-       "warmup_stable_decay).", G_OPT),
+       "warmup_stable_decay).", G_OPT, check="[0,1]"),
     _o("fused_backward_pass", "bool", False, "Step the optimizer inside backward (AdaFactor only).", G_OPT, effect=False),
     # --- steps ---------------------------------------------------------------------------------------------------
     _o("max_train_steps", "int", 1600, "Optimizer steps to train (overridden by --max_train_epochs).", G_STEPS,
-       metadata_key="ss_max_train_steps"),
-    _o("max_train_epochs", "int", None, "Epochs to train (overrides --max_train_steps).", G_STEPS),
+       metadata_key="ss_max_train_steps", check="[1,)"),
+    _o("max_train_epochs", "int", None, "Epochs to train (overrides --max_train_steps).", G_STEPS, check="[1,)"),
     _o("seed", "int", None, "Random seed (a random one is drawn and recorded when unset).", G_STEPS,
-       metadata_key="ss_seed"),
+       metadata_key="ss_seed", check="[0,)"),
     _o("initial_epoch", "int", None, "Start counting epochs from this number (use --resume to continue a run).",
        G_STEPS, effect=False),
     _o("initial_step", "int", None, "Start counting steps from this number (use --resume to continue a run).",
@@ -260,37 +280,39 @@ OPTIONS: list[Option] = [
        metadata_key="ss_loss_type"),
     _o("huber_schedule", "str", "snr", "How huber_c changes with the timestep: constant, exponential or snr.", G_LOSS,
        choices=("constant", "exponential", "snr"), metadata_key="ss_huber_schedule"),
-    _o("huber_c", "float", 0.1, "Huber threshold c.", G_LOSS, metadata_key="ss_huber_c"),
-    _o("huber_scale", "float", 1.0, "Scale of the Huber threshold.", G_LOSS, metadata_key="ss_huber_scale"),
+    _o("huber_c", "float", 0.1, "Huber threshold c.", G_LOSS, metadata_key="ss_huber_c", check="(0,)"),
+    _o("huber_scale", "float", 1.0, "Scale of the Huber threshold.", G_LOSS, metadata_key="ss_huber_scale",
+       check="(0,)"),
     _o("min_snr_gamma", "float", None, "Min-SNR weighting: weight min(SNR, gamma)/SNR (5 is the paper's value).",
-       G_LOSS, metadata_key="ss_min_snr_gamma"),
+       G_LOSS, metadata_key="ss_min_snr_gamma", check="(0,)"),
     _o("debiased_estimation_loss", "bool", False, "Weight the loss by 1/sqrt(SNR).", G_LOSS,
        metadata_key="ss_debiased_estimation"),
     _o("scale_v_pred_loss_like_noise_pred", "bool", False, "Scale a v-prediction loss like a noise-prediction loss.",
        G_LOSS),
-    _o("v_pred_like_loss", "float", None, "Add a v-prediction-like loss times this.", G_LOSS),
+    _o("v_pred_like_loss", "float", None, "Add a v-prediction-like loss times this.", G_LOSS, check="[0,)"),
     _o("masked_loss", "bool", False, "Multiply the loss by a mask (alpha channel or conditioning_data_dir).", G_LOSS),
-    _o("prior_loss_weight", "float", 1.0, "Loss weight of regularization images.", G_LOSS, scope="general",
-       metadata_key="ss_prior_loss_weight"),
+    _o("prior_loss_weight", "float", 1.0, "Loss weight of regularization images.", G_LOSS, scope="dataset",
+       metadata_key="ss_prior_loss_weight", check="[0,)"),
     # --- noise ---------------------------------------------------------------------------------------------------
     _o("noise_offset", "float", None, "Add per-channel constant noise of this strength (about 0.1).", G_NOISE,
-       metadata_key="ss_noise_offset"),
+       metadata_key="ss_noise_offset", check="[0,)"),
     _o("noise_offset_random_strength", "bool", False, "Draw the offset strength uniformly in [0, noise_offset].",
        G_NOISE, metadata_key="ss_noise_offset_random_strength"),
     _o("adaptive_noise_scale", "float", None, "Add |latent mean| * this to noise_offset.", G_NOISE,
        metadata_key="ss_adaptive_noise_scale"),
     _o("multires_noise_iterations", "int", None, "Pyramid (multi-resolution) noise levels (6-10).", G_NOISE,
-       metadata_key="ss_multires_noise_iterations"),
+       metadata_key="ss_multires_noise_iterations", check="[1,)"),
     _o("multires_noise_discount", "float", 0.3, "Weight decay per pyramid level.", G_NOISE,
-       metadata_key="ss_multires_noise_discount"),
+       metadata_key="ss_multires_noise_discount", check="[0,1]"),
     _o("ip_noise_gamma", "float", None, "Input-perturbation noise strength (about 0.1).", G_NOISE,
-       metadata_key="ss_ip_noise_gamma"),
+       metadata_key="ss_ip_noise_gamma", check="[0,)"),
     _o("ip_noise_gamma_random_strength", "bool", False, "Draw the perturbation strength in [0, ip_noise_gamma].",
        G_NOISE, metadata_key="ss_ip_noise_gamma_random_strength"),
     _o("zero_terminal_snr", "bool", False, "Rescale betas so the last timestep has zero SNR.", G_NOISE,
        metadata_key="ss_zero_terminal_snr"),
-    _o("min_timestep", "int", None, "Smallest timestep sampled (0-999, default 0).", G_NOISE),
-    _o("max_timestep", "int", None, "Largest timestep sampled, exclusive (1-1000, default 1000).", G_NOISE),
+    _o("min_timestep", "int", None, "Smallest timestep sampled (0-999, default 0).", G_NOISE, check="[0,999]"),
+    _o("max_timestep", "int", None, "Largest timestep sampled, exclusive (1-1000, default 1000).", G_NOISE,
+       check="[1,1000]"),
     # --- precision and memory ------------------------------------------------------------------------------------
     _o("mixed_precision", "str", "no", "no, fp16 (with loss scaling) or bf16.", G_PREC, choices=("no", "fp16", "bf16"),
        metadata_key="ss_mixed_precision"),
@@ -320,13 +342,13 @@ OPTIONS: list[Option] = [
        choices=("safetensors", "ckpt", "pt")),
     _o("save_precision", "str", None, "Dtype of the saved LoRA: float, fp16 or bf16 (default: as trained).", G_OUT,
        choices=(None, "float", "fp16", "bf16")),
-    _o("save_every_n_epochs", "int", None, "Save a LoRA every N epochs ({name}-{epoch:06d}).", G_OUT),
-    _o("save_every_n_steps", "int", None, "Save a LoRA every N steps ({name}-step{step:08d}).", G_OUT),
-    _o("save_n_epoch_ratio", "int", None, "Save at least N LoRAs over the run.", G_OUT),
-    _o("save_last_n_epochs", "int", None, "Keep only the last N epoch saves.", G_OUT),
-    _o("save_last_n_epochs_state", "int", None, "Keep only the last N epoch states.", G_OUT),
-    _o("save_last_n_steps", "int", None, "Remove step saves older than N steps.", G_OUT),
-    _o("save_last_n_steps_state", "int", None, "Remove step states older than N steps.", G_OUT),
+    _o("save_every_n_epochs", "int", None, "Save a LoRA every N epochs ({name}-{epoch:06d}).", G_OUT, check="[1,)"),
+    _o("save_every_n_steps", "int", None, "Save a LoRA every N steps ({name}-step{step:08d}).", G_OUT, check="[1,)"),
+    _o("save_n_epoch_ratio", "int", None, "Save at least N LoRAs over the run.", G_OUT, check="[1,)"),
+    _o("save_last_n_epochs", "int", None, "Keep only the last N epoch saves.", G_OUT, check="[1,)"),
+    _o("save_last_n_epochs_state", "int", None, "Keep only the last N epoch states.", G_OUT, check="[1,)"),
+    _o("save_last_n_steps", "int", None, "Remove step saves older than N steps.", G_OUT, check="[1,)"),
+    _o("save_last_n_steps_state", "int", None, "Remove step states older than N steps.", G_OUT, check="[1,)"),
     _o("save_state", "bool", False, "Save the full training state with each LoRA save (for --resume).", G_OUT),
     _o("save_state_on_train_end", "bool", False, "Save the training state when the run ends.", G_OUT),
     _o("resume", "path", None, "Resume exactly from a saved state folder.", G_OUT),
@@ -360,8 +382,9 @@ OPTIONS: list[Option] = [
     # --- sampling ------------------------------------------------------------------------------------------------
     _o("sample_prompts", "path", None, "Prompt file for preview images (one per line; --n --w --h --d --l --s --ss).",
        G_SAMPLE),
-    _o("sample_every_n_steps", "int", None, "Preview images every N steps.", G_SAMPLE),
-    _o("sample_every_n_epochs", "int", None, "Preview images every N epochs (overrides steps).", G_SAMPLE),
+    _o("sample_every_n_steps", "int", None, "Preview images every N steps.", G_SAMPLE, check="[1,)"),
+    _o("sample_every_n_epochs", "int", None, "Preview images every N epochs (overrides steps).", G_SAMPLE,
+       check="[1,)"),
     _o("sample_at_first", "bool", False, "Preview images before training.", G_SAMPLE),
     _o("sample_sampler", "str", "ddim", "Sampler of the previews.", G_SAMPLE,
        choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
@@ -370,7 +393,7 @@ OPTIONS: list[Option] = [
     _o("config_file", "path", None, "TOML file of these options (sd-scripts format; sections are flattened).", G_MISC),
     _o("output_config", "bool", False, "Write the resolved options to --config_file and exit.", G_MISC),
     _o("num_cpu_threads_per_process", "int", None, "accelerate launch's thread count.", G_MISC, effect=False),
-    _o("ddp_timeout", "int", None, "Multi-process timeout in minutes.", G_MISC),
+    _o("ddp_timeout", "int", None, "Multi-process timeout in minutes.", G_MISC, check="[1,)"),
     _o("ddp_gradient_as_bucket_view", "bool", False, "DDP gradient_as_bucket_view (gradients are all-reduced "
        "directly here).", G_MISC, effect=False),
     _o("ddp_static_graph", "bool", False, "DDP static_graph.", G_MISC, effect=False),
@@ -452,6 +475,8 @@ def parse_resolution(value: Any) -> tuple[int, int] | None:
         return None
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a resolution")
+    if isinstance(value, float) and value.is_integer():  # TOML 512.0
+        value = int(value)
     if isinstance(value, int):
         return (value, value)
     if isinstance(value, (list, tuple)):
@@ -477,11 +502,57 @@ def parse_float_pair(value: Any) -> tuple[float, float] | None:
     return (float(parts[0]), float(parts[1]))
 
 
+def _interval(spec: str) -> tuple[float | None, bool, float | None, bool]:
+    """"[1,)" -> (1, True, None, False): low, low included, high, high included."""
+    lo, hi = spec[1:-1].split(",")
+    return (float(lo) if lo else None, spec[0] == "[", float(hi) if hi else None, spec[-1] == "]")
+
+
+def range_problem(o: Option, value: Any) -> str | None:
+    """Why `value` is outside the option's allowed range (Option.check), or None; lists check each item."""
+    if o.check is None or value is None:
+        return None
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        lo, lo_in, hi, hi_in = _interval(o.check)
+        if not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) or \
+                (hi is not None and (v > hi or (v == hi and not hi_in))):
+            def num(x):
+                return f"{x:g}"
+
+            if hi is None:
+                want = f"at least {num(lo)}" if lo_in else f"above {num(lo)}"
+            elif lo is None:
+                want = f"at most {num(hi)}" if hi_in else f"below {num(hi)}"
+            else:
+                want = (f"between {num(lo)} and {num(hi)}" + ("" if lo_in and hi_in else
+                        f" ({' and '.join(x for x, inc in ((num(lo), lo_in), (num(hi), hi_in)) if not inc)} "
+                        "excluded)"))
+            return f"{v:g} is out of range: {'--' if o.cli else ''}{o.name} must be {want}. {o.help}"
+    return None
+
+
+def check_ranges(ns: argparse.Namespace | dict) -> None:
+    """UserError for the first option value outside its range (values set in code bypass the parsers' checks)."""
+    for o in OPTIONS:
+        problem = range_problem(o, ns.get(o.name) if isinstance(ns, dict) else getattr(ns, o.name, None))
+        if problem:
+            raise UserError(problem)
+
+
 def _cli_converter(o: Option):
     def bad(text, exc):
         raise argparse.ArgumentTypeError(f"--{o.name}: {text!r} is not a valid {o.type} ({exc})")
 
     def conv(text: str):
+        value = _convert_text(text)
+        problem = range_problem(o, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    def _convert_text(text: str):
         try:
             if o.type in ("str", "path"):
                 return text
@@ -534,6 +605,10 @@ def coerce_value(o: Option, value: Any, source: str) -> Any:
             if isinstance(v, bool):
                 return v
             fail("true or false")
+        if t == "dict":
+            if isinstance(v, dict):
+                return v
+            fail("a table")
         if t == "int":
             if isinstance(v, int) and not isinstance(v, bool):
                 return v
@@ -562,9 +637,15 @@ def coerce_value(o: Option, value: Any, source: str) -> Any:
             raise UserError(f"{where}: {exc}. Help: {o.help}") from None
         raise AssertionError(t)
 
+    def ranged(v):
+        problem = range_problem(o, v)
+        if problem:
+            raise UserError(f"{where}: {problem}")
+        return v
+
     if o.is_list:
         items = value if isinstance(value, list) else [value]
-        return [one(v) for v in items]
+        return ranged([one(v) for v in items])
     if isinstance(value, list) and o.type not in ("resolution", "float_pair"):
         fail(f"one {o.type}, not a list")
     if o.choices is not None:
@@ -572,7 +653,7 @@ def coerce_value(o: Option, value: Any, source: str) -> Any:
         if v not in o.choices:
             raise UserError(f"{where} is {value!r}; choose one of {', '.join(str(c) for c in o.choices if c)}.")
         return v
-    return one(value)
+    return ranged(one(value))
 
 
 # ---- argparse -------------------------------------------------------------------------------------------------------
@@ -800,6 +881,46 @@ def write_config_file(ns: argparse.Namespace, path: str | os.PathLike, *, overwr
     return p
 
 
+# ---- the options of a run ------------------------------------------------------------------------------------------
+
+
+_ANNOTATIONS = {"str": "str | None", "path": "str | None", "int": "int | None", "float": "float | None",
+                "bool": "bool", "int_or_ratio": "int | float", "resolution": "str | tuple[int, int] | None",
+                "float_pair": "str | tuple[float, float] | None", "number": "int | float", "dict": "dict | None"}
+
+
+def annotation(o: Option) -> str:
+    """The Python type of an option's values, as a string (for classes generated from the schema)."""
+    return "list | None" if o.is_list else _ANNOTATIONS[o.type]
+
+
+def _options_class():
+    fields = [(o.name, annotation(o), dataclasses.field(default=None)) for o in OPTIONS if o.cli]
+    fields += [("_given", "frozenset[str]", dataclasses.field(default=frozenset())),
+               ("_sources", "dict[str, str]", dataclasses.field(default_factory=dict))]
+    return dataclasses.make_dataclass("Options", fields, frozen=True, eq=False, namespace={
+        "__module__": __name__,
+        "__doc__": "Every command-line option of the schema, resolved and frozen: the values one run reads."})
+
+
+Options = _options_class()
+
+
+def normalize(ns: Any) -> Any:
+    """The frozen `Options` of a run, from a resolved Namespace (or anything with the option attributes; missing ones
+    take their defaults). Flags implied by others are set here, once: *_to_disk caches imply the cache. Values the
+    run derives later (a drawn seed, the family's resolution, a rank read from weights) live in the run's own
+    values, never in the options."""
+    if isinstance(ns, Options):
+        return ns
+    fallback = defaults()
+    values = {o.name: getattr(ns, o.name, fallback[o.name]) for o in OPTIONS if o.cli}
+    values["cache_latents"] = values["cache_latents"] or values["cache_latents_to_disk"]
+    values["cache_text_encoder_outputs"] = (values["cache_text_encoder_outputs"]
+                                            or values["cache_text_encoder_outputs_to_disk"])
+    return Options(**values, _given=frozenset(getattr(ns, "_given", ())), _sources=dict(getattr(ns, "_sources", {})))
+
+
 # ---- metadata -------------------------------------------------------------------------------------------------------
 
 
@@ -876,6 +997,7 @@ def option_table_markdown() -> str:
 __all__ = [
     "Option", "OPTIONS", "OPTIONS_BY_NAME", "NO_EFFECT", "get_option", "options_in_group", "groups",
     "dataset_config_keys", "parse_int_or_ratio", "parse_resolution", "parse_float_pair", "coerce_value",
+    "range_problem", "check_ranges", "Options", "normalize",
     "add_options", "build_parser", "suggest", "strip_launcher", "load_config_file", "defaults", "resolve",
     "resolve_given", "SuggestingParser", "given_from_namespace",
     "given_values", "write_config_file", "ss_metadata", "network_args_dict", "effective_max_train_steps",

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters.recompute import RebuiltDelta
+
 
 def layer_kind(module: nn.Module) -> str:
     """"linear", "conv1x1" or "conv" (any other kernel)."""
@@ -32,6 +34,7 @@ def layer_kind(module: nn.Module) -> str:
 class AdapterModule(nn.Module):
     algo = "base"
     additive = True  # the change is W + m * delta (False for DoRA-style, OFT, IA3)
+    rank_dropout_on_weight = False  # rank dropout masks rows of the delta weight (LoHa, LoKr), not activations
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0):
         super().__init__()
@@ -50,6 +53,7 @@ class AdapterModule(nn.Module):
         self.module_dropout = None
         self.wd = False  # weight decomposition (DoRA)
         self.wd_on_out = False
+        self.wd_detach_norm = False
 
     # ---- identity -------------------------------------------------------------------------------------------------
     @property
@@ -78,38 +82,143 @@ class AdapterModule(nn.Module):
     def delta_bias(self) -> torch.Tensor | None:
         return None
 
-    def new_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
-        """The merged base weight (float32) at `multiplier`."""
+    def rank_keep(self) -> torch.Tensor | None:
+        """The rank-dropout mask of this training forward (kept output rows), or None. Drawn once per forward so the
+        low-memory backward can rebuild exactly the same delta."""
+        if not (self.training and self.rank_dropout and self.rank_dropout_on_weight):
+            return None
+        device = next(self.parameters()).device
+        return (torch.rand(self.shape[0], device=device) > self.rank_dropout).float()
+
+    def masked_delta(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        d = self.delta_weight()
+        return d if keep is None else d * keep.to(d.dtype).view(-1, *([1] * (d.dim() - 1)))
+
+    def new_weight(self, weight: torch.Tensor, multiplier: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged base weight (float32) at `multiplier` (`keep`: a rank-dropout mask, training only)."""
         w = weight.float()
-        d = self.delta_weight().to(w.device).reshape(w.shape)
+        d = self.masked_delta(keep).to(w.device).reshape(w.shape)
         if not self.wd:
             return w + multiplier * d
         # DoRA (A1111/ComfyUI convention): W' = dora_scale * (W + dW) / ||W + dW||, then W + m * (W' - W)
         merged = w + d
-        decomposed = merged * (self.dora_scale.float().to(w.device) / self._wd_norm(merged))
+        norm = self._wd_norm(merged)
+        if self.wd_detach_norm:  # the DoRA paper's section 4.3: the norm is a constant for the gradient
+            norm = norm.detach()
+        decomposed = merged * (self.dora_scale.float().to(w.device) / norm)
         return w + multiplier * (decomposed - w)
 
-    def weight_change(self, multiplier: float) -> torch.Tensor:
+    def weight_change(self, multiplier: float, keep: torch.Tensor | None = None) -> torch.Tensor:
         w = self.org_module.weight
         if self.additive and not self.wd:
-            return multiplier * self.delta_weight().reshape(w.shape)
-        return self.new_weight(w, multiplier) - w.float()
+            return multiplier * self.masked_delta(keep).reshape(w.shape)
+        return self.new_weight(w, multiplier, keep) - w.float()
+
+    def bias_change(self, multiplier: float) -> torch.Tensor | None:
+        db = self.delta_bias()
+        return None if db is None else db * multiplier
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_conv:
             return F.conv2d(x, weight, bias, **self._conv_kw)
         return F.linear(x, weight, bias)
 
+    # ---- training and unmerged inference: the weight change rebuilt from the factors, never kept ----------------
+    full_size_change = True  # the forward builds a full-size weight change (False: LoRA's low-rank activations path)
+
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Generic path: output of the layer with the weight change; subclasses with a cheaper path override it."""
+        """The layer's output change, base(x) + this = the adapted layer. Training goes through `RebuiltDelta`
+        (keeps x and the factors, never the full-size change); subclasses with a low-rank path override this."""
+        return self._rebuilt(x, fused=False)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole adapted layer as one op with W + change, or None when the bypass form must be used. Fusing
+        saves two full-size ops per layer (LoHa/LoKr/DoRA on 3x3 convs cost as much as the convs themselves), but
+        W + change rounds the change away in a half-precision weight, so it is used in float32 only."""
+        if not self.full_size_change or x.dtype != torch.float32 or self.org_module.weight.dtype != torch.float32:
+            return None
+        return self._rebuilt(x, fused=True)
+
+    def _rebuilt(self, x: torch.Tensor, fused: bool) -> torch.Tensor | None:
         m = self.effective_multiplier
         if self.module_dropout and self.training and torch.rand(()) < self.module_dropout:
-            return None
-        dw = self.weight_change(m)
-        db = self.delta_bias()
-        if db is not None:
-            db = (db * m).to(x.dtype)
-        return self._op(x, dw.to(x.dtype), db)
+            return self.org_module._lorakit_host.orig_forward(x) if fused else None
+        keep = self.rank_keep()
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return RebuiltDelta.apply(x, self, m, keep, fused, *params)
+        with torch.no_grad():
+            w, b = self.layer_weights(m, keep, fused)
+        return self._op(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    def layer_weights(self, multiplier: float, keep: torch.Tensor | None, fused: bool, dora=None):
+        """(weight, bias) of the op `RebuiltDelta` runs: the change (bypass) or W + change (fused), built in place
+        (call under no_grad): at most two full-size tensors alive. `dora`: a `dora_state` to build from (kept)."""
+        b = self.bias_change(multiplier)
+        org = self.org_module
+        if fused and org.bias is not None:
+            b = org.bias.float() if b is None else b + org.bias
+        if self.wd:
+            v, n = dora if dora is not None else self.dora_state(keep)
+            c = self.dora_scale.float() / n
+            # change = m (V c - W); fused: W + change = m V c + (1 - m) W
+            w = torch.mul(v, c * multiplier) if dora is not None else v.mul_(c * multiplier)
+            off = (1.0 - multiplier) if fused else -multiplier
+            return (w.add_(org.weight, alpha=off) if off else w), b
+        w = self.lean_change(multiplier, keep)
+        return (w.add_(org.weight) if fused else w), b
+
+    def lean_change(self, multiplier: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """weight_change() with in-place ops (no autograd): a fresh float32 tensor of the weight's shape."""
+        if not self.additive or self.wd:  # IA3, OFT (load only), DoRA (layer_weights): the plain formula
+            return self.weight_change(multiplier, keep)
+        d = self._fresh_delta(keep)
+        return d.mul_(multiplier)
+
+    def _fresh_delta(self, keep: torch.Tensor | None) -> torch.Tensor:
+        d = self.delta_weight()
+        if any(d is p for p in self.parameters()):
+            d = d.clone()
+        d = d.reshape(self.shape)
+        return d if keep is None else d.mul_(keep.view(-1, *([1] * (d.dim() - 1))))
+
+    def dora_state(self, keep: torch.Tensor | None):
+        """(V, n): V = W + dW (fresh float32) and n = ||V|| + eps along the DoRA axis."""
+        v = self._fresh_delta(keep).add_(self.org_module.weight)
+        return v, self._wd_norm(v)
+
+    def change_backward(self, g: torch.Tensor, multiplier: float, keep: torch.Tensor | None, dora=None):
+        """Given g = dLoss/d(weight change) (float32, consumed), the (parameter, gradient) pairs, keeping at most two
+        more full-size tensors alive. The chain rule of `weight_change` written out: DoRA's normalisation here, each
+        algorithm's delta in its own `delta_backward`."""
+        g = g.reshape(self.shape).mul_(multiplier)
+        extra = []
+        if self.wd:
+            g, gs = self._dora_backward(g, *(dora if dora is not None else self.dora_state(keep)))
+            extra.append((self.dora_scale, gs))
+        if keep is not None:
+            g.mul_(keep.view(-1, *([1] * (g.dim() - 1))))
+        return self.delta_backward(g) + extra
+
+    def _dora_backward(self, g: torch.Tensor, v: torch.Tensor, n: torch.Tensor):
+        """change = m (V c - W) with V = W + dW, c = s / n, n = ||V|| + eps along the DoRA axis; g is already m x the
+        change's gradient. Returns (dLoss/dV, dLoss/ds)."""
+        s = self.dora_scale.float()
+        gc = _sum_products(g, v, self.wd_on_out)  # dLoss/dc, the shape of s
+        gv = g.mul_(s / n)
+        if not self.wd_detach_norm:  # dn/dV = V / ||V||
+            gv.addcmul_(v, -gc * s / (n * n * (n - torch.finfo(torch.float32).eps)))
+        return gv, gc / n
+
+    def delta_backward(self, g: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, gradient) pairs from g = dLoss/d(delta_weight()). This generic form rebuilds the delta with
+        autograd (its intermediates live only inside this call); algorithms override it with the explicit maths."""
+        params = [p for p in self.parameters() if p.requires_grad and p is not getattr(self, "dora_scale", None)
+                  and p is not getattr(self, "diff_b", None)]
+        with torch.enable_grad():
+            d = self.delta_weight()
+        grads = torch.autograd.grad(d, params, g.reshape(d.shape), allow_unused=True)
+        return [(p, gr) for p, gr in zip(params, grads) if gr is not None]
 
     # ---- DoRA -----------------------------------------------------------------------------------------------------
     def _init_dora(self, wd_on_out: bool, dora_scale: torch.Tensor | None = None) -> None:
@@ -130,11 +239,10 @@ class AdapterModule(nn.Module):
 
     def _wd_norm(self, w: torch.Tensor, on_out: bool | None = None) -> torch.Tensor:
         on_out = self.wd_on_out if on_out is None else on_out
-        if on_out:
-            n = w.reshape(w.shape[0], -1).norm(dim=1)
-        else:
-            n = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
-        return n.reshape(self._wd_shape(on_out)) + torch.finfo(torch.float32).eps
+        keep_dim = 0 if on_out else 1
+        # reduce over the other axes in place: a transpose + reshape would copy the whole weight
+        n = torch.linalg.vector_norm(w, dim=[d for d in range(w.dim()) if d != keep_dim], keepdim=True)
+        return n + torch.finfo(torch.float32).eps
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def plus_parameters(self) -> list[nn.Parameter]:
@@ -147,6 +255,20 @@ def alpha_or_rank(alpha, rank: int) -> float:
     if isinstance(alpha, torch.Tensor):
         alpha = float(alpha.detach().float())
     return float(rank) if alpha is None or alpha == 0 else float(alpha)
+
+
+def _sum_products(g: torch.Tensor, v: torch.Tensor, on_out: bool, chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """sum(g * v) over every axis but the DoRA one (rows when on_out, else input columns), shaped like dora_scale,
+    in row chunks so the product never exists at full size."""
+    rows = g.shape[0]
+    step = max(1, chunk_elems // max(1, g[0].numel()))
+    parts = []
+    for i in range(0, rows, step):
+        prod = g[i:i + step] * v[i:i + step]
+        parts.append(prod.flatten(1).sum(1) if on_out else prod.sum(dim=[d for d in range(prod.dim()) if d != 1]))
+    if on_out:
+        return torch.cat(parts).reshape(rows, *([1] * (g.dim() - 1)))
+    return torch.stack(parts).sum(0).reshape(1, g.shape[1], *([1] * (g.dim() - 2)))
 
 
 def kaiming_(t: torch.Tensor) -> None:
@@ -168,6 +290,10 @@ class _Host:
         self.adapters: list[AdapterModule] = []
 
     def __call__(self, x, *args, **kwargs):
+        if len(self.adapters) == 1 and not args and not kwargs and self.adapters[0].enabled:
+            y = self.adapters[0].forward_fused(x)  # one op with W + change where that is exact enough
+            if y is not None:
+                return y
         y = self.orig_forward(x, *args, **kwargs)
         for a in self.adapters:
             if a.enabled:

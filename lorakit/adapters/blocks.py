@@ -90,9 +90,12 @@ SD_SCHEME = BlockScheme(count=25, side=12, mid=1, sai_names=False)
 SDXL_SCHEME = BlockScheme(count=23, side=9, mid=3, sai_names=True)
 
 
+SCHEMES = {"diffusers-25": SD_SCHEME, "sai-23": SDXL_SCHEME}  # by Family.block_scheme
+
+
 def scheme_for(family) -> BlockScheme:
-    """The scheme of a Family (its kohya UNet naming style decides)."""
-    return SDXL_SCHEME if getattr(family, "lora_unet_style", "diffusers") == "sai" else SD_SCHEME
+    """The scheme of a Family (its `block_scheme`; the SD1/2 layout for stand-ins without one)."""
+    return SCHEMES[getattr(family, "block_scheme", "diffusers-25")]
 
 
 # ---- LBW names (generation side, also shown by `lora info`) -------------------------------------------------------

@@ -23,15 +23,14 @@ from typing import Mapping
 import torch
 
 from lorakit.errors import UserError
+from lorakit.models.detect import lora_metadata_families
+from lorakit.models.dtypes import DTYPES
+from lorakit.models.families import FAMILIES, families_of_width
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 SDXL_UNET_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
                       "lora_unet_time_embed_", "lora_unet_label_emb_", "lora_unet_out_")
-PRECISIONS = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
-              "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-SD2_GROUP = {"sd2", "sd2-v"}
-ALL_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
-FAMILY_TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v-prediction)", "sdxl": "SDXL"}
+PRECISIONS = DTYPES
 
 
 @dataclass
@@ -43,8 +42,9 @@ class LoraFile:
 
 
 # ---- reading ------------------------------------------------------------------------------------------------------
-def read_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Load tensors and metadata; a missing, unreadable or corrupt file raises UserError naming it."""
+def read_lora_file(path: str | os.PathLike, finite: bool = True) -> LoraFile:
+    """Load tensors and metadata; a missing, unreadable or corrupt file raises UserError naming it, and so does one
+    holding NaN/inf (unless finite=False: `lora info` reports those modules instead)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"LoRA file {p} does not exist.")
@@ -76,6 +76,10 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         raise UserError(f"LoRA file {p}: unknown extension {p.suffix!r}; use .safetensors (or .pt/.ckpt).")
     if not tensors:
         raise UserError(f"LoRA file {p} holds no tensors.")
+    if finite:
+        from lorakit.utils.finite import check_lora_finite
+
+        check_lora_finite(tensors, p)
     return LoraFile(p, tensors, metadata, size)
 
 
@@ -202,35 +206,19 @@ def _in_width(w: Mapping[str, torch.Tensor], module: str) -> int | None:
     return None
 
 
-def _metadata_family(md: Mapping[str, str]) -> tuple[set[str] | None, str]:
-    v = str(md.get("ss_base_model_version", ""))
-    arch = str(md.get("modelspec.architecture", ""))
-    if v.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        return {"sdxl"}, "metadata says SDXL"
-    if v == "sd_v2_v" or arch.startswith("stable-diffusion-v2-768-v"):
-        return {"sd2-v"}, "metadata says SD 2.x v-prediction"
-    if v.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or str(md.get("ss_v2", "")) == "True":
-        if str(md.get("ss_v_parameterization", "")) == "True":
-            return {"sd2-v"}, "metadata says SD 2.x v-prediction"
-        return {"sd2", "sd2-v"}, "metadata says SD 2.x"
-    if v == "sd_v1" or arch.startswith("stable-diffusion-v1") or str(md.get("ss_v2", "")) == "False":
-        return {"sd1"}, "metadata says SD 1.x"
-    return None, ""
-
-
 def detect_family(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[set[str], str]:
     """Families a kohya-keyed state dict can belong to, and why. Keys decide SDXL vs SD1/SD2 (lora_te1_/lora_te2_,
     SAI UNet names); layer widths (cross-attention 768/1024/2048, text encoder 768/1024) decide SD1 vs SD2;
     metadata refines what keys leave open (SD2 epsilon vs v)."""
     metadata = metadata or {}
     keys = list(sd)
-    cands = set(ALL_FAMILIES)
+    cands = set(FAMILIES)
     reasons = []
     if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any(k.startswith(SDXL_UNET_PREFIXES) for k in keys):
-        cands = {"sdxl"}
+        cands = {n for n, f in FAMILIES.items() if len(f.text_encoders) > 1 or not f.lora_unet_diffusers_names}
         reasons.append("keys use lora_te1_/lora_te2_ or SAI UNet names (SDXL)")
     elif any(k.startswith("lora_te_") for k in keys):
-        cands = {"sd1", "sd2", "sd2-v"}
+        cands = {n for n, f in FAMILIES.items() if f.lora_te_prefixes == ("lora_te",)}
         reasons.append("keys use a single text encoder lora_te_ (SD 1.x/2.x)")
     modules = {k.split(".")[0] for k in keys}
     widths = {"cross": None, "te": None}
@@ -239,12 +227,12 @@ def detect_family(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | 
             widths["cross"] = _in_width(sd, m)
         if widths["te"] is None and m.startswith("lora_te_") and m.endswith("self_attn_q_proj"):
             widths["te"] = _in_width(sd, m)
-    by_width = {768: {"sd1"}, 1024: {"sd2", "sd2-v"}, 2048: {"sdxl"}}
     for label, w in widths.items():
-        if w in by_width and (cands & by_width[w]):
-            cands &= by_width[w]
+        of_width = {f.name for f in families_of_width(w)} if w is not None else set()
+        if cands & of_width:
+            cands &= of_width
             reasons.append(f"{'cross-attention' if label == 'cross' else 'text-encoder'} width {w}")
-    md_fams, md_reason = _metadata_family(metadata)
+    md_fams, md_reason = lora_metadata_families(metadata)
     if md_fams and (cands & md_fams):
         if cands - md_fams:
             reasons.append(md_reason)
@@ -255,30 +243,31 @@ def detect_family(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | 
 
 
 def best_family(cands: set[str]) -> str | None:
-    for f in ALL_FAMILIES:
-        if f in cands:
-            return f
-    return None
+    return next((f for f in FAMILIES if f in cands), None)
 
 
-def _compatible(cands: set[str], family_name: str) -> bool:
-    return family_name in cands or (family_name in SD2_GROUP and bool(cands & SD2_GROUP))
+def _compatible(cands: set[str], family) -> bool:
+    return any(FAMILIES[c].shares_weights_with(family) for c in cands)
+
+
+def _titles(cands: set[str]) -> str:
+    return " or ".join(f.short_title for n, f in FAMILIES.items() if n in cands)
 
 
 def check_family(lf: LoraFile, family) -> None:
     """UserError when the file is for another model family than `family`."""
     sd = to_kohya(lf.tensors, lf.metadata, None, source=str(lf.path))
     cands, why = detect_family(sd, lf.metadata)
-    if not _compatible(cands, family.name):
-        found = " or ".join(FAMILY_TITLES[f] for f in ALL_FAMILIES if f in cands) or "another model"
+    if not _compatible(cands, family):
+        found = _titles(cands) or "another model"
         raise UserError(f"LoRA file {lf.path} is for {found} ({why}), but the model is {family.title}. "
                         f"Use a LoRA trained for this model family, or load a matching base model.")
 
 
 def describe_family_mismatch(sd, metadata, family) -> str:
     cands, why = detect_family(sd, metadata)
-    if cands and not _compatible(cands, family.name):
-        found = " or ".join(FAMILY_TITLES[f] for f in ALL_FAMILIES if f in cands)
+    if cands and not _compatible(cands, family):
+        found = _titles(cands)
         return f"The file looks like a {found} LoRA ({why}); the model is {family.title}."
     return "Was it trained for another base model or architecture?"
 
@@ -348,8 +337,7 @@ def build_metadata(family, output_name: str, title: str | None = None, resolutio
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": family.lora_modelspec_architecture(),
         # sd-scripts: SDXL LoRAs name the SAI implementation, SD1/2 LoRAs "diffusers"
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
-                                     if family.lora_unet_style == "sai" else "diffusers"),
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": title or output_name,
         "modelspec.resolution": res,
         "modelspec.date": datetime.datetime.fromtimestamp(int(ts)).isoformat(),

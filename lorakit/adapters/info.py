@@ -9,8 +9,9 @@ from collections import Counter, OrderedDict
 import torch
 
 from lorakit.adapters.blocks import lbw_block_of
-from lorakit.adapters.file import FAMILY_TITLES, best_family, detect_family, read_lora_file, to_kohya
+from lorakit.adapters.file import best_family, detect_family, read_lora_file, to_kohya
 from lorakit.adapters.network import group_by_module
+from lorakit.models.families import FAMILIES
 
 BLOCK_ORDER = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)] + ["OTHER"]
 
@@ -79,8 +80,21 @@ def _delta_norm(w: dict, algo: str, rank: int | None, alpha: float | None) -> fl
     return None
 
 
+def _shape_problem(w: dict, algo: str) -> str | None:
+    """Why a LoRA module's factors cannot form a weight change (a damaged or hand-edited file), or None."""
+    if algo != "lora" or "lora_up.weight" not in w:
+        return None
+    up, down = w["lora_up.weight"], w["lora_down.weight"]
+    if up.dim() < 2 or down.dim() < 2:
+        return f"lora_up/lora_down are not matrices (shapes {tuple(up.shape)} and {tuple(down.shape)})"
+    if up.shape[1] != down.shape[0]:
+        return (f"up/down ranks differ: lora_up has rank {up.shape[1]}, lora_down rank {down.shape[0]} "
+                "(the file is damaged or was edited; it cannot be applied)")
+    return None
+
+
 def summarize(path, top_tags: int = 20) -> dict:
-    lf = read_lora_file(path)
+    lf = read_lora_file(path, finite=False)  # NaN/inf modules are reported below, not refused
     sd = to_kohya(lf.tensors, lf.metadata, None, source=str(lf.path))
     md = lf.metadata
     cands, why = detect_family(sd, md)
@@ -101,7 +115,13 @@ def summarize(path, top_tags: int = 20) -> dict:
             conv3 = True
         dora = dora or "dora_scale" in w
         finite = all(bool(torch.isfinite(v.float()).all()) for v in w.values() if v.is_floating_point())
-        norm = _delta_norm(w, algo, rank, alpha) if finite else None
+        broken = _shape_problem(w, algo)
+        norm = None
+        if finite and broken is None:
+            try:
+                norm = _delta_norm(w, algo, rank, alpha)
+            except (RuntimeError, KeyError, ValueError) as exc:  # shapes that do not multiply: a damaged file
+                broken = f"tensors do not fit together ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         block = lbw_block_of(name)
         b = blocks.setdefault(block, {"modules": 0, "ranks": Counter(), "alphas": Counter(), "norm_sum": 0.0,
                                       "norm_max": 0.0, "abs_up": [], "abs_down": []})
@@ -116,7 +136,9 @@ def summarize(path, top_tags: int = 20) -> dict:
         if "lora_up.weight" in w:
             b["abs_up"].append(float(w["lora_up.weight"].float().abs().mean()))
             b["abs_down"].append(float(w["lora_down.weight"].float().abs().mean()))
-        if not finite:
+        if broken is not None:
+            flagged.append({"module": name, "problem": broken})
+        elif not finite:
             flagged.append({"module": name, "problem": "NaN/Inf"})
         elif norm is not None and norm == 0.0:
             flagged.append({"module": name, "problem": "all zero (untrained?)"})
@@ -136,7 +158,7 @@ def summarize(path, top_tags: int = 20) -> dict:
         "file": str(lf.path),
         "file_size": lf.size,
         "family": fam,
-        "family_title": FAMILY_TITLES.get(fam, "unknown"),
+        "family_title": FAMILIES[fam].short_title if fam else "unknown",
         "family_candidates": sorted(cands),
         "family_reason": why,
         "algorithm": _algorithm_label(algos, conv3, dora, md),

@@ -21,6 +21,7 @@ def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor
 
 class LoHaModule(AdapterModule):
     algo = "loha"
+    rank_dropout_on_weight = True
 
     def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1.0, dropout=None,
                  rank_dropout=None, module_dropout=None, use_tucker=False, weight_decompose=False, wd_on_out=False,
@@ -90,11 +91,20 @@ class LoHaModule(AdapterModule):
         else:
             w1 = self.hada_w1_a.float() @ self.hada_w1_b.float()
             w2 = self.hada_w2_a.float() @ self.hada_w2_b.float()
-        d = (w1 * w2).reshape(self.shape) * self.scale
-        if self.training and self.rank_dropout:
-            keep = (torch.rand(d.shape[0], device=d.device) > self.rank_dropout).to(d.dtype)
-            d = d * keep.view(-1, *([1] * (d.dim() - 1)))
-        return d
+        if not torch.is_grad_enabled():  # building for a forward only: in place, two full-size tensors at most
+            return w1.mul_(w2).mul_(self.scale).reshape(self.shape)
+        return (w1 * w2).reshape(self.shape) * self.scale
+
+    def delta_backward(self, g):
+        """d(W1 * W2) = dW1 * W2 + W1 * dW2 with W = A @ B: one full-size product alive besides g."""
+        if self.tucker:
+            return super().delta_backward(g)
+        a1, b1, a2, b2 = (p.float() for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b))
+        g = g.reshape(a1.shape[0], -1)
+        t = torch.mm(a2, b2).mul_(g).mul_(self.scale)  # dLoss/dW1
+        out = [(self.hada_w1_a, t @ b1.t()), (self.hada_w1_b, a1.t() @ t)]
+        torch.mm(a1, b1, out=t).mul_(g).mul_(self.scale)  # dLoss/dW2, in the same buffer
+        return out + [(self.hada_w2_a, t @ b2.t()), (self.hada_w2_b, a2.t() @ t)]
 
     def plus_parameters(self):
         return [self.hada_w1_a, self.hada_w2_a]

@@ -36,6 +36,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 class LoKrModule(AdapterModule):
     algo = "lokr"
+    rank_dropout_on_weight = True
 
     def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1.0, dropout=None,
                  rank_dropout=None, module_dropout=None, use_tucker=False, weight_decompose=False, wd_on_out=False,
@@ -120,26 +121,52 @@ class LoKrModule(AdapterModule):
             mod._init_dora(False, w["dora_scale"])
         return mod
 
-    def delta_weight(self):
-        w1 = self.lokr_w1.float() if hasattr(self, "lokr_w1") else self.lokr_w1_a.float() @ self.lokr_w1_b.float()
+    def _w1(self) -> torch.Tensor:
+        return self.lokr_w1.float() if hasattr(self, "lokr_w1") else self.lokr_w1_a.float() @ self.lokr_w1_b.float()
+
+    def _w2(self) -> torch.Tensor:
         if hasattr(self, "lokr_w2"):
             w2 = self.lokr_w2.float()
         elif self.tucker:
             w2 = torch.einsum("ijkl,ip,jq->pqkl", self.lokr_t2.float(), self.lokr_w2_a.float(), self.lokr_w2_b.float())
         else:
             w2 = self.lokr_w2_a.float() @ self.lokr_w2_b.float()
+        if len(self.shape) == 4 and w2.dim() == 2:
+            w2 = w2.reshape(w2.shape[0], -1, *self.shape[2:])
+        return w2
+
+    def delta_weight(self):
+        w1, w2 = self._w1(), self._w2()
         if len(self.shape) == 4:
-            if w2.dim() == 2:
-                w2 = w2.reshape(w2.shape[0], -1, *self.shape[2:])
             w1 = w1.reshape(*w1.shape, 1, 1)
         d = torch.kron(w1, w2)
         if d.numel() == math.prod(self.shape):
             d = d.reshape(self.shape)
-        d = d * self.scale
-        if self.training and self.rank_dropout:
-            keep = (torch.rand(d.shape[0], device=d.device) > self.rank_dropout).to(d.dtype)
-            d = d * keep.view(-1, *([1] * (d.dim() - 1)))
-        return d
+        return d.mul_(self.scale) if not torch.is_grad_enabled() else d * self.scale
+
+    def delta_backward(self, g):
+        """kron(W1, W2)[i*b + k, j*d + l, ...] = W1[i, j] W2[k, l, ...]: both gradients are contractions of g."""
+        if self.tucker:
+            return super().delta_backward(g)
+        w1, w2 = self._w1(), self._w2()
+        (a, c), (b, d) = w1.shape, w2.shape[:2]
+        g = g.reshape(a, b, c, d, -1)
+        w2f = w2.reshape(b, d, -1)
+        # the W1 gradient sums b*d*k values per entry: torch.sum's cascade keeps fp32 accurate to ~1e-7 where a
+        # matmul's running sum drifts to ~5e-6; one row of W1 at a time keeps the product at 1/a of the weight
+        g1 = torch.stack([(g[i] * w2f[:, None]).sum(dim=(0, 2, 3)) for i in range(a)]).mul_(self.scale)
+        g2 = torch.einsum("ikjlp,ij->klp", g, w1).mul_(self.scale).reshape(w2.shape)
+        out = []
+        if hasattr(self, "lokr_w1"):
+            out.append((self.lokr_w1, g1))
+        else:
+            out += [(self.lokr_w1_a, g1 @ self.lokr_w1_b.float().t()), (self.lokr_w1_b, self.lokr_w1_a.float().t() @ g1)]
+        if hasattr(self, "lokr_w2"):
+            out.append((self.lokr_w2, g2))
+        else:
+            g2 = g2.reshape(b, -1)
+            out += [(self.lokr_w2_a, g2 @ self.lokr_w2_b.float().t()), (self.lokr_w2_b, self.lokr_w2_a.float().t() @ g2)]
+        return out
 
     def plus_parameters(self):
         return [getattr(self, n) for n in ("lokr_w2", "lokr_w2_b") if hasattr(self, n)]

@@ -90,8 +90,30 @@ class LoRAModule(AdapterModule):
             d = up @ self.lora_down.weight.float().flatten(1)
         return d.reshape(self.shape) * self.scale
 
+    @property
+    def full_size_change(self) -> bool:
+        return self.wd  # DoRA needs the whole weight; plain LoRA runs on the rank-r activations
+
+    def delta_backward(self, g: torch.Tensor):
+        if self.tucker:
+            return super().delta_backward(g)
+        up, down = self.lora_up.weight, self.lora_down.weight
+        g2 = g.reshape(self.shape[0], -1)
+        return [(up, (g2 @ down.float().flatten(1).t()).mul_(self.scale)),
+                (down, (up.float().flatten(1).t() @ g2).mul_(self.scale))]
+
     def plus_parameters(self):
         return [self.lora_up.weight]
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.wd:
+            return super().forward_fused(x)
+        org = self.org_module
+        if self.is_conv or self.tucker or type(org) is not nn.Linear or (self.training and (
+                self.dropout or self.rank_dropout or self.module_dropout)):
+            return None
+        return LoRALinear.apply(x, org.weight, org.bias, self.lora_down.weight, self.lora_up.weight,
+                                self.scale * self.multiplier * self.module_weight)
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.wd:
@@ -99,10 +121,14 @@ class LoRAModule(AdapterModule):
         training = self.training
         if training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return None
-        dtype = self.lora_down.weight.dtype
-        lx = self.lora_down(x if x.dtype == dtype else x.to(dtype))
+        # compute in the activations' dtype: casting the small factors costs nothing, casting x (an activation)
+        # to fp32 would copy it, and under autocast it would be cast back again
+        dt = _compute_dtype(x)
+        down = self.lora_down.weight
+        lx = self._low_rank_op(x, down if down.dtype == dt else down.to(dt), self.lora_down)
         if self.tucker:
-            lx = self.lora_mid(lx)
+            mid = self.lora_mid.weight
+            lx = self._low_rank_op(lx, mid if mid.dtype == dt else mid.to(dt), self.lora_mid)
         scale = self.scale
         if training:
             if self.dropout:
@@ -113,7 +139,57 @@ class LoRAModule(AdapterModule):
                     else mask.view(lx.size(0), *([1] * (lx.dim() - 2)), self.lora_dim)
                 lx = lx * mask.to(lx.dtype)
                 scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
-        return self.lora_up(lx) * (scale * self.multiplier * self.module_weight)
+        # the scale goes into the (out x r) up weight, not over the (tokens x out) output
+        up = self.lora_up.weight * (scale * self.multiplier * self.module_weight)
+        return self._low_rank_op(lx, up.to(dt), self.lora_up)
+
+    @staticmethod
+    def _low_rank_op(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        if isinstance(layer, nn.Conv2d):
+            return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)
+        return F.linear(x, weight)
+
+
+class LoRALinear(torch.autograd.Function):
+    """y = x W^T + b + s (x D^T) U^T as one autograd node, for a frozen Linear W with LoRA factors D (r, in), U (out, r).
+
+    Against base(x) + up(down(x)) * s: the rank-r product is added into the base output by one in-place addmm, the
+    scale rides on the (out x r) factor, and backward accumulates the LoRA's input gradient into the base's with
+    another addmm - about a third of the ops and no full-size elementwise pass. Saves x and the rank-r activations
+    (what the unfused form keeps too) and the frozen weight as stored (an fp8 base is cast again in backward, not
+    kept cast)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale):
+        dt = _compute_dtype(x)
+        x = x if x.dtype == dt else x.to(dt)
+        y = F.linear(x, weight if weight.dtype == dt else weight.to(dt), None if bias is None else bias.to(dt))
+        lx = x.reshape(-1, x.shape[-1]) @ down.to(dt).t()
+        y.view(-1, y.shape[-1]).addmm_(lx, up.to(dt).t(), alpha=scale)
+        ctx.scale = scale
+        ctx.save_for_backward(x, lx, weight, down, up)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, lx, weight, down, up = ctx.saved_tensors
+        dt, s = x.dtype, ctx.scale
+        g2, x2 = gy.to(dt).reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+        glx = g2 @ up.to(dt)  # (tokens, r), unscaled
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.addmm(g2 @ weight.to(dt), glx, down.to(dt), alpha=s).view(x.shape)
+        gdown = (glx.t() @ x2).mul_(s).to(down.dtype) if ctx.needs_input_grad[3] else None
+        gup = (g2.t() @ lx).mul_(s).to(up.dtype) if ctx.needs_input_grad[4] else None
+        return gx, None, None, gdown, gup, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the linear/conv ops will run in: autocast's when it is on (torch >= 2.4 API), else x's."""
+    kind = x.device.type
+    if hasattr(torch, "get_autocast_dtype") and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 class DyLoRAModule(LoRAModule):
@@ -123,6 +199,7 @@ class DyLoRAModule(LoRAModule):
     holds plain lora_down/lora_up/alpha (any lower rank is a prefix: `lora resize` can cut it)."""
 
     algo = "dylora"
+    full_size_change = False
 
     def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1.0, unit: int = 1, **kw):
         kw.pop("use_tucker", None)

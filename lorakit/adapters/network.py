@@ -48,6 +48,7 @@ KNOWN_ARGS = {
     "loraplus_unet_lr_ratio": "LoRA+ UNet ratio", "loraplus_text_encoder_lr_ratio": "LoRA+ TE ratio",
     "unit": "DyLoRA unit", "preset": "LyCORIS preset", "dora_wd": "DoRA (weight decomposition)",
     "wd_on_output": "DoRA norm per output row instead of per input column",
+    "dora_detach_norm": "DoRA: treat the weight norm as a constant in backward (the DoRA paper's section 4.3)",
     "use_tucker": "Tucker decomposition of 3x3 convs", "use_cp": "= use_tucker", "use_conv_cp": "= use_tucker",
     "disable_conv_cp": "LyCORIS legacy (false = use_tucker)", "factor": "LoKr factor",
     "decompose_both": "LoKr: low-rank W1 too", "full_matrix": "LoKr: full W2",
@@ -76,6 +77,7 @@ class NetworkConfig:
     preset: str = "kohya"
     dora: bool = False
     wd_on_out: bool = False
+    dora_detach_norm: bool = False
     use_tucker: bool = False
     factor: int = -1
     decompose_both: bool = False
@@ -152,6 +154,9 @@ def parse_network_args(family, network_module: str, network_dim: int | None, net
     cfg.module_dropout = num("module_dropout")
     cfg.dora = _bool(args.get("dora_wd", False))
     cfg.wd_on_out = _bool(args.get("wd_on_output", False))
+    cfg.dora_detach_norm = _bool(args.get("dora_detach_norm", False))
+    if cfg.dora_detach_norm and not cfg.dora:
+        raise UserError("network_args dora_detach_norm applies to DoRA only; add dora_wd=True or remove it.")
     cfg.use_tucker = any(_bool(args.get(k, False)) for k in ("use_tucker", "use_cp", "use_conv_cp")) or \
         ("disable_conv_cp" in args and not _bool(args["disable_conv_cp"]))
     cfg.factor = num("factor", int) or -1
@@ -455,7 +460,9 @@ def create_network(bundle, network_module: str = "networks.lora", network_dim: i
                   wd_on_out=cfg.wd_on_out, factor=cfg.factor, decompose_both=cfg.decompose_both,
                   full_matrix=cfg.full_matrix, unit=cfg.unit)
         with torch.device(dev):
-            return cls(t.lora_name, t.module, **kw)
+            a = cls(t.lora_name, t.module, **kw)
+        a.wd_detach_norm = cfg.dora_detach_norm
+        return a
 
     if train_text_encoder and cfg.select_te and preset.te_modules:
         for t in te_targets(bundle.text_encoders, family, preset.te_modules):

@@ -47,11 +47,15 @@ class FullModule(AdapterModule):
     def delta_bias(self):
         return None if self.diff_b is None else self.diff_b.float()
 
+    def delta_backward(self, g):
+        return [(self.diff, g)]
+
 
 class NormModule(FullModule):
     """LyCORIS train_norm: w_norm/b_norm on GroupNorm/LayerNorm, applied as weight/bias differences."""
 
     algo = "norm"
+    full_size_change = False
 
     def __init__(self, lora_name, org_module, multiplier=1.0, **kw):
         AdapterModule.__init__(self, lora_name, org_module, multiplier)
@@ -86,7 +90,7 @@ class IA3Module(AdapterModule):
     def from_weights(cls, lora_name, org_module, w):
         return cls(lora_name, org_module, w["weight"], bool(w["on_input"].item()) if "on_input" in w else False)
 
-    def new_weight(self, weight, multiplier):
+    def new_weight(self, weight, multiplier, keep=None):
         w = weight.float()
         v = self.weight.float().to(w.device)
         shape = [1] * w.dim()
@@ -133,7 +137,7 @@ class OFTModule(AdapterModule):
         eye = torch.eye(b.shape[1], device=b.device)
         return (eye + q) @ torch.linalg.inv(eye - q)
 
-    def new_weight(self, weight, multiplier):
+    def new_weight(self, weight, multiplier, keep=None):
         w = weight.float()
         r = self.rotation().to(w.device)
         n, s, _ = r.shape

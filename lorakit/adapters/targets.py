@@ -87,7 +87,7 @@ def unet_targets(unet: nn.Module, family, classes: tuple[str, ...], conv: bool =
                 full = f"{name}.{child_name}" if child_name else name
                 ln = unet_lora_name(family, full)
                 out.setdefault(ln, Target(ln, child, kind, None))
-    if extra_names and getattr(family, "lora_unet_style", "diffusers") == "diffusers":
+    if extra_names and getattr(family, "lora_unet_diffusers_names", True):
         # LyCORIS finds these by diffusers name; in SAI-named UNets (sd-scripts SDXL) they never match
         modules = dict(unet.named_modules())
         for name in extra_names:

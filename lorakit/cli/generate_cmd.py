@@ -91,11 +91,21 @@ class _Models:
         print(f"loading {path} ...", file=sys.stderr)
         bundle = load_bundle(path, vae=a.vae, dtype=dtype, v2=a.v2, v_parameterization=a.v_parameterization,
                              sdxl=a.sdxl)
+        from lorakit.utils.finite import check_model_finite
+
+        check_model_finite(bundle, path)  # a NaN weight gives black images, not an error
         bundle.to(dev)
         if self.library is None:
             self.library = LoraLibrary(a.lora_dir, a.lbw_presets)
         return Generator(bundle, library=self.library, model_name=Path(path).stem,
                          model_hash=None if a.no_hash else _model_hash(path), device=dev)
+
+
+def _check_outdir(outdir) -> None:
+    """Before the model loads: the images must have somewhere to go."""
+    from lorakit.utils.atomic import check_writable_dir
+
+    check_writable_dir(outdir, "--outdir")
 
 
 def _user(msg):
@@ -142,6 +152,7 @@ def cmd_generate(args) -> int:
     from lorakit.generate.infotext import read_infotext
     from lorakit.generate.pipeline import save_image_unique, settings_from_infotext
 
+    _check_outdir(args.outdir)
     models = _Models(args)
     jobs = []
     if args.from_png:
@@ -206,6 +217,7 @@ def cmd_grid(args) -> int:
     from lorakit.generate.lora_loading import LoraLibrary
     from lorakit.generate.pipeline import save_image_unique
 
+    _check_outdir(args.outdir)
     models = _Models(args)
     models.library = LoraLibrary(args.lora_dir, args.lbw_presets)
     axes = [make_axis(getattr(args, f"{a}_type"), getattr(args, f"{a}_values"), models.library) for a in "xyz"]

@@ -153,6 +153,17 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _must_exist(path, flag: str) -> None:
+    """Name the flag a missing model came from before the loader (which knows no flag names) is reached."""
+    from pathlib import Path
+
+    from lorakit.errors import UserError
+
+    if path and not Path(path).exists():
+        raise UserError(f"{flag} {path} does not exist: give a checkpoint file (.safetensors/.ckpt) or a diffusers "
+                        "folder.")
+
+
 def cmd_resize(args) -> int:
     from lorakit.errors import UserError
     from lorakit.tools.lora_resize import resize_lora
@@ -175,6 +186,7 @@ def cmd_merge(args) -> int:
         if args.mode or args.concat or args.new_rank or args.dynamic_method:
             raise UserError("--mode/--concat/--new_rank/--dynamic_method are for merging LoRAs into one LoRA; with "
                             "--model the LoRAs go into the checkpoint's weights. Drop one or the other.")
+        _must_exist(args.model, "--model")
         load_kwargs = dict(vae=args.vae, v2=args.v2, v_parameterization=args.v_parameterization, sdxl=args.sdxl)
         merge_into_model(args.model, specs, args.save_to, args.save_precision, args.lbw_presets, load_kwargs, log=_log)
         return 0
@@ -190,6 +202,8 @@ def cmd_merge(args) -> int:
 def cmd_extract(args) -> int:
     from lorakit.tools.lora_extract import extract_lora
 
+    _must_exist(args.model_org, "--model_org")
+    _must_exist(args.model_tuned, "--model_tuned")
     load_kwargs = dict(v2=args.v2, v_parameterization=args.v_parameterization, sdxl=args.sdxl)
     extract_lora(args.model_org, args.model_tuned, args.save_to, args.dim, args.conv_dim, args.clamp_quantile,
                  args.min_diff, args.save_precision, args.load_precision, args.device, load_kwargs, log=_log)

@@ -48,13 +48,20 @@ def read_caption_file(path: str | os.PathLike, enable_wildcard: bool = False) ->
     except UnicodeDecodeError as exc:
         raise CaptionError(f"caption {path} is not UTF-8 (byte {exc.start}). Re-save it as UTF-8, "
                            "or run with --on_bad_image skip to leave its image out.") from None
-    lines = text.splitlines()
-    if not lines or not any(line.strip() for line in lines):
-        raise CaptionError(f"caption {path} is empty. Write the caption into it or delete the file "
+    # a line of only separators and spaces (", , ,") trains exactly like an empty caption: treat it as one
+    lines = [line.strip() for line in text.splitlines()]
+    used = [line for line in lines if _has_text(line)] if enable_wildcard else lines[:1]
+    if not used or not _has_text(used[0]):
+        what = "is empty" if not any(lines) else (
+            "holds only commas and spaces" if not any(_has_text(line) for line in lines) else
+            "has an empty first line (only the first line is the caption)")
+        raise CaptionError(f"caption {path} {what}. Write the caption into it or delete the file "
                            "(then the folder's class tokens are used), or run with --on_bad_image skip.")
-    if enable_wildcard:
-        return "\n".join(line.strip() for line in lines if line.strip())
-    return lines[0].strip()
+    return "\n".join(used)
+
+
+def _has_text(line: str) -> bool:
+    return bool(line.replace(",", "").strip())
 
 
 def find_caption(image_path: str | os.PathLike, caption_extension: str, enable_wildcard: bool = False,

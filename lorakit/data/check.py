@@ -206,11 +206,39 @@ def check_source(source, opts: dict, seed: int = 0, quick: bool = False,
             opts["resolution"] = "512"
     else:
         raise UserError(f"{src} is neither a folder nor a .toml dataset config.")
+    folder_problems = _repeat_folder_problems(opts)
     notes: list[str] = []
-    configs = build_dataset_configs(opts, notes=notes)
-    cache = ScanCache()
-    group = DatasetGroup.build(configs, seed=seed, on_bad_image="skip", scan_cache=cache)
+    try:
+        configs = build_dataset_configs(opts, notes=notes)
+        cache = ScanCache()
+        group = DatasetGroup.build(configs, seed=seed, on_bad_image="skip", scan_cache=cache)
+    except UserError as exc:
+        if folder_problems:  # "no usable folder" because of them: say why each was left out
+            raise UserError("\n".join([str(exc)] + [p["message"] for p in folder_problems])) from None
+        raise
     report = build_report(group, decode=not quick, duplicates=not quick, token_counter=token_counter,
                           max_token_length=max_token_length, scan_cache=cache)
+    # the config layer's generic "no leading repeat count" note is wrong for `0_x`/`-3_x`: keep the precise problem
+    bad = {p["path"] for p in folder_problems}
+    notes = [n for n in notes if not any(n.startswith(f"folder {b} ") for b in bad)]
+    report.problems = folder_problems + report.problems
     report.warnings = notes + report.warnings
     return report
+
+
+def _repeat_folder_problems(opts: dict) -> list[dict]:
+    """Subfolders of --train_data_dir / --reg_data_dir whose repeat count is below 1 (see repeat_folder_problem)."""
+    from pathlib import Path
+
+    from lorakit.data.scan import repeat_folder_problem
+
+    out = []
+    for key in ("train_data_dir", "reg_data_dir"):
+        base = opts.get(key)
+        if not base or opts.get("in_json") or not Path(base).is_dir():
+            continue
+        for sub in sorted(p for p in Path(base).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found = repeat_folder_problem(sub)
+            if found and found[0] == "error":
+                out.append({"kind": "folder", "path": str(sub), "message": found[1]})
+    return out

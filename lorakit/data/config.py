@@ -1,4 +1,4 @@
-"""Dataset and subset settings, named and defaulted exactly like sd-scripts' config_util.
+"""Dataset and subset settings, named and defaulted like sd-scripts' config_util, declared in the option schema.
 
 Values come from a dataset TOML (`[general]`, `[[datasets]]`, `[[datasets.subsets]]`) and the command line; a subset
 value is looked up in the subset, then its dataset, then `[general]`, then the command-line values, then the default
@@ -10,15 +10,15 @@ Without a TOML, `--train_data_dir`/`--reg_data_dir` folders named `N_class token
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Mapping
 
+from lorakit import options as O
 from lorakit.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -29,135 +29,45 @@ else:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class SubsetConfig:
-    """One image folder (DreamBooth) or one metadata file (fine-tuning); sd-scripts' subset params and defaults."""
-
-    image_dir: str | None = None
-    num_repeats: int = 1
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str | None = None
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    color_aug: bool = False
-    flip_aug: bool = False
-    face_crop_aug_range: tuple[float, float] | None = None
-    random_crop: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
-    custom_attributes: dict | None = None
-    resize_interpolation: str | None = None
-    # DreamBooth subsets
-    is_reg: bool = False
-    class_tokens: str | None = None
-    caption_extension: str = ".txt"  # sd-scripts defaults to .caption while its taggers write .txt: a known trap
-    cache_info: bool = False
-    alpha_mask: bool = False
-    # fine-tuning subsets
-    metadata_file: str | None = None
-
-    @property
-    def is_finetune(self) -> bool:
-        return self.metadata_file is not None
-
-    @property
-    def name(self) -> str:
-        if self.metadata_file:
-            return Path(self.metadata_file).name
-        return Path(self.image_dir).name if self.image_dir else "?"
+# The keys, types and defaults of dataset configs are the option schema's (lorakit.options): one declaration for the
+# command line, --config_file, --dataset_config, the GUI and the docs. The two classes below are generated from it.
+SUBSET_OPTIONS = O.dataset_config_keys("subset")  # every subset key (inherited ones too)
+DATASET_OPTIONS = {k: o for k, o in O.dataset_config_keys("dataset").items() if o.scope == "dataset"}
 
 
-@dataclass
-class DatasetConfig:
-    """One dataset: a resolution and batch size shared by its subsets; sd-scripts' dataset params and defaults."""
-
-    resolution: tuple[int, int] | None = None
-    batch_size: int = 1
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    prior_loss_weight: float = 1.0
-    network_multiplier: float = 1.0
-    resize_interpolation: str | None = None
-    # lorakit additions (not in sd-scripts; defaults keep sd-scripts' behaviour)
-    bucket_log_aspect: bool = False  # nearest bucket by |log(aspect)| instead of |aspect|
-    reg_sampling: str = "round_robin"  # "round_robin" (sd-scripts) or "random" (fresh reg draw each epoch)
-    subsets: list[SubsetConfig] = field(default_factory=list)
+def _config_class(cls_name: str, keys: dict, doc: str, extra_fields=(), members=None):
+    fields = [(k, O.annotation(o), field(default=o.default)) for k, o in keys.items()]
+    return dataclasses.make_dataclass(cls_name, fields + list(extra_fields),
+                                      namespace={"__module__": __name__, "__doc__": doc, **(members or {})})
 
 
-SUBSET_KEYS = {f.name for f in dataclasses.fields(SubsetConfig)}
-DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetConfig)} - {"subsets"}
+SubsetConfig = _config_class(
+    "SubsetConfig", SUBSET_OPTIONS,
+    "One image folder (DreamBooth) or one metadata file (fine-tuning): the subset keys of the option schema.",
+    members={"is_finetune": property(lambda self: self.metadata_file is not None),
+             "name": property(lambda self: Path(self.metadata_file).name if self.metadata_file
+                              else (Path(self.image_dir).name if self.image_dir else "?"))})
+DatasetConfig = _config_class(
+    "DatasetConfig", DATASET_OPTIONS,
+    "One dataset: a resolution and batch size shared by its subsets (the dataset keys of the option schema).",
+    extra_fields=[("subsets", "list", field(default_factory=list))])
+
+SUBSET_KEYS = set(SUBSET_OPTIONS)
+DATASET_KEYS = set(DATASET_OPTIONS)
 # keys that only make sense on a subset (sd-scripts' "distinct" schema)
-SUBSET_ONLY_KEYS = {"image_dir", "is_reg", "alpha_mask", "metadata_file"}
+SUBSET_ONLY_KEYS = {k for k, o in SUBSET_OPTIONS.items() if o.distinct}
 # command-line names that map to another config name (sd-scripts' ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME + typo alias)
-ARG_TO_CONFIG = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats", "caption_extention": "caption_extension"}
-
-_BOOL_KEYS = {f.name for f in dataclasses.fields(SubsetConfig) if f.type in ("bool",)} | {
-    f.name for f in dataclasses.fields(DatasetConfig) if f.type in ("bool",)
-}
-_INT_KEYS = {"num_repeats", "keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min", "batch_size",
-             "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"}
-_FLOAT_KEYS = {"caption_dropout_rate", "caption_tag_dropout_rate", "token_warmup_step", "prior_loss_weight",
-               "network_multiplier"}
+ARG_TO_CONFIG = {**{o.name: o.config_name for o in O.OPTIONS if o.config_name},
+                 "dataset_repeats": "num_repeats", "caption_extention": "caption_extension"}
 
 
-def parse_resolution(value: Any, where: str = "resolution") -> tuple[int, int] | None:
-    """'512' / '512,768' / 512 / [512, 768] -> (width, height)."""
-    if value is None:
-        return None
-    try:
-        if isinstance(value, str):
-            parts = [int(p.strip()) for p in value.split(",") if p.strip()]
-        elif isinstance(value, (int, float)):
-            parts = [int(value)]
-        else:
-            parts = [int(v) for v in value]
-        if len(parts) == 1:
-            parts = parts * 2
-        if len(parts) != 2 or min(parts) <= 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: {value!r} is not a resolution; write WIDTH,HEIGHT (e.g. 1024,1024) or one number.") from None
-    return parts[0], parts[1]
-
-
-def _coerce(key: str, value: Any, where: str) -> Any:
-    """Check one value's type like sd-scripts' voluptuous schema; the error names the key and the file."""
-    if value is None:
-        return None
-    bad = False
-    if key in _BOOL_KEYS:
-        bad = not isinstance(value, bool)
-    elif key in _INT_KEYS:
-        bad = isinstance(value, bool) or not isinstance(value, int)
-    elif key in _FLOAT_KEYS:
-        bad = isinstance(value, bool) or not isinstance(value, (int, float))
-        value = value if bad else float(value)
-    elif key == "resolution":
-        return parse_resolution(value, f"{where}: resolution")
-    elif key == "face_crop_aug_range":
-        try:
-            lo, hi = (float(v) for v in value)
-            return (lo, hi)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: face_crop_aug_range must be two numbers like [2.0, 4.0], got {value!r}.") from None
-    elif key == "custom_attributes":
-        bad = not isinstance(value, dict)
-    elif key == "reg_sampling":
-        bad = value not in ("round_robin", "random")
-    elif key in SUBSET_KEYS | DATASET_KEYS:
-        bad = not isinstance(value, str)
-    if bad:
-        raise UserError(f"{where}: `{key}` has the wrong type ({value!r}); see the sd-scripts dataset config docs for its type.")
+def _typed(o, value: Any, where: str) -> Any:
+    """A value checked and converted by the schema (the error names the key and the file), as the classes hold it."""
+    value = O.coerce_value(o, value, where)
+    if o.type == "resolution":
+        return O.parse_resolution(value)
+    if o.type == "float_pair":
+        return O.parse_float_pair(value)
     return value
 
 
@@ -182,12 +92,12 @@ def load_dataset_toml(path: str | Path) -> dict:
         raise UserError(f"dataset config {path} cannot be parsed: {exc}. Fix the syntax and try again.") from None
     _check_keys(data, {"general", "datasets"}, f"{path}")
     general = data.get("general", {})
-    _check_keys(general, (SUBSET_KEYS | DATASET_KEYS) - SUBSET_ONLY_KEYS, f"{path} [general]")
+    _check_keys(general, set(O.dataset_config_keys("general")), f"{path} [general]")
     datasets = data.get("datasets", [])
     if not isinstance(datasets, list) or not datasets:
         raise UserError(f"{path}: no [[datasets]] section; add at least one [[datasets]] with [[datasets.subsets]].")
     for i, ds in enumerate(datasets):
-        _check_keys(ds, ((SUBSET_KEYS | DATASET_KEYS) - SUBSET_ONLY_KEYS) | {"subsets"}, f"{path} [[datasets]] #{i + 1}")
+        _check_keys(ds, set(O.dataset_config_keys("dataset")) | {"subsets"}, f"{path} [[datasets]] #{i + 1}")
         subsets = ds.get("subsets", [])
         if not subsets:
             raise UserError(f"{path} [[datasets]] #{i + 1}: no [[datasets.subsets]]; add one with image_dir = \"...\".")
@@ -207,7 +117,7 @@ def load_dataset_toml(path: str | Path) -> dict:
 def _args_to_dict(args: Any) -> dict:
     if args is None:
         return {}
-    if isinstance(args, argparse.Namespace):
+    if not isinstance(args, Mapping):  # a Namespace or the frozen Options of a run
         args = vars(args)
     out = {}
     for key, value in dict(args).items():
@@ -215,25 +125,22 @@ def _args_to_dict(args: Any) -> dict:
         if key == "caption_extension" and out.get(key) is not None and value is None:
             continue
         out[key] = value
-    if out.get("resolution") is not None:
-        out["resolution"] = parse_resolution(out["resolution"], "--resolution")
-    if out.get("face_crop_aug_range") is not None and isinstance(out["face_crop_aug_range"], str):
-        out["face_crop_aug_range"] = tuple(float(v) for v in out["face_crop_aug_range"].split(","))
+    try:
+        out["resolution"] = O.parse_resolution(out.get("resolution"))
+        out["face_crop_aug_range"] = O.parse_float_pair(out.get("face_crop_aug_range"))
+    except ValueError as exc:
+        raise UserError(f"--resolution / --face_crop_aug_range: {exc}; write WIDTH,HEIGHT (e.g. 1024,1024) or one "
+                        "number, and two numbers like 2.0,4.0.") from None
     return out
 
 
-def _fallback(cls, chains: list[Mapping], where: str):
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)}
+def _fallback(cls, keys: dict, chains: list[Mapping], where: str):
+    """sd-scripts' generate_params_by_fallbacks: each key takes the first value that is not None along `chains`."""
     values = {}
-    for name, default in defaults.items():
-        if name == "subsets":
-            continue
-        value = None
-        for source in chains:
-            if source.get(name) is not None:
-                value = source[name]
-                break
-        values[name] = default if value is None else _coerce(name, value, where)
+    for name, o in keys.items():
+        value = next((source[name] for source in chains if source.get(name) is not None), None)
+        if value is not None:
+            values[name] = _typed(o, value, where)
     return cls(**values)
 
 
@@ -276,12 +183,13 @@ def subsets_from_dirs(train_data_dir: str | None, reg_data_dir: str | None,
 
 
 def build_dataset_configs(args: Any = None, dataset_config: str | Path | dict | None = None,
-                          notes: list[str] | None = None) -> list[DatasetConfig]:
+                          notes: list[str] | None = None, default_resolution: int | None = None) -> list[DatasetConfig]:
     """Resolve the datasets to train on, like sd-scripts' BlueprintGenerator.
 
     `args`: a Namespace or mapping of sd-scripts option names (train_data_dir, reg_data_dir, in_json, resolution,
     train_batch_size, caption_extension, shuffle_caption, ...). `dataset_config`: a TOML path or already-loaded dict;
-    defaults to args["dataset_config"]. `notes` collects messages about skipped folders.
+    defaults to args["dataset_config"]. `notes` collects messages about skipped folders. `default_resolution` (the
+    model family's) applies to command-line datasets without --resolution.
     """
     argd = _args_to_dict(args)
     dataset_config = dataset_config if dataset_config is not None else argd.get("dataset_config")
@@ -293,6 +201,8 @@ def build_dataset_configs(args: Any = None, dataset_config: str | Path | dict | 
     else:
         where = "command line"
         general = {}
+        if argd.get("resolution") is None and default_resolution:
+            argd["resolution"] = (default_resolution, default_resolution)
         if argd.get("in_json"):
             if not argd.get("train_data_dir") and not Path(argd["in_json"]).is_file():
                 raise UserError(f"--in_json {argd['in_json']} does not exist.")
@@ -309,11 +219,11 @@ def build_dataset_configs(args: Any = None, dataset_config: str | Path | dict | 
     out = []
     for i, ds in enumerate(datasets_cfg):
         ds_where = f"{where} dataset #{i + 1}"
-        dataset = _fallback(DatasetConfig, [ds, general, argd], ds_where)
+        dataset = _fallback(DatasetConfig, DATASET_OPTIONS, [ds, general, argd], ds_where)
         if dataset.resolution is None:
             raise UserError(f"{ds_where}: resolution is required (e.g. --resolution 512,512 or resolution = 512 in the TOML).")
         for j, sub in enumerate(ds.get("subsets", [])):
-            subset = _fallback(SubsetConfig, [sub, ds, general, argd], f"{ds_where} subset #{j + 1}")
+            subset = _fallback(SubsetConfig, SUBSET_OPTIONS, [sub, ds, general, argd], f"{ds_where} subset #{j + 1}")
             if subset.metadata_file is None and subset.image_dir is None:
                 raise UserError(f"{ds_where} subset #{j + 1}: image_dir is required.")
             dataset.subsets.append(subset)

@@ -45,7 +45,7 @@ ON_BAD_IMAGE = ("skip", "error")
 class Problem:
     """Something wrong with the input, always naming the file or folder."""
 
-    kind: str  # "image" | "caption" | "folder" | "metadata"
+    kind: str  # "image" | "caption" | "folder" | "metadata" | "repeats"
     path: str
     message: str
 
@@ -165,7 +165,10 @@ class Dataset:
         for si, subset in enumerate(cfg.subsets):
             count_before = len(pending)
             if subset.num_repeats < 1:
-                self.notes.append(f"subset {subset.image_dir or subset.metadata_file}: num_repeats < 1, ignored.")
+                where = subset.image_dir or subset.metadata_file
+                self.problems.append(Problem("repeats", str(where), (
+                    f"subset {where} has num_repeats = {subset.num_repeats}: every image must be shown at least "
+                    "once per epoch. Set num_repeats = 1 or more, or remove the subset to leave its images out.")))
                 self.subset_image_counts.append(0)
                 continue
             if subset.is_finetune:
@@ -203,6 +206,9 @@ class Dataset:
         for p, msg in errors.items():
             self.problems.append(Problem("image", str(p), msg))
 
+        repeats = [pr.message for pr in self.problems if pr.kind == "repeats"]
+        if on_bad_image == "error" and repeats:
+            raise UserError("\n".join(repeats))
         bad_paths = {pr.path for pr in self.problems if pr.kind in ("image", "caption")}
         if on_bad_image == "error" and bad_paths:
             raise UserError(_problems_message([pr for pr in self.problems if pr.kind in ("image", "caption")]))
@@ -481,7 +487,7 @@ class DatasetGroup:
                         raise UserError(msg) from None
                     with self._lock:
                         if str(entry.path) not in self.skipped:
-                            logger.warning("skipping %s", msg)
+                            logger.warning("warning: --on_bad_image skip: leaving out %s", msg)
                         self.skipped[str(entry.path)] = msg
         return collate(samples, epoch=epoch, batch_index=k, dataset_index=ds_idx, bucket=reso,
                        network_multiplier=ds.config.network_multiplier)

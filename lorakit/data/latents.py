@@ -174,9 +174,12 @@ def cache_latents(group, encode: Callable, suffix: str = "sd", to_disk: bool = F
                     prepared.append(f.result())
                     good.append((ds, e))
                 except (ImageReadError, OSError) as exc:
+                    msg = str(exc) if isinstance(exc, UserError) else f"image {e.path} cannot be read ({exc})."
                     if group.on_bad_image == "error":
-                        raise UserError(str(exc)) from None
-                    group.skipped[str(e.path)] = str(exc)
+                        raise UserError(msg) from None
+                    if str(e.path) not in group.skipped:
+                        logger.warning("warning: --on_bad_image skip: leaving out %s", msg)
+                    group.skipped[str(e.path)] = msg
                     stats["skipped"] += 1
             done += len(items)
             if good:

@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from lorakit.utils.atomic import write_text_atomic
-from lorakit.utils.images import IMAGE_EXTENSIONS, ImageReadError
+from lorakit.utils.images import IMAGE_EXTENSIONS, ImageReadError, image_error
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             orientation = 1 if fmt == "PNG" else im.getexif().get(0x0112, 1)
         if fmt == "PNG":
             orientation = _png_walk(path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"image {path} cannot be read ({type(exc).__name__}: {exc}).") from None
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DecompressionBombError and decoder errors of every type
+        raise image_error(path, exc) from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -83,6 +85,25 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
                 names.append(e.name)
     names.sort()
     return [folder / n for n in names]
+
+
+def repeat_folder_problem(folder: str | os.PathLike) -> tuple[str, str] | None:
+    """What is wrong with a DreamBooth folder name `N_class tokens`: ("skip", message) for a name without a leading
+    repeat count (sd-scripts skips such folders, e.g. a `samples` folder), ("error", message) for a count below 1
+    (`0_x`, `-3_x`: the user meant to train on it), None for a good name."""
+    folder = Path(folder)
+    head, _, rest = folder.name.partition("_")
+    try:
+        repeats = int(head)
+    except ValueError:
+        return "skip", (f"folder {folder} is skipped: its name has no leading repeat count. Rename it "
+                        f"`10_{folder.name}` (N_class tokens) to train on it.")
+    if repeats >= 1:
+        return None
+    fixed = f"{max(1, -repeats)}_{rest}" if rest else f"{max(1, -repeats)}_class tokens"
+    return "error", (f"folder {folder} has repeat count {repeats} (the number before the first '_'): every image "
+                     f"must be shown at least once per epoch. Rename it `{fixed}` to train on it, or move it out of "
+                     "the dataset folder to leave it out.")
 
 
 def default_scan_cache_dir() -> Path:

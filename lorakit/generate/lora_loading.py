@@ -48,7 +48,9 @@ def lora_file_hash(path: str | Path) -> str:
 class LoraLibrary:
     """The LoRA files under a folder (recursively), by stem and by ss_output_name; file contents and hashes cached."""
 
-    def __init__(self, lora_dir: str | Path | None, preset_file: str | Path | None = None):
+    def __init__(self, lora_dir: str | Path | None, preset_file: str | Path | None = None, allow=None):
+        """`allow(path) -> bool` leaves files out of the index (the GUI: links that lead outside its roots)."""
+        self.allow = allow or (lambda path: True)
         self.root = Path(lora_dir) if lora_dir else None
         if self.root is not None and not self.root.is_dir():
             raise UserError(f"--lora_dir {self.root} is not a folder; point it at the folder holding your LoRA files.")
@@ -59,7 +61,7 @@ class LoraLibrary:
         self.presets: dict[str, str] = dict(DEFAULT_PRESETS)
         if self.root is not None:
             for name in PRESET_FILE_NAMES:
-                if (self.root / name).is_file():
+                if (self.root / name).is_file() and self.allow(self.root / name):
                     self.presets.update(load_preset_file(self.root / name))
         if preset_file:
             self.presets.update(load_preset_file(preset_file))
@@ -73,7 +75,8 @@ class LoraLibrary:
         self._by_stem, self._by_alias = {}, {}
         if self.root is None:
             return
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in LORA_EXTENSIONS and p.is_file())
+        files = sorted(p for p in self.root.rglob("*")
+                       if p.suffix.lower() in LORA_EXTENSIONS and p.is_file() and self.allow(p))
         for p in files:
             self._by_stem.setdefault(p.stem, p)
         for p in files:

@@ -267,17 +267,13 @@ class Generator:
         return self._denoise(s, sched, timesteps, latents, cond, applied, gens, hr_steps, (th, tw), progress)
 
     def _denoise(self, s, sched, timesteps, latents, cond, applied, gens, n_steps, size_hw, progress):
-        from lorakit.models.conditioning import sdxl_time_ids
+        from lorakit.models.conditioning import added_cond_kwargs
 
         unet = self.bundle.unet
         udtype = next(unet.parameters()).dtype
         bsz = latents.shape[0]
         order = max(int(getattr(sched, "order", 1)), 1)
         step_takes_gen = "generator" in inspect.signature(sched.step).parameters
-        time_ids = None
-        if self.bundle.family.size_conditioning:
-            h, w = size_hw
-            time_ids = sdxl_time_ids((h, w), (0, 0), (h, w), device=self.device)
         cfg = float(s.cfg_scale)
         for i, t in enumerate(timesteps):
             step = min(i // order, n_steps - 1) + 1
@@ -288,11 +284,11 @@ class Generator:
             x = torch.cat([latents] * n_c)
             x = sched.scale_model_input(x, t)
             ctx = sc.context.to(self.device, udtype).repeat_interleave(bsz, dim=0)
-            kwargs = {"encoder_hidden_states": ctx}
-            if time_ids is not None:
-                kwargs["added_cond_kwargs"] = {
-                    "text_embeds": sc.pooled.to(self.device, udtype).repeat_interleave(bsz, dim=0),
-                    "time_ids": time_ids.to(udtype).repeat(n_c * bsz, 1)}
+            pooled = None if sc.pooled is None else sc.pooled.to(self.device, udtype).repeat_interleave(bsz, dim=0)
+            rows = n_c * bsz
+            kwargs = {"encoder_hidden_states": ctx, **added_cond_kwargs(
+                self.bundle.family, pooled, [size_hw] * rows, [(0, 0)] * rows, [size_hw] * rows, dtype=udtype,
+                device=self.device)}
             out = unet(x.to(udtype), t, **kwargs).sample.float()
             out = out.view(n_c, bsz, *out.shape[1:])
             uncond = out[0]

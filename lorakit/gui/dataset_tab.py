@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from lorakit.errors import UserError
 from lorakit.gui.common import Context, handler
 
 
@@ -13,7 +14,13 @@ def check_dataset(ctx: Context, train_dir: str, reg_dir: str | None, resolution:
     from lorakit.data.check import check_source
 
     src = ctx.path(train_dir, "train folder")
-    opts = {"reg_data_dir": str(ctx.path(reg_dir, "reg folder", kind="dir")) if reg_dir and reg_dir.strip() else None,
+    reg = ctx.path(reg_dir, "reg folder", kind="dir") if reg_dir and reg_dir.strip() else None
+    errors = ctx.roots.check_dataset(train_data_dir=str(src) if src.is_dir() else None,
+                                     reg_data_dir=str(reg) if reg else None,
+                                     dataset_config=str(src) if src.is_file() else None)
+    if errors:
+        raise UserError(next(iter(errors.values())))
+    opts = {"reg_data_dir": str(reg) if reg else None,
             "in_json": None, "caption_extension": caption_extension or ".txt", "resolution": resolution or None,
             "enable_bucket": bool(enable_bucket), "min_bucket_reso": None, "max_bucket_reso": None,
             "bucket_reso_steps": None, "bucket_no_upscale": False,
@@ -70,7 +77,9 @@ def build(gr, ctx: Context) -> dict:
         from lorakit.tools.tagger import TaggerOptions, split_tag_list, tag_folder
 
         folder_p = ctx.path(folder, "image folder", kind="dir")
+        ctx.roots.check_tree(folder_p, "image folder")  # captions are written beside every image found
         model_p = ctx.path(mdir, "tagger folder", kind="dir")
+        ctx.roots.check_tree(model_p, "tagger folder")
         opts = TaggerOptions(general_threshold=th, character_threshold=th, undesired_tags=split_tag_list(und, ", "))
         rep = tag_folder(folder_p, model_p, opts, recursive=rec, overwrite=md == "overwrite", append=md == "append",
                          progress=False)
@@ -104,6 +113,7 @@ def build(gr, ctx: Context) -> dict:
         from lorakit.tools.tag_edit import TagEditOptions, edit_folder, format_frequency, parse_replacement
 
         folder_p = ctx.path(folder, "caption folder", kind="dir")
+        ctx.roots.check_tree(folder_p, "caption folder")  # every caption found is rewritten
         opts = TagEditOptions(
             replace=[parse_replacement(line) for line in (rep_text or "").splitlines() if line.strip()],
             remove=[t.strip() for t in (rem or "").split(",") if t.strip()],

@@ -65,10 +65,13 @@ class Roots:
         text = str(path).strip()
         if not text:
             raise UserError(f"The {what} is empty; type a path under {self.describe()} or pick one in the Files tab.")
-        p = Path(text).expanduser()
-        if not p.is_absolute():
-            p = self.roots[0] / p
-        real = p.resolve()  # follows symlinks, also for a missing tail
+        try:
+            p = Path(text).expanduser()
+            if not p.is_absolute():
+                p = self.roots[0] / p
+            real = p.resolve()  # follows symlinks, also for a missing tail
+        except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, symlink loops, an unknown ~user
+            raise UserError(f"The {what} {text!r} is not a usable path ({exc}).") from None
         for root in self.roots:
             if real == root or real.is_relative_to(root):
                 return real
@@ -77,6 +80,118 @@ class Roots:
 
     def describe(self) -> str:
         return ", ".join(str(r) for r in self.roots)
+
+    def check_tree(self, folder: str | os.PathLike, what: str = "folder", max_entries: int = 500_000) -> Path:
+        """`folder` and everything under it (followed through symlinked folders that stay inside) lie inside the
+        roots: a symlink anywhere below that leaves them is refused, naming it. Tools that walk a folder (dataset
+        scan, tagging, tag editing, LoRA lists) read and write what the walk finds."""
+        top = self.check(folder, what)
+        if not top.is_dir():
+            return top
+        seen = {top}
+        stack = [top]
+        count = 0
+        while stack:
+            current = stack.pop()
+            try:
+                entries = list(os.scandir(current))
+            except OSError:
+                continue
+            for e in entries:
+                count += 1
+                if count > max_entries:
+                    return top
+                if e.is_symlink():
+                    target = Path(e.path).resolve()
+                    if not any(target == r or target.is_relative_to(r) for r in self.roots):
+                        raise UserError(f"The {what} {folder} contains {e.path}, a link to {target}, which is outside "
+                                        f"the folders this GUI may use ({self.describe()}). Remove the link, copy the "
+                                        "files in, or start `lorakit gui --root DIR` with that folder as a root too.")
+                    if target.is_dir() and target not in seen:
+                        seen.add(target)
+                        stack.append(target)
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+        return top
+
+    def check_metadata(self, path: str | os.PathLike, image_dir: str | os.PathLike | None, what: str) -> None:
+        """The images a fine-tuning metadata JSON/JSONL names (absolute keys, or keys under image_dir) lie inside."""
+        import json
+
+        p = self.check(path, what)
+        try:
+            text = p.read_text(encoding="utf-8")
+            if p.suffix.lower() == ".jsonl":
+                keys = [json.loads(line).get("image_path", "") for line in text.splitlines() if line.strip()]
+            else:
+                keys = list(json.loads(text))
+        except (OSError, ValueError, AttributeError):
+            return  # unreadable: the dataset layer reports it with its own message
+        for key in keys:
+            image = Path(str(key))
+            if not image.is_absolute():
+                image = Path(image_dir or os.getcwd()) / image
+            self.check(image, f"image listed in {what} {path}")
+
+    def check_dataset(self, train_data_dir=None, reg_data_dir=None, dataset_config=None, in_json=None) -> dict:
+        """Every folder and file a dataset reads lies inside the roots, including the image_dir/metadata_file/
+        conditioning_data_dir entries of a dataset TOML and the images a metadata JSON names. Returns {field: error
+        message} (empty when all is inside), keyed by the form field that led there."""
+        errors: dict[str, str] = {}
+
+        def guard(field: str, fn, *args) -> None:
+            if field in errors:
+                return
+            try:
+                fn(*args)
+            except UserError as exc:
+                errors[field] = str(exc)
+
+        for field, folder in (("train_data_dir", train_data_dir), ("reg_data_dir", reg_data_dir)):
+            if folder and not in_json:
+                guard(field, self.check_tree, folder, field)
+        if in_json:
+            guard("in_json", self.check_metadata, in_json, train_data_dir, "in_json")
+        if dataset_config:
+            guard("dataset_config", self._check_dataset_config, dataset_config)
+        return errors
+
+    def _check_dataset_config(self, path) -> None:
+        from lorakit.train.config_files import read_toml
+
+        p = self.check(path, "dataset_config")
+        if p.suffix.lower() == ".json":
+            import json
+
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return  # the dataset layer reports a broken file
+        else:
+            try:
+                data = read_toml(p)
+            except UserError:
+                return
+        if not isinstance(data, dict):
+            return
+        sections = [data.get("general") or {}]
+        for ds in data.get("datasets") or []:
+            if isinstance(ds, dict):
+                sections.append(ds)
+                sections += [s for s in ds.get("subsets") or [] if isinstance(s, dict)]
+        where = f"dataset_config {path}"
+        for sec in sections:
+            for key in ("image_dir", "conditioning_data_dir"):
+                value = sec.get(key)
+                if isinstance(value, str) and value:
+                    # relative entries are read from the worker's working folder, the server's own
+                    self.check_tree(os.path.join(os.getcwd(), value), f"{key} {value!r} in {where}")
+            meta = sec.get("metadata_file")
+            if isinstance(meta, str) and meta:
+                image_dir = sec.get("image_dir")
+                self.check_metadata(os.path.join(os.getcwd(), meta),
+                                    os.path.join(os.getcwd(), image_dir) if isinstance(image_dir, str) else None,
+                                    f"metadata_file in {where}")
 
     def listdir(self, path: str | os.PathLike, pattern: str | None = None, show_hidden: bool = False) -> list[Entry]:
         """Folders first, then files (optionally only those whose name ends with one of `pattern`'s suffixes)."""

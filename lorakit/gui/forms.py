@@ -46,6 +46,9 @@ REQUIRED = {"pretrained_model_name_or_path": "the base model file or folder",
 INPUT_PATHS = ("pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "in_json", "dataset_config",
                "network_weights", "base_weights", "sample_prompts", "resume", "conditioning_data_dir")
 OUTPUT_PATHS = ("output_dir", "logging_dir", "console_log_file")
+# every path option is resolved and must lie under the GUI's roots (also those not listed above, e.g. vae)
+PATH_FIELDS = tuple(dict.fromkeys(INPUT_PATHS + OUTPUT_PATHS + tuple(
+    o.name for o in O.OPTIONS if o.cli and o.type == "path" and o.name not in NOT_FIELDS)))
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ def prepare(values: dict[str, Any], roots=None) -> tuple[dict[str, Any], argpars
             errors[name] = f"required: {what}."
     if not any(k in given for k in ("train_data_dir", "dataset_config", "in_json")) and "train_data_dir" not in errors:
         errors["train_data_dir"] = "required: the folder of `N_name` image subfolders (or set dataset_config)."
-    for name in INPUT_PATHS + OUTPUT_PATHS:
+    for name in PATH_FIELDS:
         if name not in given:
             continue
         paths = given[name] if isinstance(given[name], list) else [given[name]]
@@ -206,14 +209,28 @@ def prepare(values: dict[str, Any], roots=None) -> tuple[dict[str, Any], argpars
             resolved.append(p)
         else:
             given[name] = resolved if isinstance(given[name], list) else resolved[0]
+    if "output_name" in given and "output_name" not in errors:
+        from lorakit.train.preflight import check_output_name
+
+        try:  # a file name inside output_dir: "../../x" or "/abs/x" would write outside it (and the roots)
+            check_output_name(given["output_name"])
+        except UserError as exc:
+            errors["output_name"] = str(exc)
+    if roots is not None and not errors:
+        # a folder or TOML inside the roots may still lead outside: symlinks below it, image_dir entries, JSON keys
+        errors.update(roots.check_dataset(given.get("train_data_dir"), given.get("reg_data_dir"),
+                                          given.get("dataset_config"), given.get("in_json")))
     if errors:
         return given, None, errors
     ns = O.resolve_given(given)
     try:
-        from lorakit.models.families import get_family
+        from lorakit.models.families import family_from_flags
+        from lorakit.train.preflight import check_values
+
+        check_values(ns)  # ranges and combinations (resolution vs bucket step, learning rates...), model-free
         from lorakit.train.trainer import check_options
 
-        check_options(copy.copy(ns), get_family("sdxl" if ns.sdxl else ("sd2" if ns.v2 else "sd1")))
+        check_options(copy.copy(ns), family_from_flags(v2=ns.v2, sdxl=ns.sdxl, default="sd1"))
     except UserError as exc:
         errors[field_of_message(str(exc)) or "_form"] = str(exc)
         return given, None, errors

@@ -16,7 +16,8 @@ PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp")
 class GeneratorCache:
     """One loaded model at a time (models are large); LoRAs named in the prompt are applied per call."""
 
-    def __init__(self):
+    def __init__(self, allow=None):
+        self.allow = allow  # which LoRA files a prompt may load (inside the GUI's roots)
         self.lock = threading.Lock()
         self.key = None
         self.gen = None
@@ -33,8 +34,12 @@ class GeneratorCache:
             self.close()
             dev = "cuda" if torch.cuda.is_available() else "cpu"
             bundle = load_bundle(str(model), dtype="fp16" if dev == "cuda" else "fp32")
+            from lorakit.utils.finite import check_model_finite
+
+            check_model_finite(bundle, model)
             bundle.to(dev)
-            self.gen = Generator(bundle, library=LoraLibrary(lora_dir), model_name=model.stem, device=dev,
+            self.gen = Generator(bundle, library=LoraLibrary(lora_dir, allow=self.allow), model_name=model.stem,
+                                 device=dev,
                                  model_hash=_model_hash(model))
             self.key = key
         else:
@@ -55,11 +60,11 @@ def _model_hash(path: Path) -> str | None:
     return file_hashes(path)["short_hash"]
 
 
-def lora_files(folder: Path) -> list[Path]:
+def lora_files(folder: Path, allow=None) -> list[Path]:
     from lorakit.generate.lora_loading import LORA_EXTENSIONS
 
-    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in LORA_EXTENSIONS and p.is_file()),
-                  key=lambda p: p.name.lower())
+    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in LORA_EXTENSIONS and p.is_file()
+                   and (allow is None or allow(p))), key=lambda p: p.name.lower())
 
 
 def lora_preview(path: Path) -> str | None:
@@ -93,7 +98,7 @@ def build(gr, ctx: Context) -> dict:
     from lorakit.generate.samplers import sampler_names
     from lorakit.generate.xyz_values import AXIS_TYPES
 
-    cache = GeneratorCache()
+    cache = GeneratorCache(allow=ctx.roots.contains)
     gr.Markdown("Prompts use the A1111 syntax: `(word:1.2)`, `[from:to:when]`, `AND`, `BREAK`, "
                 "`<lora:NAME:WEIGHT>` and `<lora:NAME:1:lbw=PRESET>`. Images are saved with their parameters text.")
     with gr.Row():
@@ -144,12 +149,16 @@ def build(gr, ctx: Context) -> dict:
     def library_dir(text):
         return ctx.path(text, "LoRA folder", kind="dir") if text and text.strip() else None
 
+    def model_path(text):
+        p = ctx.path(text, "model")
+        return ctx.roots.check_tree(p, "model folder") if p.is_dir() else p  # a diffusers folder's files too
+
     @handler
     def on_refresh(folder):
         d = library_dir(folder)
         if d is None:
             raise UserError("Type the LoRA folder first (or pick it in the Files tab).")
-        names = [str(p.relative_to(d)) for p in lora_files(d)]
+        names = [str(p.relative_to(d)) for p in lora_files(d, ctx.roots.contains)]
         if not names:
             gr.Warning(f"No LoRA files in {d}.")
         return gr.update(choices=names, value=names[-1] if names else None)
@@ -184,7 +193,7 @@ def build(gr, ctx: Context) -> dict:
 
         if not (p or "").strip():
             raise UserError("Type a prompt.")
-        model_p = ctx.path(m, "model")
+        model_p = model_path(m)
         out_p = ctx.path(out, "output folder", must_exist=False)
         with cache.lock:
             gen = cache.get(model_p, library_dir(ld))
@@ -199,8 +208,9 @@ def build(gr, ctx: Context) -> dict:
         from lorakit.generate.grid import make_axis, run_grid
         from lorakit.generate.pipeline import save_image_unique
 
-        model_p = ctx.path(m, "model")
+        model_p = model_path(m)
         out_p = ctx.path(out, "output folder", must_exist=False)
+        grids = ctx.path(str(Path(out_p).parent / "grids"), "grid folder (beside the output folder)", must_exist=False)
         with cache.lock:
             gen = cache.get(model_p, library_dir(ld))
             axes_ = [make_axis(t, v, gen.library) for t, v in ((xt, xv), (yt, yv), (zt, zv))]
@@ -211,7 +221,7 @@ def build(gr, ctx: Context) -> dict:
             base = settings(gen.bundle.family, p, n, smp, st, c, sd, w, h, 1, cs)
             result = run_grid(lambda ckpt: gen, base, *axes_)
         text = result.infotexts[(0, 0, 0)]
-        path = save_image_unique(result.image, Path(out_p).parent / "grids", "grid", text)
+        path = save_image_unique(result.image, grids, "grid", text)
         return str(path), text
 
     gen_inputs = [model, lora_dir, prompt, negative, sampler, steps, cfg, seed, width, height, batch, clip_skip,

@@ -13,6 +13,12 @@ def _opt(v):
     return v if v not in ("", None) else None
 
 
+def _model(ctx: Context, text, what: str):
+    """A model path inside the roots; for a diffusers folder every file in it too (links may lead outside)."""
+    p = ctx.path(text, what)
+    return ctx.roots.check_tree(p, what) if p.is_dir() else p
+
+
 def _int(v):
     return int(v) if v not in (None, "", 0) else None
 
@@ -100,7 +106,7 @@ def build(gr, ctx: Context, train: dict | None = None) -> dict:
             out = ctx.path(dst, "output", must_exist=False)
             cap = Captured()
             if model and model.strip():
-                merge_into_model(ctx.path(model, "model"), specs, out, _opt(prec), None, {}, log=cap.log)
+                merge_into_model(_model(ctx, model, "model"), specs, out, _opt(prec), None, {}, log=cap.log)
             else:
                 merge_lora_files(specs, out, mode, _int(rank), None, None, None, _opt(prec), None, None, None,
                                  False, log=cap.log)
@@ -126,7 +132,7 @@ def build(gr, ctx: Context, train: dict | None = None) -> dict:
             from lorakit.tools.lora_extract import extract_lora
 
             cap = Captured()
-            extract_lora(ctx.path(org, "original model"), ctx.path(tuned, "fine-tuned model"),
+            extract_lora(_model(ctx, org, "original model"), _model(ctx, tuned, "fine-tuned model"),
                          ctx.path(dst, "output file", must_exist=False), int(dim), _int(conv), float(q), 0.01,
                          _opt(prec), None, None, {}, log=cap.log)
             return cap.text
@@ -206,15 +212,17 @@ def build(gr, ctx: Context, train: dict | None = None) -> dict:
         def on_model_info(path, hashes):
             from lorakit.models.info import describe_file, format_info
 
-            return format_info(describe_file(str(ctx.path(path, "model")), hashes=bool(hashes)))
+            return format_info(describe_file(str(_model(ctx, path, "model")), hashes=bool(hashes)))
 
         @handler
         def on_convert(path, out, dtype):
             from lorakit.models.loading import load_bundle
             from lorakit.models.saving import save_diffusers_folder, save_single_file
 
-            src = ctx.path(path, "model")
+            src = _model(ctx, path, "model")
             dst = ctx.path(out, "output", must_exist=False)
+            if dst.is_dir():
+                ctx.roots.check_tree(dst, "output folder")  # a diffusers folder is written into it
             bundle = load_bundle(str(src))
             if dst.suffix.lower() == ".safetensors":
                 written = save_single_file(bundle, dst, dtype=_opt(dtype))

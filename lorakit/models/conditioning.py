@@ -1,8 +1,13 @@
-"""Text conditioning and SDXL size conditioning, with each family's clip-skip rule.
+"""Text and size conditioning: the one path from captions and prompts to what the UNet reads, used by training,
+text-encoder caching, previews and generation.
 
-Token ids arrive as one row of 77*k ids per text encoder (k chunks of BOS + 75 + EOS, A1111 style); each chunk is
-encoded separately and the hidden states are concatenated along the sequence, so prompts longer than 75 tokens work
-the same in training and generation.
+A text becomes windows of 77 ids (BOS + 75 tokens + EOS/padding). `encode_windows` runs each text encoder once over
+every window and reads the hidden layer the family's clip-skip rule picks; `join_windows` lays the windows out in one
+of the two layouts users' files were made with:
+- training (sd-scripts, `trim=True`): the first BOS, each window's 75 tokens and the very last position: 2 + 75 n;
+- generation (A1111, `trim=False`): whole windows side by side: 77 n.
+With a causal text encoder the shared positions are the same numbers in both layouts. Layer numbers: sd-scripts'
+--clip_skip through `Family.train_clip_layer`, A1111's "Clip skip" through `Family.prompt_clip_layer`.
 """
 
 from __future__ import annotations
@@ -12,76 +17,110 @@ import torch
 from lorakit.models.bundle import ModelBundle
 from lorakit.models.tokenizer import MODEL_MAX_LENGTH
 
+WINDOW = MODEL_MAX_LENGTH  # ids per window
+BODY = MODEL_MAX_LENGTH - 2  # tokens per window
 
+
+# ---- tokens -------------------------------------------------------------------------------------------------------
 def tokenize(bundle: ModelBundle, texts: list[str], max_chunks: int = 1) -> list[torch.Tensor]:
     """Plain tokenization (no emphasis syntax) to [B, 77*max_chunks] ids per encoder, truncating longer captions.
     max_chunks=1/2/3 matches sd-scripts' --max_token_length 75/150/225."""
     out = []
-    body = MODEL_MAX_LENGTH - 2
     for tok in bundle.tokenizers:
         rows = []
         for text in texts:
-            ids = tok(text, add_special_tokens=False, truncation=False).input_ids[: body * max_chunks]
-            chunks = [ids[i: i + body] for i in range(0, max(len(ids), 1), body)] or [[]]
+            ids = tok(text, add_special_tokens=False, truncation=False).input_ids[: BODY * max_chunks]
+            chunks = [ids[i: i + BODY] for i in range(0, max(len(ids), 1), BODY)] or [[]]
             chunks += [[]] * (max_chunks - len(chunks))
             row = []
             for chunk in chunks:
                 row += [tok.bos_token_id] + chunk + [tok.eos_token_id]
-                row += [tok.pad_token_id] * (MODEL_MAX_LENGTH - 2 - len(chunk))
+                row += [tok.pad_token_id] * (BODY - len(chunk))
             rows.append(row)
         out.append(torch.tensor(rows, dtype=torch.long))
     return out
 
 
-def _encode_one(te, spec, ids: torch.Tensor, clip_skip: int, want_pooled: bool):
-    out = te(ids, output_hidden_states=True)
-    hidden = out.hidden_states[-clip_skip]
-    if spec.final_norm_on_skip and clip_skip > 1:
-        inner = getattr(te, "text_model", te)
-        hidden = inner.final_layer_norm(hidden)
-    elif clip_skip == 1:
-        hidden = out.last_hidden_state  # already has the final layer norm
-    pooled = None
-    if want_pooled:
-        pooled = getattr(out, "text_embeds", None)
-        if pooled is None:
-            pooled = out.pooler_output
+def caption_windows(tokenizer, captions: list[str], max_token_length: int | None) -> torch.Tensor:
+    """[B, n, 77] ids of training captions, sd-scripts' layout: the caption is cut to n*75 tokens, then each
+    window is BOS + its 75 ids + the row's last id."""
+    total = (max_token_length or BODY) + 2
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=total, return_tensors="pt").input_ids
+    if total == WINDOW:
+        return ids[:, None, :]
+    bos, last = ids[:, :1], ids[:, -1:]
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    windows = []
+    for i in range(1, total - 1, BODY):
+        window = torch.cat([bos, ids[:, i:i + BODY], last], dim=1)
+        if pad != eos:  # OpenCLIP pads with id 0: keep padding after padding, and an EOS right after a lone BOS
+            for row in window:
+                if row[-2] != eos and row[-2] != pad:
+                    continue
+                if row[-2] == pad:
+                    row[-1] = pad
+                if row[1] == pad:
+                    row[1] = eos
+        windows.append(window)
+    return torch.stack(windows, dim=1)
+
+
+# ---- encoders -----------------------------------------------------------------------------------------------------
+def _layer(te, out, layer: int, final_norm: bool) -> torch.Tensor:
+    if final_norm and layer > 1:
+        return getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-layer])
+    if final_norm:
+        return out.last_hidden_state  # already normed
+    return out.hidden_states[-layer]
+
+
+def encode_windows(bundle: ModelBundle, windows: list[torch.Tensor], layer: int):
+    """(hidden [B, n, 77, D], pooled [B, P] or None) for [B, n, 77] ids per text encoder. `layer` counts from the
+    end (1 = last); the encoders' features are concatenated (SDXL: CLIP-L then bigG); pooled is the projected
+    output of the first window (sd-scripts and A1111 both pool the first window)."""
+    hiddens, pooled = [], None
+    for spec, te, ids in zip(bundle.family.text_encoders, bundle.text_encoders, windows):
+        b, n, length = ids.shape
+        out = te(ids.reshape(b * n, length).to(next(te.parameters()).device), output_hidden_states=True)
+        hiddens.append(_layer(te, out, layer, spec.final_norm_on_skip).reshape(b, n, length, -1))
+        if spec.with_projection:
+            pooled = out.text_embeds.reshape(b, n, -1)[:, 0]
+    hidden = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens, dim=-1)
     return hidden, pooled
 
 
+def join_windows(hidden: torch.Tensor, trim: bool) -> torch.Tensor:
+    """[B, n, 77, D] -> [B, L, D]: whole windows (L = 77 n), or trimmed to the first BOS, every window's 75 tokens and
+    the last position (L = 2 + 75 n; one window stays whole)."""
+    b, n, length, d = hidden.shape
+    flat = hidden.reshape(b, n * length, d)
+    if not trim or n == 1:
+        return flat
+    parts = [flat[:, :1]] + [flat[:, i * length + 1:(i + 1) * length - 1] for i in range(n)] + [flat[:, -1:]]
+    return torch.cat(parts, dim=1)
+
+
+def encode_captions(bundle: ModelBundle, captions: list[str], clip_skip: int | None,
+                    max_token_length: int | None):
+    """Training captions -> (context [B, 2 + 75 n, D], pooled [B, P] or None) with sd-scripts' --clip_skip and
+    --max_token_length (75/150/225)."""
+    windows = [caption_windows(tok, captions, max_token_length) for tok in bundle.tokenizers]
+    hidden, pooled = encode_windows(bundle, windows, bundle.family.train_clip_layer(clip_skip))
+    return join_windows(hidden, trim=True), pooled
+
+
 def encode_text(bundle: ModelBundle, ids_per_encoder: list[torch.Tensor], clip_skip: int | None = None):
-    """(context [B, 77*k, D], pooled [B, P] or None). clip_skip follows A1111: 1 = last layer, 2 = penultimate.
-
-    SD1: hidden_states[-clip_skip] + final layer norm. SD2: the penultimate layer + final layer norm by default.
-    SDXL: both encoders' penultimate hidden states without final norm, concatenated on features; pooled from the
-    projected bigG output of the first chunk (clip_skip is ignored for SDXL, as in sd-scripts)."""
-    fam = bundle.family
-    skip = fam.default_clip_skip if clip_skip is None else max(int(clip_skip), 1)
-    if fam.size_conditioning:
-        skip = 2
-    elif fam.is_v2:
-        skip = max(skip, 2)
-    contexts, pooled = [], None
-    for idx, (spec, te, ids) in enumerate(zip(fam.text_encoders, bundle.text_encoders, ids_per_encoder)):
-        device = next(te.parameters()).device
-        ids = ids.to(device)
-        n_chunks = ids.shape[1] // MODEL_MAX_LENGTH
-        want_pooled = spec.with_projection
-        hiddens = []
-        for c in range(n_chunks):
-            h, p = _encode_one(te, spec, ids[:, c * MODEL_MAX_LENGTH:(c + 1) * MODEL_MAX_LENGTH], skip,
-                               want_pooled and c == 0)
-            hiddens.append(h)
-            if p is not None:
-                pooled = p
-        contexts.append(torch.cat(hiddens, dim=1))
-    context = contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=-1)
-    return context, pooled
+    """Prompt ids [B, 77 k] per encoder -> (context [B, 77 k, D], pooled [B, P] or None), A1111's "Clip skip"
+    (1 = last layer; SD2 reads at least the penultimate one, SDXL always it)."""
+    windows = [ids.reshape(ids.shape[0], -1, WINDOW) for ids in ids_per_encoder]
+    hidden, pooled = encode_windows(bundle, windows, bundle.family.prompt_clip_layer(clip_skip))
+    return join_windows(hidden, trim=False), pooled
 
 
-def sdxl_time_ids(original_size, crop_top_left, target_size, dtype=torch.float32, device=None) -> torch.Tensor:
+# ---- size conditioning --------------------------------------------------------------------------------------------
+def size_time_ids(original_size, crop_top_left, target_size, dtype=torch.float32, device=None) -> torch.Tensor:
     """SDXL's micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample.
-    Sizes are (height, width) pairs; pass lists for a batch."""
+    Sizes are (height, width) pairs; pass lists or [B, 2] tensors for a batch."""
     def rows(x):
         t = torch.as_tensor(x, dtype=torch.float32)
         return t.unsqueeze(0) if t.ndim == 1 else t
@@ -90,12 +129,13 @@ def sdxl_time_ids(original_size, crop_top_left, target_size, dtype=torch.float32
     return ids.to(dtype=dtype, device=device)
 
 
-def unet_kwargs(bundle: ModelBundle, context: torch.Tensor, pooled: torch.Tensor | None,
-                time_ids: torch.Tensor | None) -> dict:
-    """Keyword arguments for `bundle.unet(latents, t, **kwargs)` for any family."""
-    kwargs = {"encoder_hidden_states": context}
-    if bundle.family.size_conditioning:
-        if pooled is None or time_ids is None:
-            raise ValueError("SDXL needs the pooled text embedding and size time_ids")
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(context.dtype)}
-    return kwargs
+def added_cond_kwargs(family, pooled: torch.Tensor | None, original_size, crop_top_left, target_size, *,
+                      dtype: torch.dtype, device) -> dict:
+    """The UNet's extra keyword arguments: {} for families without size conditioning, else SDXL's
+    {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids in `dtype`}}."""
+    if not family.size_conditioning:
+        return {}
+    if pooled is None:
+        raise ValueError(f"{family.title} needs the pooled text embedding")
+    time_ids = size_time_ids(original_size, crop_top_left, target_size, dtype=dtype, device=device)
+    return {"added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}}

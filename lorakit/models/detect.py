@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lorakit.errors import UserError
-from lorakit.models.families import FAMILIES, Family, get_family
+from lorakit.models.families import FAMILIES, Family, families_of_width
 
 U = "model.diffusion_model."
 
@@ -42,10 +42,11 @@ def detect_ldm_family(path, keys: set[str], shape_of, metadata: dict[str, str],
     # UNet only: the cross-attention width tells the family.
     k_shape = shape_of(U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight") or shape_of(
         U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight")
-    if k_shape is not None:
-        by_width = {768: "sd1", 1024: "sd2-v" if v_parameterization else "sd2", 2048: "sdxl"}
-        if k_shape[1] in by_width:
-            return get_family(by_width[k_shape[1]]), k_shape[1] != 1024 or v_parameterization
+    matches = families_of_width(k_shape[1]) if k_shape is not None else []
+    if matches:  # SD2's epsilon and v variants share the width: the flag (or a probe) decides
+        wanted = "v_prediction" if v_parameterization else "epsilon"
+        family = next((f for f in matches if f.prediction_type == wanted), matches[0])
+        return family, len(matches) == 1 or v_parameterization
     raise UserError(
         f"{path} does not look like a Stable Diffusion checkpoint: none of the SD1.x, SD2.x or SDXL key layouts "
         "matches (expected keys such as model.diffusion_model.input_blocks.* with cond_stage_model.* or "
@@ -96,3 +97,21 @@ def looks_like_v_prediction(unet) -> bool:
     with torch.no_grad():
         out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=cond).sample
     return (out - x).float().mean().item() < -1
+
+
+def lora_metadata_families(md) -> tuple[set[str] | None, str]:
+    """Family names a LoRA file's metadata declares (ss_base_model_version, modelspec.architecture, ss_v2), and why;
+    (None, "") when it says nothing. SD 2.x without a prediction type leaves epsilon and v open."""
+    v = str(md.get("ss_base_model_version", ""))
+    arch = str(md.get("modelspec.architecture", ""))
+    if v.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return {"sdxl"}, "metadata says SDXL"
+    if v == "sd_v2_v" or arch.startswith("stable-diffusion-v2-768-v"):
+        return {"sd2-v"}, "metadata says SD 2.x v-prediction"
+    if v.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or str(md.get("ss_v2", "")) == "True":
+        if str(md.get("ss_v_parameterization", "")) == "True":
+            return {"sd2-v"}, "metadata says SD 2.x v-prediction"
+        return {"sd2", "sd2-v"}, "metadata says SD 2.x"
+    if v == "sd_v1" or arch.startswith("stable-diffusion-v1") or str(md.get("ss_v2", "")) == "False":
+        return {"sd1"}, "metadata says SD 1.x"
+    return None, ""

@@ -28,25 +28,33 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class Family:
+    """Every rule that differs between model families. Code outside lorakit/models/ reads these attributes and never
+    compares family names."""
+
     name: str
     title: str
+    short_title: str  # in messages about LoRA files ("SD 2.x")
     base_model_version: str  # ss_base_model_version as sd-scripts writes it
     modelspec_architecture: str  # ModelSpec architecture of the base model ("/lora" appended for LoRA files)
+    modelspec_implementation: str  # ModelSpec implementation of the model and of its LoRAs (sd-scripts' values)
     prediction_type: str  # "epsilon" or "v_prediction"
     resolution: int  # native training/generation size in pixels
     text_encoders: tuple[TextEncoderSpec, ...]
     lora_unet_style: str  # "diffusers" (SD1/2 paths) or "sai" (SDXL: LDM paths)
-    default_clip_skip: int  # 1 = last layer; SD2 and SDXL use the penultimate layer by construction
+    default_clip_skip: int  # layer from the end read by default and the shallowest one: SD2 never reads the last
+    clip_skip_fixed: bool  # the layer is fixed (SDXL: penultimate), --clip_skip is ignored like in sd-scripts
     bucket_step: int  # bucket side multiple (SDXL 32, SD1/2 64)
-    size_conditioning: bool  # SDXL's original-size/crop/target-size embedding
+    size_conditioning: bool  # the UNet takes original-size/crop/target-size ids and a pooled text embedding
     train_block_count: int  # sd-scripts' block_dims vector length
+    block_scheme: str  # UNet block layout of block_dims / LBW (adapters.blocks.SCHEMES)
+    weight_group: str  # families whose models and LoRAs share weights (SD2 epsilon and v-prediction)
+    vae_fp16_safe: bool  # False: the VAE overflows in fp16 and stays fp32 under fp16 mixed precision
+    latent_cache_suffix: str  # sd-scripts' latent cache file suffix (<stem>_<W>x<H>_<suffix>.npz)
+    diffusers_pipeline: str  # model_index.json _class_name of a diffusers folder
+    is_v2: bool  # ss_v2 in LoRA metadata
     config_dir: str = field(default="")
     unet_ldm_prefix: str = "model.diffusion_model."
     vae_ldm_prefix: str = "first_stage_model."
-
-    @property
-    def is_v2(self) -> bool:
-        return self.name.startswith("sd2")
 
     @property
     def lora_te_prefixes(self) -> tuple[str, ...]:
@@ -60,13 +68,40 @@ class Family:
     def latent_scale(self) -> float:
         return float(self.config("vae")["scaling_factor"])
 
+    @property
+    def context_width(self) -> int:
+        """Cross-attention width of the full-size UNet (the text encoders' hidden sizes added up)."""
+        return int(self.config("unet")["cross_attention_dim"])
+
+    @property
+    def lora_unet_diffusers_names(self) -> bool:
+        """kohya UNet module names follow diffusers paths (False: SAI/LDM paths, which need the config to map)."""
+        return self.lora_unet_style == "diffusers"
+
+    def shares_weights_with(self, other: "Family") -> bool:
+        """Same architecture and weights (a LoRA of one applies to the other)."""
+        return self.weight_group == other.weight_group
+
+    def train_clip_layer(self, clip_skip: int | None) -> int:
+        """Hidden layer from the end for sd-scripts' --clip_skip N (training, caching, previews). sd-scripts' SD2
+        encoder has its last layer removed, so its N reads our layer N + 1."""
+        if self.clip_skip_fixed or clip_skip is None:
+            return self.default_clip_skip
+        return int(clip_skip) + self.default_clip_skip - 1
+
+    def prompt_clip_layer(self, clip_skip: int | None) -> int:
+        """Hidden layer from the end for A1111's "Clip skip" N (generation): never shallower than the default."""
+        if self.clip_skip_fixed or clip_skip is None:
+            return self.default_clip_skip
+        return max(int(clip_skip), self.default_clip_skip)
+
     def config(self, component: str) -> dict:
         """The bundled diffusers/transformers config of a component (unet, vae, text_encoder, text_encoder_2, scheduler)."""
         return dict(_read_config(self.config_dir or self.name, component))
 
     def unet_lora_path(self, diffusers_module_name: str) -> str:
         """The dotted module path kohya LoRA names use for a UNet module (SDXL: the SAI/LDM path)."""
-        if self.lora_unet_style == "diffusers":
+        if self.lora_unet_diffusers_names:
             return diffusers_module_name
         from lorakit.models.keymaps import unet_path_to_ldm
 
@@ -82,30 +117,51 @@ def _read_config(folder: str, component: str) -> dict:
     return json.loads(path.read_text())
 
 
-_CLIP_L_SD1 = TextEncoderSpec("text_encoder", "cond_stage_model.transformer.text_model.", "hf", False, "<|endoftext|>", "lora_te")
+_CLIP_L_SD1 = TextEncoderSpec(
+    config_name="text_encoder", ldm_prefix="cond_stage_model.transformer.text_model.", ldm_style="hf",
+    with_projection=False, pad_token="<|endoftext|>", lora_prefix="lora_te",
+)
 _OPENCLIP_H_SD2 = TextEncoderSpec(
-    "text_encoder", "cond_stage_model.model.", "openclip", False, "!", "lora_te",
+    config_name="text_encoder", ldm_prefix="cond_stage_model.model.", ldm_style="openclip", with_projection=False,
+    pad_token="!", lora_prefix="lora_te",
     lora_layers=23,  # SD2 reads the penultimate layer: the last one never gets a gradient (sd-scripts builds 23)
 )
 _CLIP_L_XL = TextEncoderSpec(
-    "text_encoder", "conditioner.embedders.0.transformer.text_model.", "hf", False, "<|endoftext|>", "lora_te1",
-    final_norm_on_skip=False,
+    config_name="text_encoder", ldm_prefix="conditioner.embedders.0.transformer.text_model.", ldm_style="hf",
+    with_projection=False, pad_token="<|endoftext|>", lora_prefix="lora_te1", final_norm_on_skip=False,
 )
 _OPENCLIP_G_XL = TextEncoderSpec(
-    "text_encoder_2", "conditioner.embedders.1.model.", "openclip", True, "!", "lora_te2", final_norm_on_skip=False
+    config_name="text_encoder_2", ldm_prefix="conditioner.embedders.1.model.", ldm_style="openclip",
+    with_projection=True, pad_token="!", lora_prefix="lora_te2", final_norm_on_skip=False,
 )
+
+_SAI = "https://github.com/Stability-AI/generative-models"
+_SD = dict(  # what SD1.x and SD2.x share
+    modelspec_implementation="diffusers", lora_unet_style="diffusers", clip_skip_fixed=False, bucket_step=64,
+    size_conditioning=False, train_block_count=25, block_scheme="diffusers-25", vae_fp16_safe=True,
+    latent_cache_suffix="sd", diffusers_pipeline="StableDiffusionPipeline",
+)
+_SD2 = dict(_SD, text_encoders=(_OPENCLIP_H_SD2,), default_clip_skip=2, weight_group="sd2", is_v2=True)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("sd1", "Stable Diffusion 1.x", "sd_v1", "stable-diffusion-v1", "epsilon", 512, (_CLIP_L_SD1,),
-               "diffusers", 1, 64, False, 25),
-        Family("sd2", "Stable Diffusion 2.x (512, epsilon)", "sd_v2", "stable-diffusion-v2-512", "epsilon", 512,
-               (_OPENCLIP_H_SD2,), "diffusers", 2, 64, False, 25),
-        Family("sd2-v", "Stable Diffusion 2.x (768, v-prediction)", "sd_v2_v", "stable-diffusion-v2-768-v",
-               "v_prediction", 768, (_OPENCLIP_H_SD2,), "diffusers", 2, 64, False, 25),
-        Family("sdxl", "Stable Diffusion XL base", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "epsilon", 1024,
-               (_CLIP_L_XL, _OPENCLIP_G_XL), "sai", 2, 32, True, 23),
+        Family(name="sd1", title="Stable Diffusion 1.x", short_title="SD 1.x", base_model_version="sd_v1",
+               modelspec_architecture="stable-diffusion-v1", prediction_type="epsilon", resolution=512,
+               text_encoders=(_CLIP_L_SD1,), default_clip_skip=1, weight_group="sd1", is_v2=False, **_SD),
+        Family(name="sd2", title="Stable Diffusion 2.x (512, epsilon)", short_title="SD 2.x",
+               base_model_version="sd_v2", modelspec_architecture="stable-diffusion-v2-512",
+               prediction_type="epsilon", resolution=512, **_SD2),
+        Family(name="sd2-v", title="Stable Diffusion 2.x (768, v-prediction)", short_title="SD 2.x (v-prediction)",
+               base_model_version="sd_v2_v", modelspec_architecture="stable-diffusion-v2-768-v",
+               prediction_type="v_prediction", resolution=768, **_SD2),
+        Family(name="sdxl", title="Stable Diffusion XL base", short_title="SDXL", base_model_version="sdxl_base_v1-0",
+               modelspec_architecture="stable-diffusion-xl-v1-base", modelspec_implementation=_SAI,
+               prediction_type="epsilon", resolution=1024, text_encoders=(_CLIP_L_XL, _OPENCLIP_G_XL),
+               lora_unet_style="sai", default_clip_skip=2, clip_skip_fixed=True, bucket_step=32,
+               size_conditioning=True, train_block_count=23, block_scheme="sai-23", weight_group="sdxl",
+               vae_fp16_safe=False, latent_cache_suffix="sdxl", diffusers_pipeline="StableDiffusionXLPipeline",
+               is_v2=False),
     )
 }
 
@@ -120,10 +176,22 @@ def get_family(name: str) -> Family:
     return FAMILIES[key]
 
 
-def family_from_flags(v2: bool = False, v_parameterization: bool = False, sdxl: bool = False) -> Family | None:
-    """The family sd-scripts' --v2/--v_parameterization/--sdxl flags name, or None when none is given."""
+def family_from_flags(v2: bool = False, v_parameterization: bool = False, sdxl: bool = False,
+                      default: str | None = None) -> Family | None:
+    """The family sd-scripts' --v2/--v_parameterization/--sdxl flags name, or `default` (a name) when none is given."""
     if sdxl:
         return FAMILIES["sdxl"]
     if v2:
         return FAMILIES["sd2-v" if v_parameterization else "sd2"]
-    return None
+    return get_family(default) if default else None
+
+
+def with_prediction(family: Family, prediction_type: str) -> Family:
+    """The family sharing `family`'s weights that predicts `prediction_type` (SD2: epsilon or v), else `family`."""
+    siblings = (f for f in FAMILIES.values() if f.shares_weights_with(family))
+    return next((f for f in siblings if f.prediction_type == prediction_type), family)
+
+
+def families_of_width(width: int) -> list[Family]:
+    """Families whose full-size UNet cross-attention width is `width` (768 SD1, 1024 SD2, 2048 SDXL)."""
+    return [f for f in FAMILIES.values() if f.context_width == width]

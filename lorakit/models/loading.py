@@ -16,12 +16,11 @@ from lorakit.errors import UserError
 from lorakit.models.bundle import ModelBundle, build_bundle
 from lorakit.models.checkpoint_io import StateSource
 from lorakit.models.detect import detect_ldm_family, family_from_diffusers_config, looks_like_v_prediction
-from lorakit.models.families import Family, get_family
+from lorakit.models.dtypes import DTYPES
+from lorakit.models.families import Family, get_family, with_prediction
 from lorakit.models.keymaps import build_rules, from_ldm_tensor
 
 CONFIGS_METADATA_KEY = "lorakit.configs"  # our saved files carry their configs (tiny or non-standard widths)
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype:
@@ -51,9 +50,9 @@ def load_bundle(path: str | os.PathLike, *, family: str | Family | None = None, 
                                   sdxl=sdxl, configs=configs)
     if family is not None:
         wanted = family if isinstance(family, Family) else get_family(family)
-        if wanted.name != bundle.family.name and {wanted.name, bundle.family.name} != {"sd2", "sd2-v"}:
+        if not wanted.shares_weights_with(bundle.family):
             raise UserError(f"{path} is a {bundle.family.title} model, not {wanted.title} as requested.")
-        if wanted.name != bundle.family.name:  # sd2 vs sd2-v: the caller's word settles the prediction type
+        if wanted != bundle.family:  # sd2 vs sd2-v: the caller's word settles the prediction type
             bundle = _with_family(bundle, wanted)
     if vae is not None:
         load_vae_into(bundle, vae, torch_dtype)
@@ -86,9 +85,9 @@ def load_single_file(path: Path, dtype: torch.dtype, components=("unet", "vae", 
         file_dtypes=sorted({src.dtype_name(k) for k in keys if k.startswith("model.diffusion_model.")}),
     )
     _assign_from_ldm(bundle, src, dtype, path)
-    if family.name == "sd2" and not prediction_known and bundle.unet is not None:
+    if not prediction_known and bundle.unet is not None:  # an SD2 file that does not say epsilon or v
         if looks_like_v_prediction(bundle.unet):
-            bundle = _with_family(bundle, get_family("sd2-v"))
+            bundle = _with_family(bundle, with_prediction(family, "v_prediction"))
         bundle.info["prediction_probed"] = True
     return bundle
 

@@ -48,8 +48,7 @@ def checkpoint_metadata(bundle: ModelBundle, title: str, extra: dict[str, str] |
     meta = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": fam.modelspec_architecture,
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if fam.name == "sdxl"
-        else "diffusers",
+        "modelspec.implementation": fam.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{fam.resolution}x{fam.resolution}",
         "modelspec.prediction_type": "v" if fam.prediction_type == "v_prediction" else "epsilon",
@@ -77,6 +76,11 @@ def save_single_file(bundle: ModelBundle, path: str | os.PathLike, dtype: str | 
     return path
 
 
+# entries a pipeline class expects in model_index.json beyond its modules (SD1/2's disabled safety checker)
+_PIPELINE_EXTRAS = {"StableDiffusionPipeline": {"safety_checker": [None, None], "feature_extractor": [None, None],
+                                                "requires_safety_checker": False}}
+
+
 def save_diffusers_folder(bundle: ModelBundle, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
     """A diffusers model folder, written beside the target and renamed into place when complete."""
     import shutil
@@ -95,14 +99,13 @@ def save_diffusers_folder(bundle: ModelBundle, folder: str | os.PathLike, dtype:
     for spec, tok in zip(bundle.family.text_encoders, bundle.tokenizers):
         tok.save_pretrained(tmp / spec.config_name.replace("text_encoder", "tokenizer"))
     bundle.noise_scheduler.save_pretrained(tmp / "scheduler")
-    pipeline = "StableDiffusionXLPipeline" if bundle.family.size_conditioning else "StableDiffusionPipeline"
+    pipeline = bundle.family.diffusers_pipeline
     index = {"_class_name": pipeline, "_diffusers_version": _diffusers_version(), "scheduler": ["diffusers", "DDPMScheduler"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     for spec in bundle.family.text_encoders:
         index[spec.config_name] = ["transformers", "CLIPTextModelWithProjection" if spec.with_projection else "CLIPTextModel"]
         index[spec.config_name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
-    if not bundle.family.size_conditioning:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    index.update(_PIPELINE_EXTRAS.get(pipeline, {}))
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     if folder.exists():
         folder.rmdir()

@@ -107,15 +107,13 @@ def glob_escape(s: str) -> str:
 
 
 def parse_resolution(spec: str) -> tuple[int, int]:
-    s = spec.lower().replace(" ", "").replace(",", "x")
-    parts = s.split("x")
+    from lorakit.options import parse_resolution as parse  # the one resolution parser
+
     try:
-        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
-    except (ValueError, IndexError):
-        w = h = 0
-    if len(parts) > 2 or w <= 0 or h <= 0:
-        raise UserError(f"--max_resolution {spec!r} is not WIDTHxHEIGHT (e.g. 1024x1024) or a single side (1024).")
-    return w, h
+        return parse(spec.lower().replace(" ", ""))
+    except ValueError:
+        raise UserError(f"--max_resolution {spec!r} is not WIDTHxHEIGHT (e.g. 1024x1024) or a single side (1024).") \
+            from None
 
 
 def target_size(w: int, h: int, max_area: int, step: int | None = None) -> tuple[tuple[int, int], tuple[int, int]] | None:

@@ -67,7 +67,7 @@ def extract_from_bundles(base, tuned, dim: int = 4, conv_dim: int | None = None,
                          min_diff: float = 0.01, device=None,
                          log: Callable[[str], None] | None = None) -> tuple[dict[str, torch.Tensor], ExtractReport]:
     """kohya-keyed LoRA tensors (float32) approximating tuned - base."""
-    if base.family.name != tuned.family.name and {base.family.name, tuned.family.name} != {"sd2", "sd2-v"}:
+    if not base.family.shares_weights_with(tuned.family):
         raise UserError(f"the models are of different families ({base.family.title} and {tuned.family.title}); "
                         f"extract works between two checkpoints of the same family.")
     if dim < 1 or (conv_dim is not None and conv_dim < 1):
@@ -137,10 +137,14 @@ def extract_lora(model_org: str | os.PathLike, model_tuned: str | os.PathLike, s
     kw = dict(components=("unet", "text_encoders"), dtype=load_precision or "fp32", **(load_kwargs or {}))
     if log:
         log(f"loading {model_org}")
+    from lorakit.utils.finite import check_model_finite
+
     base = load_bundle(model_org, **kw)
+    check_model_finite(base, model_org)
     if log:
         log(f"loading {model_tuned}")
     tuned = load_bundle(model_tuned, **kw)
+    check_model_finite(tuned, model_tuned)  # a NaN would become the extracted LoRA's every value
     sd, report = extract_from_bundles(base, tuned, dim, conv_dim, clamp_quantile, min_diff, device, log)
     family = base.family
     del base, tuned

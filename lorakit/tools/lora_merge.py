@@ -163,7 +163,13 @@ def merge_into_model(model: str | os.PathLike, specs: list[LoraSpec], save_to: s
             raise UserError(f"LoRA file {s.path} does not exist.")
     dtype = {"float": "fp32", None: None}.get(save_precision, save_precision)
     bundle = load_bundle(model, dtype="fp32", **(load_kwargs or {}))
+    from lorakit.utils.finite import FP16_MAX, check_model_finite
+
+    check_model_finite(bundle, model)
     records = merge_into_bundle(bundle, specs, presets, log)
+    # never write NaN/inf into a checkpoint (large ratios can also overflow what fp16 holds)
+    check_model_finite(bundle, save_to, max_abs=FP16_MAX if dtype in ("fp16", "float16", "half") else None,
+                       saving=True)
     merged_from = ", ".join([Path(model).stem] + [r["name"] for r in records])
     if save_to.suffix.lower() == ".safetensors":
         meta = {"modelspec.merged_from": merged_from, "lorakit.merged_loras": json.dumps(records)}
@@ -294,8 +300,7 @@ def merge_lora_files(specs: list[LoraSpec], save_to: str | os.PathLike, mode: st
         raise UserError(f"--save_to {save_to}: lorakit writes LoRAs as .safetensors; change the extension.")
     presets = _load_presets(presets_file)
     loras = [read_kohya(s.path) for s in specs]
-    fams = {lo.family.name for lo in loras if lo.family is not None}
-    if len(fams - {"sd2", "sd2-v"}) + (1 if fams & {"sd2", "sd2-v"} else 0) > 1:
+    if len({lo.family.weight_group for lo in loras if lo.family is not None}) > 1:
         listing = ", ".join(f"{Path(s.path).name} ({lo.family.name if lo.family else '?'})" for s, lo in zip(specs, loras))
         raise UserError(f"the LoRAs are for different model families ({listing}); merge LoRAs of one family only.")
     family = next((lo.family for lo in loras if lo.family is not None), None)

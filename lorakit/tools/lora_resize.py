@@ -182,6 +182,10 @@ class DeltaSource:
             down = w["lora_down.weight"].float()
             up = w["lora_up.weight"].float()
             r = down.shape[0]
+            if up.dim() < 2 or down.dim() < 2 or (up.shape[1] != r and "lora_mid.weight" not in w):
+                raise UserError(f"{self.source}: module {name} cannot be read: lora_up {tuple(up.shape)} and "
+                                f"lora_down {tuple(down.shape)} have different ranks. The file is damaged or was "
+                                f"edited; use another copy (`lorakit lora info` lists every such module).")
             alpha = w.get("alpha")
             alpha = float(alpha.float()) if alpha is not None else float(r)  # sd-scripts: no alpha = rank
             scale = alpha / r
@@ -245,15 +249,15 @@ class KohyaLora:
 def read_kohya(source, family=None) -> KohyaLora:
     """Read a LoRA (path or adapters.file.LoraFile) of any supported key style as kohya keys."""
     from lorakit.adapters.file import LoraFile, best_family, detect_family, read_lora_file, to_kohya
-    from lorakit.models.families import get_family
+    from lorakit.models.families import FAMILIES, get_family
 
     lf = source if isinstance(source, LoraFile) else read_lora_file(source)
     sd = to_kohya(lf.tensors, lf.metadata, family, source=str(lf.path))
     if family is None:
         cands, _ = detect_family(sd, lf.metadata)
-        name = best_family(cands) if len(cands) < 4 or lf.metadata else None
+        name = best_family(cands) if len(cands) < len(FAMILIES) or lf.metadata else None
         family = get_family(name) if name else None
-        if family is not None and family.lora_unet_style == "sai" and not all(
+        if family is not None and not family.lora_unet_diffusers_names and not all(
                 k.startswith(("lora_unet_", "lora_te")) for k in lf.tensors):
             sd = to_kohya(lf.tensors, lf.metadata, family, source=str(lf.path))  # PEFT SDXL: SAI UNet names
     dtypes = [v.dtype for v in lf.tensors.values() if v.is_floating_point() and v.dim() > 0]
@@ -392,8 +396,8 @@ def cast_tensors(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> d
 def parse_precision(value: str | None, default: torch.dtype) -> torch.dtype:
     if value is None:
         return default
-    table = {"float": torch.float32, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    from lorakit.models.dtypes import DTYPES as table
+
     if value.lower() not in table:
         raise UserError(f"--save_precision {value!r}: use float, fp16 or bf16.")
     return table[value.lower()]
@@ -433,8 +437,7 @@ def resize_lora(model: str | os.PathLike, save_to: str | os.PathLike, new_rank: 
         from lorakit.models.loading import load_bundle
 
         bundle = load_bundle(base_model, components=("unet", "text_encoders"))
-    if bundle is not None and src.family is not None and bundle.family.name != src.family.name and not (
-            {bundle.family.name, src.family.name} <= {"sd2", "sd2-v"}):
+    if bundle is not None and src.family is not None and not bundle.family.shares_weights_with(src.family):
         raise UserError(f"{model} is a {src.family.title} LoRA but --model is a {bundle.family.title} model.")
     dtype = parse_precision(save_precision, src.dtype)
     new_sd, report = resize_state_dict(src.sd, new_rank, new_conv_rank, dynamic_method, dynamic_param,

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from lorakit.errors import UserError
 
@@ -34,6 +34,25 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
+SKIP_HINT = "run with --on_bad_image skip to leave it out"
+
+
+def image_error(path: str | os.PathLike, exc: BaseException) -> ImageReadError:
+    """The ImageReadError for any failure to open or decode `path` (one wording for every reader)."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageReadError(f"image {path} does not exist.")
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageReadError(
+            f"image {path} is too large to decode safely ({exc}). Save it smaller with an image editor (lorakit "
+            f"refuses to decode it too) or delete it, or {SKIP_HINT}.")
+    if isinstance(exc, MemoryError):
+        return ImageReadError(f"image {path} does not fit in memory when decoded; shrink or delete it, or "
+                              f"{SKIP_HINT}.")
+    return ImageReadError(
+        f"image {path} cannot be read ({type(exc).__name__}: {exc}). The file is corrupt, truncated or not an "
+        f"image: re-export or delete it, or {SKIP_HINT}.")
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image with EXIF orientation applied; raise ImageReadError naming the file."""
     path = Path(path)
@@ -41,14 +60,13 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         img = Image.open(path)
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # in place: no second copy of a large image
-    except FileNotFoundError:
-        raise ImageReadError(f"image {path} does not exist.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(
-            f"image {path} cannot be read ({type(exc).__name__}: {exc}). The file is corrupt, truncated or not an "
-            "image: re-export or delete it, or run with --on_bad_image skip to leave it out."
-        ) from None
-    return _to_8bit(img)
+        return _to_8bit(img)
+    except ImageReadError:
+        raise
+    # Pillow's decoders raise many types on damaged files (struct.error, IndexError, ZeroDivisionError...) and
+    # DecompressionBombError is none of OSError/ValueError: every failure here is "this image is unreadable".
+    except Exception as exc:  # noqa: BLE001
+        raise image_error(path, exc) from None
 
 
 def split_alpha(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
@@ -82,6 +100,6 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"image {path} cannot be read ({type(exc).__name__}: {exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - see open_image
+        raise image_error(path, exc) from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -1,0 +1,81 @@
+"""The training forward of adapters whose change is a full-size weight (LoHa, LoKr, DoRA, full): the weight change is
+built from the small factors, used once, and dropped; backward builds it again.
+
+Plain autograd through `op(x, delta_weight())` keeps every intermediate of the delta alive until backward: LoHa's two
+full-size products and their Hadamard product, LoKr's Kronecker product, DoRA's re-normalised weight, and the delta
+itself (saved by the linear/conv for the input gradient) - several copies of every targeted weight, 3x LoRA's peak
+memory on SD1.5. Here autograd keeps only the layer input `x` (which LoRA keeps too) and the factors; backward spends
+one more small matmul per factor product to rebuild the change, the same trade LyCORIS' weight functions make, and
+each algorithm's `delta_backward` writes the chain rule out so that no more than ~3 full-size tensors of ONE layer
+exist at a time (e.g. 3 x 118 MB for SD1.5's largest 3x3 conv, 2560 -> 1280).
+
+`fused`: the op runs with W + change instead of base(x) + op(x, change) - one full-size op instead of two in forward
+and backward (float32 only: see AdapterModule.forward_fused).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RebuiltDelta(torch.autograd.Function):
+    """y = op(x, weight, bias) where (weight, bias) = adapter.layer_weights(multiplier, keep, fused); saves x and the
+    parameters, never a full-size tensor. `keep` is the rank-dropout mask, drawn once in forward and replayed."""
+
+    @staticmethod
+    def forward(ctx, x, adapter, multiplier, keep, fused, *params):
+        with torch.no_grad():
+            w, b = adapter.layer_weights(multiplier, keep, fused)
+            y = adapter._op(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        ctx.adapter, ctx.multiplier, ctx.keep, ctx.fused = adapter, multiplier, keep, fused
+        ctx.save_for_backward(x, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, *params = ctx.saved_tensors
+        a, m = ctx.adapter, ctx.multiplier
+        has_bias = a.delta_bias() is not None
+        with torch.no_grad():
+            dora = a.dora_state(ctx.keep) if a.wd else None  # W + dW and its norm: built once for both uses
+            gx = None
+            if ctx.needs_input_grad[0]:
+                w, _ = a.layer_weights(m, ctx.keep, ctx.fused, dora)
+                gx = _input_grad(a, x, gy, w.to(x.dtype))
+                del w
+            gw, gb = _weight_grad(a, x, gy, has_bias)
+            pairs = a.change_backward(gw.float(), m, ctx.keep, dora)
+            del dora
+            if has_bias:
+                pairs.append((a.diff_b, gb.float() * m))
+        by_id = {id(p): g.to(p.dtype).reshape(p.shape) for p, g in pairs}
+        return (gx, None, None, None, None, *[by_id.get(id(p)) if p.requires_grad else None for p in params])
+
+
+def _input_grad(adapter, x, gy, weight):
+    gy = gy.to(x.dtype)
+    if adapter.is_conv:
+        kw = adapter._conv_kw
+        return torch.ops.aten.convolution_backward(
+            gy, x, weight, None, list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]), False, [0, 0],
+            kw["groups"], [True, False, False])[0]
+    return gy @ weight
+
+
+def _weight_grad(adapter, x, gy, need_bias: bool):
+    gy = gy.to(x.dtype)
+    if adapter.is_conv:
+        kw = adapter._conv_kw
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, _shape_only(adapter, x),
+            [adapter.shape[0]] if need_bias else None, list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]),
+            False, [0, 0], kw["groups"], [False, True, need_bias])
+        return gw, gb
+    g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+    return g2.t() @ x2, (g2.sum(0) if need_bias else None)
+
+
+def _shape_only(adapter, x):
+    # convolution_backward reads only the weight's shape when the input gradient is not asked for; an expanded
+    # scalar has that shape without allocating it
+    return torch.zeros((), dtype=x.dtype, device=x.device).expand(adapter.shape)

@@ -1,0 +1,380 @@
+"""Peak memory of a training step, predicted before the model loads, and the measured peak after a run.
+
+The prediction builds the full model with fake tensors (shapes and dtypes, no data: nothing is read from the
+checkpoint and nothing is allocated), injects the network, and runs one training step's forward and backward under
+`LiveBytes`, a dispatch mode that adds up every storage an op creates and subtracts it when the storage dies. Its
+high-water mark is the activation peak: whatever autograd keeps, recomputation under gradient checkpointing,
+attention and the adapters' transients included, exactly as the real step would allocate them, because the real
+modules run. Weights, gradients and optimizer state are counted from the real shapes and dtypes; optimizer state by
+running the chosen optimizer once on one real tensor of each distinct trainable shape.
+
+Why our own tracker and not torch.distributed._tools.MemTracker: that one is private API (it may change in any torch
+release, and we support torch >= 2.1), needs torch.distributed, and rounds to the CUDA allocator's blocks; the part
+we need (live bytes of new storages, views not counted twice) is the 30 lines of `LiveBytes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = 2**30
+
+
+# ================================================================================================ the tracker ======
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created under this mode that are still alive, and their high-water mark.
+
+    An op's output whose storage is one of its inputs' (a view, an in-place op) is not new memory; everything else
+    is counted once per storage and released by a weakref finalizer when the storage dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if id(st) not in inputs and id(st) not in self._sizes:
+                    self._add(st)
+        return out
+
+    def _add(self, storage) -> None:
+        key, size = id(storage), storage.nbytes()
+        self._sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+# ================================================================================================ the estimate =====
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes at the peak of a training step, by kind. `runtime` is what the process holds besides tensors (the
+    interpreter and libraries on a CPU; the CUDA context on a GPU)."""
+
+    device: str
+    weights: int
+    trainable: int
+    gradients: int
+    optimizer: int
+    activations: int
+    caches: int
+    runtime: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def peak(self) -> int:
+        return (self.weights + self.trainable + self.gradients + self.optimizer + self.activations + self.caches
+                + self.runtime)
+
+    def line(self) -> str:
+        parts = [("weights", self.weights), ("network", self.trainable), ("gradients", self.gradients),
+                 ("optimizer", self.optimizer), ("activations", self.activations), ("caches", self.caches),
+                 ("runtime", self.runtime)]
+        kinds = ", ".join(f"{name} {gib(v)}" for name, v in parts if v >= 0.005 * GIB)
+        return f"predicted peak memory on {self.device}: {gib(self.peak)} GiB ({kinds})"
+
+    def table(self) -> str:
+        rows = [("frozen weights", self.weights), ("trainable network (fp32)", self.trainable),
+                ("gradients", self.gradients), ("optimizer state", self.optimizer),
+                ("activations (forward + backward peak)", self.activations), ("caches (latents, text)", self.caches),
+                ("runtime (interpreter, libraries / CUDA context)", self.runtime)]
+        out = [f"{name:<48} {gib(v):>8} GiB" for name, v in rows]
+        out.append(f"{'predicted peak on ' + self.device:<48} {gib(self.peak):>8} GiB")
+        return "\n".join(out + [f"note: {n}" for n in self.notes])
+
+
+def gib(n: int | float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def parse_size(text: str | int | float) -> int:
+    """'8GB', '8 GiB', '7.5G', '8000MB', or a number of bytes -> bytes (GB and GiB both mean 2**30, as tools
+    report memory)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    mult = units.get(s[-1:], 1)
+    num = s[:-1] if s[-1:] in units else s
+    value = float(num)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return int(value * mult)
+
+
+# ================================================================================================ pieces ==========
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if id(st) not in seen:
+            seen.add(id(st))
+            total += st.nbytes()
+    return total
+
+
+def module_bytes(*modules) -> int:
+    return tensor_bytes(t for m in modules if m is not None for t in list(m.parameters()) + list(m.buffers()))
+
+
+def optimizer_state_bytes(params: list[torch.Tensor], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
+                          ) -> int:
+    """State bytes of the optimizer after one step, measured on one real tensor per distinct (shape, dtype) and
+    multiplied by how often that shape occurs (per-parameter state only depends on the parameter's shape)."""
+    counts: dict[tuple, int] = {}
+    for p in params:
+        key = (tuple(p.shape), p.dtype)
+        counts[key] = counts.get(key, 0) + 1
+    probes = []
+    for shape, dtype in counts:
+        t = torch.zeros(shape, dtype=dtype, requires_grad=True)
+        t.grad = torch.full(shape, 1e-3, dtype=dtype)
+        probes.append(t)
+    opt = make_optimizer([{"params": probes}])
+    opt.step()
+    total = 0
+    for probe, ((shape, dtype), n) in zip(probes, counts.items()):
+        state = opt.state.get(probe, {})
+        total += n * tensor_bytes(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return total
+
+
+def current_rss() -> int:
+    """Resident memory of this process now (bytes)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory of the device: the GPU's free memory, or MemAvailable of the machine (plus what this process
+    already holds, since the prediction includes it)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 + current_rss()
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def measured_peak(device: torch.device) -> int:
+    """What the prediction is checked against: peak allocated GPU memory, or the process' peak RSS on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss()
+
+
+@contextlib.contextmanager
+def fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # real tensors (tokenizer ids, generators' draws, the LoRA's init) may meet fake ones: treat them as constants
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+@dataclass
+class TraceResult:
+    peak: int  # high-water mark of new storages during the step
+    kept: int = 0  # still alive after the step (gradients, outputs)
+    notes: list[str] = field(default_factory=list)
+
+
+def trace(step: Callable[[], None]) -> TraceResult:
+    """Run `step` (fake tensors inside) under LiveBytes; the peak of what it allocated."""
+    tracker = LiveBytes()
+    with tracker:
+        step()
+    return TraceResult(peak=tracker.peak, kept=tracker.live)
+
+
+__all__ = ["LiveBytes", "MemoryEstimate", "trace", "fake_mode", "optimizer_state_bytes", "module_bytes",
+           "tensor_bytes", "parse_size", "available_memory", "measured_peak", "current_rss", "peak_rss", "gib",
+           "replace"]
+
+
+# ================================================================================================ a run's step =====
+@dataclass(frozen=True)
+class StepShape:
+    """What sizes one training step: the largest batch x area any dataset feeds, and the caption windows."""
+
+    batch: int
+    height: int
+    width: int
+    n_images: int  # distinct images (latent cache entries)
+    n_captions: int  # distinct captions (text-encoder cache entries)
+
+
+def step_shape(data) -> StepShape:
+    """From the scanned datasets (`stages.Data`): buckets never exceed the resolution's area, so the resolution at
+    the largest batch is the worst step."""
+    worst = max(data.configs, key=lambda c: c.batch_size * c.resolution[0] * c.resolution[1])
+    w, h = worst.resolution
+    entries = [e for ds in data.group.datasets for e in ds.entries]
+    return StepShape(batch=worst.batch_size, height=h, width=w, n_images=len(entries),
+                     n_captions=len({e.caption for e in entries}))
+
+
+def latent_shape(configs: dict, height: int, width: int) -> tuple[int, int, int]:
+    """(channels, h, w) of the VAE's latents for an image (the VAE halves the size per level after the first)."""
+    vae = configs["vae"]
+    f = 2 ** (len(vae["block_out_channels"]) - 1)
+    return vae.get("latent_channels", 4), height // f, width // f
+
+
+def make_fake(bundle, device: torch.device, dtypes: dict[str, torch.dtype]) -> None:
+    """Give a bundle built on the meta device fake tensors on `device`, each component in its training dtype (call
+    inside `fake_mode()`). New Parameters are assigned rather than converted: torch cannot swap a fake parameter,
+    so the stages' moves must find nothing to do."""
+    for name, module in bundle.components().items():
+        dt = dtypes[name]
+        for sub in module.modules():
+            for key, p in list(sub._parameters.items()):
+                if p is not None:
+                    sub._parameters[key] = torch.nn.Parameter(
+                        torch.empty(p.shape, dtype=dt if p.is_floating_point() else p.dtype, device=device),
+                        requires_grad=False)
+            for key, b in list(sub._buffers.items()):
+                if b is not None:
+                    sub._buffers[key] = torch.empty(b.shape, dtype=dt if b.is_floating_point() else b.dtype,
+                                                    device=device)
+        module.eval()
+
+
+class _CachedText:
+    """Stands in for a filled text-encoder cache: returns tensors of the cached outputs' shapes."""
+
+    def __init__(self, hidden: torch.Tensor, pooled: torch.Tensor | None):
+        self.hidden, self.pooled = hidden, pooled
+
+    def get(self, captions):
+        n = len(captions)
+        h = self.hidden[:1].expand(n, *self.hidden.shape[1:]).clone()
+        return h if self.pooled is None else (h, self.pooled[:1].expand(n, -1).clone())
+
+
+def estimate(opts, run, family, configs: dict, data) -> MemoryEstimate:
+    """The peak memory of one training step of this run, before anything is loaded (see the module docstring).
+    `opts` are the run's frozen options, `run` the stages' Run, `configs` the model's module configs, `data` the
+    scanned datasets."""
+    from lorakit.train import stages as S
+
+    shape = step_shape(data)
+    quiet = replace(run, log=lambda *a, **k: None)
+    notes: list[str] = []
+    from lorakit.models.bundle import build_bundle
+
+    bundle = build_bundle(family, configs, device="meta")
+    with fake_mode():
+        make_fake(bundle, run.device, S.component_dtypes(opts.no_half_vae, run.weight_dtype, family))
+        model = S.prepare_model(replace(S.picked(S.ModelOptions, opts), base_weights=None), quiet, bundle)
+        net = S.build_network(replace(S.picked(S.NetworkOptions, opts), network_weights=None), quiet, model)
+        trainable = [p for p in net.network.parameters() if p.requires_grad]
+        weights = module_bytes(*bundle.components().values())
+        step = _step(opts, run, model, net, shape)
+        traced = trace(step)
+    caches = _cache_bytes(opts, family, shape, configs)
+    make = _optimizer_factory(opts)
+    opt_state = optimizer_state_bytes(trainable, make)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    runtime = _runtime_bytes(run.device)
+    if shape.batch * shape.height * shape.width > 0 and not opts.gradient_checkpointing:
+        notes.append("--gradient_checkpointing would recompute activations in backward instead of keeping them")
+    return MemoryEstimate(str(run.device.type), weights=weights, trainable=grads, gradients=grads,
+                          optimizer=opt_state, activations=max(0, traced.peak - 0), caches=caches, runtime=runtime,
+                          notes=tuple(notes))
+
+
+def _step(opts, run, model, net, shape: StepShape) -> Callable[[], None]:
+    """One step of the run's loop body on fake inputs of the worst shape: encode (unless cached), UNet, loss,
+    backward."""
+    from lorakit.models.conditioning import encode_captions
+    from lorakit.train import stages as S
+    from lorakit.train.loop import LossOptions, NoiseOptions, StepMaths, batch_loss
+
+    b, h, w = shape.batch, shape.height, shape.width
+    bundle = model.bundle
+    c, lh, lw = latent_shape(bundle.configs, h, w)
+    batch = {"latents": torch.randn(b, c, lh, lw) if opts.cache_latents else None,
+             "images": None if opts.cache_latents else torch.randn(b, 3, h, w),
+             "captions": ["a"] * b, "loss_weights": torch.ones(b), "alpha_masks": None,
+             "original_sizes_hw": torch.tensor([[h, w]] * b), "crop_top_lefts": torch.zeros(b, 2, dtype=torch.long),
+             "target_sizes_hw": torch.tensor([[h, w]] * b)}
+    te_cache = None
+    if opts.cache_text_encoder_outputs:
+        with torch.no_grad(), S.autocast(run.device, run.weight_dtype):
+            te_cache = _CachedText(*encode_captions(bundle, ["a"], opts.clip_skip, opts.max_token_length))
+    maths = StepMaths(model.alphas_cumprod, model.prediction, S.picked(NoiseOptions, opts),
+                      S.picked(LossOptions, opts), opts.clip_skip, opts.max_token_length, net.train_te, run.device,
+                      run.weight_dtype)
+    encode_latents = S.vae_encoder(bundle, torch.Generator(), model.vae_dtype)
+    gen = torch.Generator()
+
+    def step() -> None:
+        with S.autocast(run.device, run.weight_dtype):
+            loss = batch_loss(bundle, batch, maths, gen, encode_latents, te_cache)
+        loss.backward()
+
+    return step
+
+
+def _cache_bytes(opts, family, shape: StepShape, configs: dict) -> int:
+    """Latents and text-encoder outputs held in memory for the whole run."""
+    total = 0
+    if opts.cache_latents:
+        total += shape.n_images * math.prod(latent_shape(configs, shape.height, shape.width)) * 4
+    if opts.cache_text_encoder_outputs:
+        width = sum(configs[s.config_name]["hidden_size"] for s in family.text_encoders)
+        tokens = 2 + 75 * max(1, (opts.max_token_length or 75) // 75)
+        total += shape.n_captions * (tokens * width + 1280) * 4
+    return total
+
+
+def _optimizer_factory(opts):
+    from lorakit.train.optimizers import create_optimizer
+
+    kind = "AdamW8bit" if opts.use_8bit_adam else ("Lion" if opts.use_lion_optimizer else opts.optimizer_type)
+    return lambda groups: create_optimizer(kind or "AdamW", groups, opts.learning_rate, opts.optimizer_args).optimizer
+
+
+def _runtime_bytes(device: torch.device) -> int:
+    """What the process holds besides tensors: on a CPU, the interpreter and libraries as resident now (torch,
+    diffusers, transformers are imported by the time this runs) plus their growth during training (kernels' code
+    and thread stacks, measured: ~0.3 GiB); on a GPU, the CUDA context and cuBLAS workspace (not counted by
+    max_memory_allocated, ~0.5 GiB)."""
+    if device.type == "cuda":
+        return int(0.5 * GIB)
+    return current_rss() + int(0.3 * GIB)

@@ -1,0 +1,546 @@
+"""The stages of a training run, in order; each reads the few options it declares and returns a small value.
+
+    set_up_run -> Run        process, device, seed, output names, a state to resume (nothing loaded yet)
+    load_base_model          the ModelBundle (skipped when the caller passes one)
+    report_options           refusals and notes for this family, --log_config
+    prepare_model -> Model   base weights merged, noise schedule, modules on the device in the training dtypes
+    load_data -> Data        datasets, batches per epoch, steps and epochs
+    build_network -> Net     the adapter network applied to the model (and the model's memory settings)
+    prepare_inputs -> Inputs how batches become latents and text conditioning (caches filled here)
+    build_optimizer -> Optim optimizer, learning-rate schedule, loss scaler
+    restore -> Start         where the loop starts (a resumed state's weights, optimizer and RNG streams)
+
+Each stage declares the options it reads as a small frozen dataclass (`RunOptions`, ...), filled by `picked`.
+Checks that need no model (preflight, memory estimates) belong between set_up_run and load_base_model; checks of the
+weights after every optimizer step belong in loop._after_optimizer_step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from lorakit import options as O
+from lorakit.errors import UserError
+from lorakit.models.dtypes import dtype_named
+from lorakit.train import noise as N
+
+DEFAULT_OUTPUT_NAME = "last"
+
+
+def picked(cls, opts):
+    """The options a stage declares (the fields of `cls`, named like the options), read from the run's options."""
+    return cls(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(cls)})
+
+
+def autocast(device, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# ================================================================================================ run ==============
+@dataclass(frozen=True)
+class RunOptions:
+    seed: Optional[int]
+    resume: Optional[str]
+    output_dir: Optional[str]
+    output_name: Optional[str]
+    mixed_precision: str
+    console_log_file: Optional[str]
+    ddp_timeout: Optional[int]
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The run's own random streams (noise draws, VAE sampling); a state folder saves and restores them."""
+
+    noise: torch.Generator
+    latent: torch.Generator
+
+
+@dataclass(frozen=True)
+class Run:
+    """This process's part of the run, known before anything is loaded."""
+
+    seed: int
+    rank: int
+    world: int
+    device: torch.device
+    weight_dtype: torch.dtype  # the frozen model's compute dtype (--mixed_precision)
+    out_dir: Path
+    name: str  # LoRA file stem
+    started_at: float
+    log: Callable[[str], None]
+    progress: bool
+    streams: Streams
+    resume: Any = None  # the TrainState to continue from
+    resume_from: Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def set_up_run(o: RunOptions, log: Callable[[str], None], progress: bool) -> Run:
+    """Log file, the state to resume, the seed (the state's, the option's or a drawn one), processes and device."""
+    from lorakit.train.state import load_state
+
+    started_at = time.time()
+    if o.console_log_file:
+        log = _tee(log, o.console_log_file)
+    resume = load_state(o.resume) if o.resume else None
+    seed = o.seed
+    if resume is not None:
+        saved_seed = int(resume.counters.get("seed", seed if seed is not None else 0))
+        if seed is not None and seed != saved_seed:
+            log(f"note: the state was trained with --seed {saved_seed}; using it so batches continue in order.")
+        seed = saved_seed
+    seed = seed if seed is not None else random.SystemRandom().randint(0, 2**31 - 1)
+    rank, world = _join_processes(o.ddp_timeout)
+    if rank != 0:
+        log, progress = (lambda *_a, **_k: None), False
+    if o.output_dir is None:
+        raise UserError("--output_dir is required: the folder for the LoRA files.")
+    streams = Streams(noise=torch.Generator().manual_seed(seed + 1000003 * rank),
+                      latent=torch.Generator().manual_seed(seed + 1))
+    return Run(seed=seed, rank=rank, world=world, device=_device(), started_at=started_at,
+               weight_dtype=dtype_named(o.mixed_precision, torch.float32), out_dir=Path(o.output_dir),
+               name=o.output_name or DEFAULT_OUTPUT_NAME, log=log, progress=progress, streams=streams, resume=resume,
+               resume_from=o.resume)
+
+
+def _join_processes(ddp_timeout: Optional[int]) -> tuple[int, int]:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            timeout = datetime.timedelta(minutes=ddp_timeout) if ddp_timeout else None
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                    **({"timeout": timeout} if timeout else {}))
+    return rank, world
+
+
+def _device() -> torch.device:
+    env = os.environ.get("LORAKIT_DEVICE")
+    if env:
+        return torch.device(env)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _tee(log, path):
+    fh = open(path, "a", encoding="utf-8")
+
+    def both(msg, *a, **k):
+        log(msg, *a, **k)
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        fh.flush()
+
+    return both
+
+
+# ================================================================================================ model ============
+@dataclass(frozen=True)
+class LoadOptions:
+    pretrained_model_name_or_path: Optional[str]
+    vae: Optional[str]
+    v2: bool
+    v_parameterization: bool
+    sdxl: bool
+    mixed_precision: str
+
+
+def load_base_model(o: LoadOptions, log: Callable[[str], None]):
+    """The ModelBundle, loaded straight into the training dtype (no full-precision copy of the frozen model)."""
+    from lorakit.models.loading import load_bundle
+
+    if not o.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file or a diffusers "
+                        "folder).")
+    log(f"loading {o.pretrained_model_name_or_path}")
+    return load_bundle(o.pretrained_model_name_or_path, vae=o.vae, v2=o.v2, v_parameterization=o.v_parameterization,
+                       sdxl=o.sdxl, dtype=dtype_named(o.mixed_precision))
+
+
+def report_options(opts, family, run: Run) -> None:
+    """Refuse impossible combinations for this family; log the notes and (--log_config) the options."""
+    import json
+
+    from lorakit.train.checks import check_options
+
+    for note in check_options(opts, family):
+        run.log("note: " + note)
+    if opts.log_config:
+        run.log("options: " + json.dumps(O.given_values(dataclasses.replace(opts, seed=run.seed)), default=str))
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    v_parameterization: bool
+    zero_terminal_snr: bool
+    no_half_vae: bool
+    base_weights: Optional[list]
+    base_weights_multiplier: Optional[list]
+
+
+@dataclass(frozen=True)
+class Model:
+    bundle: Any  # ModelBundle
+    prediction: str  # "epsilon" or "v_prediction"
+    alphas_cumprod: torch.Tensor
+    vae_dtype: torch.dtype
+
+    @property
+    def family(self):
+        return self.bundle.family
+
+
+def prepare_model(o: ModelOptions, run: Run, bundle) -> Model:
+    """Merge --base_weights, build the noise schedule, move the modules to the device in their training dtypes."""
+    from lorakit.adapters.network import load_network
+
+    fam = bundle.family
+    for i, path in enumerate(o.base_weights or []):
+        mult = o.base_weights_multiplier[i] if o.base_weights_multiplier else 1.0
+        load_network(bundle, path, multiplier=mult, merge=True)
+        run.log(f"merged {path} x {mult} into the model before training")
+    prediction = "v_prediction" if (o.v_parameterization or fam.prediction_type == "v_prediction") else "epsilon"
+    betas = bundle.noise_scheduler.betas.double()
+    if o.zero_terminal_snr:
+        betas = N.zero_terminal_snr_betas(betas)
+        if prediction != "v_prediction":
+            run.log("note: --zero_terminal_snr without v-prediction: the last timestep's input is pure noise; "
+                    "sd-scripts allows it, but it is meant for --v_parameterization.")
+    alphas_cumprod = N.alphas_cumprod_from_betas(betas).float()
+    dtypes = component_dtypes(o.no_half_vae, run.weight_dtype, fam)
+    for name, module in bundle.components().items():
+        place(module, run.device, dtypes[name])
+    return Model(bundle, prediction, alphas_cumprod, dtypes["vae"])
+
+
+def component_dtypes(no_half_vae: bool, weight_dtype: torch.dtype, family) -> dict[str, torch.dtype]:
+    """The training dtype of each model component: the frozen model's, except a VAE that overflows in fp16 (or
+    --no_half_vae) in float32."""
+    half_unsafe = not family.vae_fp16_safe and weight_dtype == torch.float16
+    vae = torch.float32 if (no_half_vae or half_unsafe) else weight_dtype
+    return {"unet": weight_dtype, "vae": vae, **{s.config_name: weight_dtype for s in family.text_encoders}}
+
+
+def place(module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
+    """module.to(device, dtype), skipped when nothing would change (a moved module is rebuilt tensor by tensor, and
+    the memory estimate's fake tensors cannot be moved at all)."""
+    first = next(module.parameters(), None)
+    if first is None:
+        return
+    if first.device != torch.device(device) or any(p.device != first.device for p in module.parameters()):
+        module.to(device)
+    if dtype is not None and any(p.dtype != dtype and p.is_floating_point() for p in module.parameters()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module.to(dtype=dtype)
+
+
+# ================================================================================================ data =============
+def dataset_configs(opts, family, log: Callable[[str], None]) -> list:
+    """The datasets the options describe (command-line datasets default to the family's resolution)."""
+    from lorakit.data import build_dataset_configs
+
+    notes: list[str] = []
+    configs = build_dataset_configs(opts, notes=notes, default_resolution=family.resolution)
+    for n in notes:
+        log("note: " + n)
+    return configs
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    on_bad_image: str
+    gradient_accumulation_steps: int
+    max_train_steps: int
+    max_train_epochs: Optional[int]
+    save_every_n_epochs: Optional[int]
+    save_n_epoch_ratio: Optional[int]
+
+
+@dataclass(frozen=True)
+class Data:
+    configs: list
+    group: Any  # DatasetGroup
+    batches_per_epoch: int
+    accum: int  # batches per optimizer step and process
+    max_steps: int
+    num_epochs: int
+    save_every_n_epochs: Optional[int]  # --save_n_epoch_ratio resolved
+    multipliers: Optional[list]  # network multiplier per dataset (None: all 1)
+
+
+def load_data(configs: list, o: DataOptions, run: Run) -> Data:
+    """Scan the datasets; count batches, steps and epochs (--max_train_epochs wins over --max_train_steps)."""
+    from lorakit.data import DatasetGroup
+
+    group = DatasetGroup.build(configs, seed=run.seed, on_bad_image=o.on_bad_image)
+    run.log(group.summary_text())
+    batches_per_epoch = group.num_batches(1)
+    accum = max(1, o.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches_per_epoch / (accum * run.world))
+    max_steps = o.max_train_epochs * steps_per_epoch if o.max_train_epochs else o.max_train_steps
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    every = max(1, num_epochs // o.save_n_epoch_ratio) if o.save_n_epoch_ratio else o.save_every_n_epochs
+    group.max_train_steps = max_steps  # fractional token warmup counts in steps of this run
+    multipliers = [c.network_multiplier for c in configs]
+    return Data(configs, group, batches_per_epoch, accum, max_steps, num_epochs, every,
+                multipliers if any(m != 1.0 for m in multipliers) else None)
+
+
+# ================================================================================================ network ==========
+@dataclass(frozen=True)
+class NetworkOptions:
+    network_module: str
+    network_dim: Optional[int]
+    network_alpha: float
+    network_dropout: Optional[float]
+    network_args: Optional[list]
+    network_weights: Optional[str]
+    dim_from_weights: bool
+    network_train_unet_only: bool
+    network_train_text_encoder_only: bool
+    loraplus_lr_ratio: Optional[float]
+    loraplus_unet_lr_ratio: Optional[float]
+    loraplus_text_encoder_lr_ratio: Optional[float]
+    gradient_checkpointing: bool
+    xformers: bool
+    fp8_base: bool
+    fp8_base_unet: bool
+
+
+@dataclass(frozen=True)
+class Net:
+    network: Any  # adapters.network.Network, applied to the bundle
+    train_te: bool  # text-encoder adapters train (so text must be encoded with gradients)
+    dim: Optional[int]  # the rank asked for (--network_dim or read from --network_weights)
+
+
+def build_network(o: NetworkOptions, run: Run, model: Model) -> Net:
+    """Create the adapters (seeded), load --network_weights, apply them, then the model's memory settings."""
+    from lorakit.adapters.network import create_network
+
+    bundle = model.bundle
+    net_args = O.network_args_dict(o.network_args)
+    for flag in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if getattr(o, flag) is not None:
+            net_args.setdefault(flag, str(getattr(o, flag)))
+    dim = _dim_from_weights(o.network_weights, run.log) if o.dim_from_weights else o.network_dim
+    torch.manual_seed(run.seed)  # adapter initialisation
+    network = create_network(bundle, o.network_module, dim, o.network_alpha, net_args,
+                             train_unet=not o.network_train_text_encoder_only,
+                             train_text_encoder=not o.network_train_unet_only, neuron_dropout=o.network_dropout)
+    if o.network_weights:
+        network.load_weights(o.network_weights)
+        run.log(f"loaded network weights from {o.network_weights}")
+    network.apply_to(bundle)
+    place(network, run.device, torch.float32)
+    train_te = bool(network.te_adapters)
+    run.log(f"{bundle.family.title}: {len(network.unet_adapters)} UNet + {len(network.te_adapters)} text-encoder "
+            f"modules ({sum(p.numel() for p in network.parameters())} parameters)")
+    _memory_settings(o, bundle, train_te)
+    return Net(network, train_te, dim)
+
+
+def _dim_from_weights(path, log) -> int:
+    from lorakit.adapters.file import read_lora_file
+
+    downs = [v for k, v in read_lora_file(path).tensors.items() if k.endswith("lora_down.weight")]
+    if not downs:
+        raise UserError(f"--dim_from_weights: {path} has no lora_down weights to read a rank from.")
+    dim = int(downs[0].shape[0])
+    log(f"--dim_from_weights: network_dim {dim}")
+    return dim
+
+
+def _memory_settings(o: NetworkOptions, bundle, train_te: bool) -> None:
+    if o.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        bundle.unet.train()  # diffusers checkpoints only in training mode (the UNet has no dropout)
+        if train_te:
+            for te in bundle.text_encoders:
+                getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
+                te.train()
+    if o.xformers:
+        with contextlib.suppress(Exception):
+            bundle.unet.enable_xformers_memory_efficient_attention()
+    if o.fp8_base or o.fp8_base_unet:
+        _to_fp8(bundle.unet)
+    if o.fp8_base and not train_te:
+        for te in bundle.text_encoders:
+            _to_fp8(te)
+
+
+def _to_fp8(module: torch.nn.Module) -> None:
+    """Store Linear/Conv weights of a frozen module in float8 (upcast by autocast in each op)."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+
+
+# ================================================================================================ inputs ===========
+@dataclass(frozen=True)
+class InputOptions:
+    pretrained_model_name_or_path: Optional[str]
+    vae: Optional[str]
+    cache_latents: bool
+    cache_latents_to_disk: bool
+    vae_batch_size: int
+    cache_text_encoder_outputs: bool
+    cache_text_encoder_outputs_to_disk: bool
+    clip_skip: Optional[int]
+    max_token_length: Optional[int]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    encode_latents: Callable  # pixels [B,3,H,W] -> scaled latents (for batches without cached latents)
+    te_cache: Any  # data.latents.TextEncoderCache, or None: encode captions each step
+
+
+def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data) -> Inputs:
+    """The VAE encoder of the run (latent stream of the run) and the caches the options ask for, filled now."""
+    from lorakit.data import TextEncoderCache, cache_latents, group_static_captions
+    from lorakit.models.conditioning import encode_captions
+
+    bundle, fam = model.bundle, model.family
+    encode_latents = vae_encoder(bundle, run.streams.latent, model.vae_dtype)
+    if o.cache_latents:
+        run.log("caching latents" + (" to disk" if o.cache_latents_to_disk else ""))
+        cache_latents(data.group, encode_latents, suffix=fam.latent_cache_suffix, to_disk=o.cache_latents_to_disk,
+                      batch_size=o.vae_batch_size,
+                      vae_id=f"{fam.name}:{os.path.basename(str(o.vae or o.pretrained_model_name_or_path))}")
+    te_cache = None
+    if o.cache_text_encoder_outputs:
+        def encode_for_cache(caps):
+            h, p = encode_captions(bundle, caps, o.clip_skip, o.max_token_length)
+            return h if p is None else (h, p)
+
+        cache_dir = (run.out_dir / ".te_cache") if o.cache_text_encoder_outputs_to_disk else None
+        te_cache = TextEncoderCache(encode_for_cache, cache_dir, key_prefix=f"{fam.name}:{o.clip_skip}:"
+                                    f"{o.max_token_length}:{o.pretrained_model_name_or_path}")
+        with torch.no_grad(), autocast(run.device, run.weight_dtype):
+            te_cache.precompute(group_static_captions(data.group))
+    return Inputs(encode_latents, te_cache)
+
+
+def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    scale = bundle.latent_scale
+    vae = bundle.vae
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        dist = vae.encode(pixels.to(vae.device, dtype)).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+        return ((dist.mean.float() + dist.std.float() * eps) * scale).float()
+
+    return encode
+
+
+# ================================================================================================ optimizer ========
+@dataclass(frozen=True)
+class OptimizerOptions:
+    learning_rate: float
+    unet_lr: Optional[float]
+    text_encoder_lr: Optional[list]
+    optimizer_type: str
+    use_8bit_adam: bool
+    use_lion_optimizer: bool
+    optimizer_args: Optional[list]
+    # read by lr_schedules.scheduler_from_options
+    lr_scheduler: str
+    lr_scheduler_type: str
+    lr_scheduler_args: Optional[list]
+    lr_warmup_steps: Any
+    lr_decay_steps: Any
+    lr_scheduler_num_cycles: int
+    lr_scheduler_power: float
+    lr_scheduler_timescale: Optional[int]
+    lr_scheduler_min_lr_ratio: Optional[float]
+
+
+@dataclass(frozen=True)
+class Optim:
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # lr_schedules.LRScheduler
+    scaler: Any  # torch.amp.GradScaler under fp16, else None
+    info: Any  # optimizers.OptimizerInfo
+    trainable: list  # every trained parameter
+    te_lr: Any  # text-encoder lr as sd-scripts records it (None, one float or a list)
+
+
+def build_optimizer(o: OptimizerOptions, run: Run, net: Net, max_steps: int) -> Optim:
+    from lorakit.train.lr_schedules import scheduler_from_options
+    from lorakit.train.optimizers import create_optimizer, is_adaptive
+
+    te_lr = None if not o.text_encoder_lr else (o.text_encoder_lr[0] if len(o.text_encoder_lr) == 1
+                                                 else list(o.text_encoder_lr))
+    groups = net.network.trainable_param_groups(o.unet_lr, te_lr, o.learning_rate)
+    if not groups:
+        raise UserError("nothing to train: every parameter group has learning rate 0.")
+    optimizer_type = "AdamW8bit" if o.use_8bit_adam else ("Lion" if o.use_lion_optimizer else o.optimizer_type)
+    info = create_optimizer(optimizer_type or "AdamW", groups, o.learning_rate, o.optimizer_args)
+    if is_adaptive(info.name) and o.learning_rate <= 0.1:
+        run.log(f"note: {info.name} estimates the step size itself; --learning_rate is a multiplier and 1.0 is usual "
+                f"(got {o.learning_rate}).")
+    scheduler = scheduler_from_options(info.optimizer, o, max_steps, schedule_free=info.is_schedule_free,
+                                       relative_step_adafactor=info.relative_step_adafactor)
+    scaler = torch.amp.GradScaler(run.device.type) if run.weight_dtype == torch.float16 else None
+    trainable = [p for g in info.optimizer.param_groups for p in g["params"]]
+    return Optim(info.optimizer, scheduler, scaler, info, trainable, te_lr)
+
+
+# ================================================================================================ restore ==========
+@dataclass(frozen=True)
+class Start:
+    """Where the loop begins: epoch (1-based), the next batch in it, optimizer steps already done."""
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
+
+
+def restore(run: Run, net: Net, optim: Optim) -> Start:
+    """Continue a saved state exactly: adapter weights, optimizer, schedule, loss scaler and every RNG stream."""
+    from lorakit.train.state import restore_rng
+
+    st = run.resume
+    if st is None:
+        return Start()
+    net.network.load_state_dict({k: v.to(run.device) for k, v in st.network.items()}, strict=True)
+    optim.optimizer.load_state_dict(st.optimizer)
+    optim.scheduler.load_state_dict(st.scheduler)
+    if optim.scaler is not None and st.scaler:
+        optim.scaler.load_state_dict(st.scaler)
+    gens, rng_state = st.generators, st.rng
+    if "per_rank" in gens:
+        if len(gens["per_rank"]) != run.world:
+            run.log(f"note: the state was saved by {len(gens['per_rank'])} processes, this run has {run.world}; "
+                    "training continues but is not bit-identical to an uninterrupted run.")
+        gens = gens["per_rank"][min(run.rank, len(gens["per_rank"]) - 1)]
+        rng_state = rng_state["per_rank"][min(run.rank, len(rng_state["per_rank"]) - 1)]
+    restore_rng(rng_state)
+    run.streams.noise.set_state(gens["noise"])
+    run.streams.latent.set_state(gens["latent"])
+    start = Start(int(st.counters["epoch"]), int(st.counters["batch"]), int(st.counters["global_step"]))
+    run.log(f"resumed from {run.resume_from}: epoch {start.epoch}, batch {start.batch}, step {start.step}")
+    return start

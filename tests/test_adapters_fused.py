@@ -1,0 +1,69 @@
+"""LoRA's fused Linear op (one autograd node, addmm into the base output) equals base(x) + up(down(x)) * scale, in
+float32 and under bf16 autocast, for outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.adapters.base import attach, detach
+from lorakit.adapters.lora import LoRAModule
+
+
+def _setup(dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80).to(dtype).requires_grad_(False)
+    a = LoRAModule("lora_unet_x", layer, lora_dim=6, alpha=3.0)
+    with torch.no_grad():
+        a.lora_up.weight.normal_(0, 0.1)
+    a.multiplier, a.module_weight = 0.8, 0.5
+    return layer, a.train()
+
+
+def _run(layer, a, x, fused: bool, autocast=None):
+    attach(a)
+    if not fused:
+        a.forward_fused = lambda x: None  # instance attribute: this adapter only
+    try:
+        with autocast or torch.autocast("cpu", enabled=False):
+            y = layer(x)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        params = [a.lora_down.weight, a.lora_up.weight]
+        grads = torch.autograd.grad(y, ([x] if x.requires_grad else []) + params, gy)
+    finally:
+        detach(a)
+        a.__dict__.pop("forward_fused", None)
+    return y, grads
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fused_equals_unfused_fp32(x_grad):
+    layer, a = _setup()
+    x = torch.randn(3, 7, 48).requires_grad_(x_grad)
+    y1, g1 = _run(layer, a, x, fused=True)
+    y2, g2 = _run(layer, a, x, fused=False)
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    for u, v in zip(g1, g2):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    assert y1.grad_fn is not None and "LoRALinear" in type(y1.grad_fn).__name__
+
+
+def test_fused_under_bf16_autocast_with_bf16_base():
+    layer, a = _setup(torch.bfloat16)
+    x = torch.randn(2, 9, 48, dtype=torch.bfloat16).requires_grad_(True)
+    y1, g1 = _run(layer, a, x, True, torch.autocast("cpu", dtype=torch.bfloat16))
+    y2, g2 = _run(layer, a, x, False, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y1, y2, rtol=2e-2, atol=2e-2)
+    for u, v in zip(g1, g2):
+        assert u.dtype == v.dtype
+        torch.testing.assert_close(u.float(), v.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_dropouts_use_the_unfused_path():
+    layer, a = _setup()
+    a.dropout = 0.5
+    assert a.forward_fused(torch.randn(2, 48)) is None
+    a.eval()  # dropouts only act in training
+    assert a.forward_fused(torch.randn(2, 48)) is not None

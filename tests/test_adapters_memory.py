@@ -1,0 +1,185 @@
+"""LoHa, LoKr, DoRA and full adapters train through `RebuiltDelta`: the same outputs and gradients as plain autograd
+through op(x, W_change) (the maths before the low-memory path), while autograd keeps no full-size tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.adapters.base import AdapterModule, attach
+from lorakit.adapters.loha import LoHaModule
+from lorakit.adapters.lokr import LoKrModule
+from lorakit.adapters.lora import LoRAModule
+from lorakit.adapters.others import FullModule
+
+
+def _layer(kind: str, size: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(*((24, 40) if size == "tiny" else (1280, 5120)))
+    if kind == "conv1x1":
+        return nn.Conv2d(*((12, 20) if size == "tiny" else (640, 1280)), 1)
+    return nn.Conv2d(*((8, 12) if size == "tiny" else (640, 640)), 3, padding=1)
+
+
+def _input(layer: nn.Module, size: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if isinstance(layer, nn.Linear):
+        return torch.randn(2, 7 if size == "tiny" else 64, layer.in_features, generator=g)
+    hw = 5 if size == "tiny" else 16
+    return torch.randn(2, layer.in_channels, hw, hw, generator=g)
+
+
+CASES = {
+    "loha": (LoHaModule, {}),
+    "loha_tucker": (LoHaModule, {"use_tucker": True}),
+    "loha_dora": (LoHaModule, {"weight_decompose": True}),
+    "lokr": (LoKrModule, {"factor": 4}),
+    "lokr_both": (LoKrModule, {"factor": 4, "decompose_both": True, "lora_dim": 2}),
+    "lokr_full": (LoKrModule, {"factor": 4, "full_matrix": True}),
+    "lokr_dora_out": (LoKrModule, {"factor": 4, "weight_decompose": True, "wd_on_out": True}),
+    "dora": (LoRAModule, {"weight_decompose": True}),
+    "dora_out": (LoRAModule, {"weight_decompose": True, "wd_on_out": True}),
+    "full": (FullModule, {}),
+}
+
+
+def _adapter(case: str, layer: nn.Module) -> nn.Module:
+    cls, kw = CASES[case]
+    kw = {"lora_dim": 4, "alpha": 2.0, **kw}
+    torch.manual_seed(2)
+    a = cls("lora_unet_test", layer, **kw)
+    with torch.no_grad():  # move every factor off its zero init so all gradients are non-trivial
+        for p in a.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    a.multiplier = 0.7
+    return a
+
+
+def _reference(a, layer, x):
+    """The maths before the low-memory path: plain autograd through the full-size weight change."""
+    dw = a.weight_change(a.effective_multiplier)
+    db = a.bias_change(a.effective_multiplier)
+    return layer(x) + a._op(x, dw.to(x.dtype), None if db is None else db.to(x.dtype))
+
+
+def _grads(a, x, out):
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    params = [p for p in a.parameters() if p.requires_grad]
+    return torch.autograd.grad(out, [x] + params, gy)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "bypass"])
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_outputs_and_gradients_equal_plain_autograd(case, kind, fused, monkeypatch):
+    if not fused:  # the form used with half-precision weights: base(x) + op(x, change)
+        monkeypatch.setattr(AdapterModule, "forward_fused", lambda self, x: None)
+    if case == "loha_tucker" and kind != "conv":
+        pytest.skip("Tucker applies to 3x3 convolutions")
+    layer = _layer(kind, "tiny").requires_grad_(False)
+    a = _adapter(case, layer).train()
+    x = _input(layer, "tiny").requires_grad_(True)
+    ref = _reference(a, layer, x)
+    want = _grads(a, x, ref)
+    attach(a)
+    out = layer(x)
+    got = _grads(a, x, out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("case", ["loha", "lokr", "dora", "loha_dora"])
+def test_full_size_layers(case, kind):
+    layer = _layer(kind, "full").requires_grad_(False)
+    a = _adapter(case, layer).train()
+    x = _input(layer, "full").requires_grad_(True)
+    want = _grads(a, x, _reference(a, layer, x))
+    attach(a)
+    got = _grads(a, x, layer(x))
+    for g, w in zip(got, want):
+        scale = w.abs().max().item()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * max(1.0, scale))
+
+
+def _saved_bytes(fn, layer) -> int:
+    """Bytes of distinct new storages autograd keeps for backward while `fn` builds its graph (the frozen layer's
+    own weight, which the base linear keeps for the input gradient, is no copy and does not count)."""
+    seen = {}
+    own = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("case", ["loha", "lokr", "dora", "full"])
+def test_backward_keeps_no_full_size_tensor(case):
+    layer = _layer("linear", "full").requires_grad_(False)
+    a = _adapter(case, layer).train()
+    x = _input(layer, "full").requires_grad_(True)
+    weight_bytes = layer.weight.numel() * 4
+    _, old = _saved_bytes(lambda: _reference(a, layer, x), layer)
+    attach(a)
+    _, new = _saved_bytes(lambda: layer(x), layer)
+    own = sum(p.numel() * 4 for p in a.parameters())  # the factors themselves (full: the diff is the parameter)
+    assert old >= weight_bytes  # the plain path keeps at least one full copy of the weight change
+    assert new <= x.numel() * 4 + own + 4096
+
+
+def test_rank_dropout_mask_is_replayed_in_backward():
+    layer = _layer("linear", "tiny").requires_grad_(False)
+    a = _adapter("loha", layer).train()
+    a.rank_dropout = 0.5
+    x = _input(layer, "tiny").requires_grad_(True)
+    torch.manual_seed(5)
+    keep = a.rank_keep()
+    ref = layer(x) + a._op(x, a.weight_change(a.effective_multiplier, keep))
+    want = _grads(a, x, ref)
+    attach(a)
+    torch.manual_seed(5)
+    out = layer(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert 0 < int(keep.sum()) < keep.numel()
+    for g, w in zip(_grads(a, x, out), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_detached_dora_norm_same_forward_and_paper_gradient():
+    """dora_detach_norm: forward unchanged; the gradient is that of W' = s (W + dW) / c with c = ||W + dW|| fixed."""
+    layer = _layer("linear", "tiny").requires_grad_(False)
+    a = _adapter("dora", layer).train()
+    a.wd_detach_norm = True
+    x = _input(layer, "tiny")
+    attach(a)
+    out = layer(x)
+    down, up, s = a.lora_down.weight, a.lora_up.weight, a.dora_scale
+    m = a.effective_multiplier
+    merged = layer.weight + a.scale * up @ down
+    c = merged.norm(dim=0, keepdim=True).detach() + torch.finfo(torch.float32).eps
+    ref = F.linear(x, layer.weight + m * (s * merged / c - layer.weight), layer.bias)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(out, [down, up, s], gy)
+    want = torch.autograd.grad(ref, [down, up, s], gy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_path_builds_no_graph():
+    layer = _layer("linear", "tiny").requires_grad_(False)
+    a = _adapter("loha", layer).eval()
+    attach(a)
+    with torch.no_grad():
+        y = layer(_input(layer, "tiny"))
+    assert y.grad_fn is None

@@ -1,0 +1,114 @@
+"""The shape of a run: options resolved once and frozen, stages that declare the options they read, one schema for
+dataset configs, and family rules read from the family descriptor only."""
+
+import argparse
+import copy
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from lorakit import options as O
+from lorakit.errors import UserError
+from test_train_common import dataset, one_thread, options, run  # noqa: F401
+
+LORAKIT = Path(__file__).resolve().parents[1] / "lorakit"
+
+
+def test_normalize_freezes_and_resolves_implied_flags():
+    ns = O.resolve(["--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", "--seed", "7"])
+    opts = O.normalize(ns)
+    assert opts.cache_latents is True and opts.cache_text_encoder_outputs is True and opts.seed == 7
+    assert ns.cache_latents is False  # the caller's namespace is left alone
+    assert opts._given == {"cache_latents_to_disk", "cache_text_encoder_outputs_to_disk", "seed"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.seed = 8
+    assert O.normalize(opts) is opts
+    # anything with option attributes works; missing ones take their defaults
+    partial = O.normalize(argparse.Namespace(learning_rate=0.5))
+    assert partial.learning_rate == 0.5 and partial.max_train_steps == 1600 and partial._given == frozenset()
+
+
+def test_train_does_not_write_the_options(tmp_path):
+    data = dataset(tmp_path, n_train=1)
+    ns = options(tmp_path, data, "--max_train_steps", "1", "--network_train_unet_only", "--cache_latents_to_disk")
+    ns.seed, ns.resolution = None, None  # the run draws a seed and takes the family's resolution
+    before = copy.deepcopy(vars(ns))
+    result = run(ns)
+    assert vars(ns) == before
+    assert result.global_step == 1
+
+
+def test_each_stage_reads_only_declared_options():
+    from lorakit.train import checkpointer, loop, previews, stages, steplog
+
+    declared = [stages.RunOptions, stages.LoadOptions, stages.ModelOptions, stages.DataOptions,
+                stages.NetworkOptions, stages.InputOptions, stages.OptimizerOptions, checkpointer.SaveOptions,
+                previews.PreviewOptions, steplog.LogOptions, loop.NoiseOptions, loop.LossOptions, loop.LoopOptions]
+    for cls in declared:
+        for f in dataclasses.fields(cls):
+            assert f.name in O.OPTIONS_BY_NAME and O.OPTIONS_BY_NAME[f.name].cli, (cls.__name__, f.name)
+        picked = stages.picked(cls, O.normalize(O.resolve([])))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(picked, dataclasses.fields(cls)[0].name, None)
+
+
+def test_dataset_config_classes_are_the_schema():
+    from lorakit.data.config import DatasetConfig, SubsetConfig, build_dataset_configs
+
+    subset = {f.name: f.default for f in dataclasses.fields(SubsetConfig)}
+    assert subset == {k: o.default for k, o in O.dataset_config_keys("subset").items()}
+    ds_keys = {f.name for f in dataclasses.fields(DatasetConfig)} - {"subsets"}
+    assert ds_keys == {k for k, o in O.dataset_config_keys("dataset").items() if o.scope == "dataset"}
+    # values are checked by the schema: the error names the key and where it was
+    bad = {"datasets": [{"resolution": 64, "batch_size": "two", "subsets": [{"image_dir": "x"}]}], "_path": "d.toml"}
+    with pytest.raises(UserError, match=r"'batch_size' in d.toml dataset #1 is 'two'"):
+        build_dataset_configs({}, dataset_config=bad)
+    cfg = build_dataset_configs({}, dataset_config={"datasets": [{"resolution": [64, 128], "subsets": [
+        {"image_dir": "x", "face_crop_aug_range": [2, 4], "caption_dropout_rate": 0}]}]})[0]
+    assert cfg.resolution == (64, 128) and cfg.subsets[0].face_crop_aug_range == (2.0, 4.0)
+    assert cfg.subsets[0].caption_dropout_rate == 0.0 and isinstance(cfg.subsets[0].caption_dropout_rate, float)
+
+
+def test_one_resolution_parser_and_one_dtype_map():
+    import torch
+
+    from lorakit.models.dtypes import DTYPES, dtype_named
+
+    assert O.parse_resolution("768,512") == (768, 512) and O.parse_resolution("1024x768") == (1024, 768)
+    assert O.parse_resolution(512.0) == (512, 512) and O.parse_resolution([64]) == (64, 64)
+    with pytest.raises(ValueError):
+        O.parse_resolution("big")
+    assert dtype_named("bf16") is torch.bfloat16 and dtype_named("no", torch.float32) is torch.float32
+    assert {DTYPES[k] for k in ("fp16", "float16", "half")} == {torch.float16}
+
+
+# name comparisons and proxies that stand for "is SDXL" / "is SD2": only lorakit/models/ may decide by family
+FAMILY_BRANCHES = re.compile(r"""(\bfam(ily)?\.name\s*[!=]=|\.family\.name\s*[!=]=|size_conditioning|"""
+                             r"""lora_unet_style\s*[!=]=|\{\s*"sd2",\s*"sd2-v"\s*\}|ALL_FAMILIES|FAMILY_TITLES)""")
+
+
+def test_no_family_branches_outside_models():
+    found = []
+    for path in LORAKIT.rglob("*.py"):
+        if path.relative_to(LORAKIT).parts[0] == "models":
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if FAMILY_BRANCHES.search(line.split("#")[0]):
+                found.append(f"{path.relative_to(LORAKIT)}:{i}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_family_rules_are_named_attributes():
+    from lorakit.models.families import FAMILIES, family_from_flags
+
+    sd1, sd2, sd2v, xl = (FAMILIES[n] for n in ("sd1", "sd2", "sd2-v", "sdxl"))
+    assert [f.context_width for f in (sd1, sd2, xl)] == [768, 1024, 2048]
+    assert sd2.shares_weights_with(sd2v) and not sd1.shares_weights_with(sd2)
+    assert not xl.vae_fp16_safe and sd1.vae_fp16_safe and xl.latent_cache_suffix == "sdxl"
+    assert xl.diffusers_pipeline == "StableDiffusionXLPipeline" and sd2.is_v2 and not xl.is_v2
+    # sd-scripts' --clip_skip (training) vs A1111's clip skip (generation)
+    assert (sd2.train_clip_layer(1), sd2.train_clip_layer(2), sd2.prompt_clip_layer(1)) == (2, 3, 2)
+    assert (xl.train_clip_layer(1), xl.prompt_clip_layer(3), sd1.prompt_clip_layer(2)) == (2, 2, 2)
+    assert family_from_flags(v2=True, v_parameterization=True) is sd2v and family_from_flags(default="sd1") is sd1
