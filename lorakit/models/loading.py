@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,16 +68,54 @@ def _with_family(bundle: ModelBundle, family: Family) -> ModelBundle:
     return bundle
 
 
-def load_single_file(path: Path, dtype: torch.dtype, components=("unet", "vae", "text_encoders"), *, v2=False,
-                     v_parameterization=False, sdxl=False, configs: dict | None = None) -> ModelBundle:
-    src = StateSource(path)
-    keys = set(src.keys())
-    family, prediction_known = detect_ldm_family(path, keys, src.shape, src.metadata, v2, v_parameterization, sdxl)
+@dataclass(frozen=True)
+class ModelPlan:
+    """What loading a model will build, known from a file's header or a folder's configs (no weights read): the
+    family and the module configs (None: the family's full-size ones). `prediction_known` is False for an SD2 file
+    that names neither epsilon nor v: the loader then probes the weights, and may settle on the v family."""
+
+    family: Family
+    configs: dict | None
+    prediction_known: bool = True
+
+    @classmethod
+    def of(cls, bundle: ModelBundle) -> "ModelPlan":
+        return cls(bundle.family, bundle.configs)
+
+
+def plan_model(path: str | os.PathLike, *, v2: bool = False, v_parameterization: bool = False,
+               sdxl: bool = False) -> ModelPlan:
+    """The ModelPlan of a checkpoint file or diffusers folder, for checks that must come before loading."""
+    path = Path(path)
+    if path.is_dir():
+        unet_cfg, sched_cfg, te_cfg = _folder_configs(path)
+        family = family_from_diffusers_config(unet_cfg, sched_cfg, path, te_cfg)
+        configs = {"unet": unet_cfg}
+        for name in ["vae"] + [s.config_name for s in family.text_encoders]:
+            cfg = path / name / "config.json"
+            if cfg.exists():
+                configs[name] = json.loads(cfg.read_text())
+        return ModelPlan(family, configs)
+    family, known, configs = _single_file_plan(StateSource(path), path, v2, v_parameterization, sdxl, None)
+    return ModelPlan(family, configs, known)
+
+
+def _single_file_plan(src: StateSource, path, v2, v_parameterization, sdxl, configs):
+    family, prediction_known = detect_ldm_family(path, set(src.keys()), src.shape, src.metadata, v2,
+                                                 v_parameterization, sdxl)
     if configs is None and CONFIGS_METADATA_KEY in src.metadata:
         try:
             configs = json.loads(src.metadata[CONFIGS_METADATA_KEY])
         except json.JSONDecodeError:
             raise UserError(f"{path}: metadata {CONFIGS_METADATA_KEY} is not valid JSON; the file is damaged.") from None
+    return family, prediction_known, configs
+
+
+def load_single_file(path: Path, dtype: torch.dtype, components=("unet", "vae", "text_encoders"), *, v2=False,
+                     v_parameterization=False, sdxl=False, configs: dict | None = None) -> ModelBundle:
+    src = StateSource(path)
+    keys = set(src.keys())
+    family, prediction_known, configs = _single_file_plan(src, path, v2, v_parameterization, sdxl, configs)
     bundle = build_bundle(family, configs=configs, device="empty", components=components, dtype=dtype)
     bundle.source = str(path)
     bundle.info.update(
@@ -177,21 +216,26 @@ def load_vae_into(bundle: ModelBundle, vae_path, dtype: torch.dtype) -> None:
     bundle.info["vae_source"] = str(vae_path)
 
 
-def load_diffusers_folder(folder: Path, dtype: torch.dtype, components=("unet", "vae", "text_encoders")) -> ModelBundle:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    index = folder / "model_index.json"
-    if not index.exists():
+def _folder_configs(folder: Path) -> tuple[dict, dict, dict | None]:
+    """(unet, scheduler, text encoder) configs of a diffusers folder."""
+    if not (folder / "model_index.json").exists():
         raise UserError(f"{folder} is a folder but has no model_index.json: pass a diffusers model folder or a "
                         "single .safetensors/.ckpt file.")
     try:
         unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
         sched_path = folder / "scheduler" / "scheduler_config.json"
         sched_cfg = json.loads(sched_path.read_text()) if sched_path.exists() else {}
+        te_path = folder / "text_encoder" / "config.json"
+        te_cfg = json.loads(te_path.read_text()) if te_path.exists() else None
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{folder}: cannot read the UNet/scheduler config ({exc}).") from None
-    te_path = folder / "text_encoder" / "config.json"
-    te_cfg = json.loads(te_path.read_text()) if te_path.exists() else None
+        raise UserError(f"{folder}: cannot read the UNet/scheduler/text-encoder config ({exc}).") from None
+    return unet_cfg, sched_cfg, te_cfg
+
+
+def load_diffusers_folder(folder: Path, dtype: torch.dtype, components=("unet", "vae", "text_encoders")) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet_cfg, sched_cfg, te_cfg = _folder_configs(folder)
     family = family_from_diffusers_config(unet_cfg, sched_cfg, folder, te_cfg)
     bundle = build_bundle(family, device="meta", components=())
     bundle.source = str(folder)

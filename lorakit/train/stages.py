@@ -165,6 +165,18 @@ class LoadOptions:
     mixed_precision: str
 
 
+def plan_base_model(o: LoadOptions):
+    """The model's family and module configs from the checkpoint's header (no weights read), so the data, the
+    options and the memory can be checked before the minute a real checkpoint takes to load."""
+    from lorakit.models.loading import plan_model
+
+    if not o.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file or a diffusers "
+                        "folder).")
+    return plan_model(o.pretrained_model_name_or_path, v2=o.v2, v_parameterization=o.v_parameterization,
+                      sdxl=o.sdxl)
+
+
 def load_base_model(o: LoadOptions, log: Callable[[str], None]):
     """The ModelBundle, loaded straight into the training dtype (no full-precision copy of the frozen model)."""
     from lorakit.models.loading import load_bundle

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 from lorakit import options as O
 from lorakit.errors import UserError
 from lorakit.models.conditioning import encode_captions as encode_text  # noqa: F401  (the old name)
+from lorakit.models.loading import ModelPlan
 from lorakit.train import stages as S
 from lorakit.train.checkpointer import Checkpointer, SaveOptions, lora_name
 from lorakit.train.checks import check_options  # noqa: F401  (the GUI's form check)
@@ -59,12 +60,15 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     progress): start, step, saved, sample."""
     opts = O.normalize(opts)
     run = S.set_up_run(pick(S.RunOptions, opts), log, progress)
+    plan = S.plan_base_model(pick(S.LoadOptions, opts)) if bundle is None else ModelPlan.of(bundle)
+    S.report_options(opts, plan.family, run)
+    data = S.load_data(S.dataset_configs(opts, plan.family, run.log), pick(S.DataOptions, opts), run)
     # checks that need no model (preflight, memory estimates) go here: nothing is loaded yet
     if bundle is None:
         bundle = S.load_base_model(pick(S.LoadOptions, opts), run.log)
-    S.report_options(opts, bundle.family, run)
+    if bundle.family != plan.family:  # an SD2 file whose weights said v-prediction: its default resolution
+        data = S.load_data(S.dataset_configs(opts, bundle.family, run.log), pick(S.DataOptions, opts), run)
     model = S.prepare_model(pick(S.ModelOptions, opts), run, bundle)
-    data = S.load_data(S.dataset_configs(opts, model.family, run.log), pick(S.DataOptions, opts), run)
     net = S.build_network(pick(S.NetworkOptions, opts), run, model)
     inputs = S.prepare_inputs(pick(S.InputOptions, opts), run, model, data)
     optim = S.build_optimizer(pick(S.OptimizerOptions, opts), run, net, data.max_steps)
