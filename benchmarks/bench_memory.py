@@ -69,27 +69,35 @@ def child(argv: list[str]) -> None:
     t0 = time.perf_counter()
     times: list[float] = []
     opts = O.resolve(argv)
-    train(opts, progress=False, log=lambda *a, **k: print(*a, file=sys.stderr),
-          on_event=lambda e: times.append(time.perf_counter()) if e["event"] in ("start", "step") else None)
+    result = train(opts, progress=False, log=lambda *a, **k: print(*a, file=sys.stderr),
+                   on_event=lambda e: times.append(time.perf_counter()) if e["event"] in ("start", "step") else None)
     steps = [b - a for a, b in zip(times, times[1:])]
+    m = result.memory
+    parts = {k: getattr(m, k) / 2**30 for k in ("weights", "trainable", "gradients", "optimizer", "activations",
+                                                 "caches", "runtime")} if m else {}
     print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "predicted_gib": m.peak / 2**30 if m else None, "parts": parts,
                       "step_s": steps, "start_to_step1_s": (times[1] - t0) if len(times) > 1 else None}))
 
 
-def run(ckpt: Path, data: Path, out: Path, algo: str, gc: bool, precision: str, steps: int, extra: list[str]) -> dict:
+def run(ckpt: Path, data: Path, out: Path, algo: str, gc: bool, precision: str, batch: int, steps: int,
+        extra: list[str]) -> dict:
     argv = ["--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--output_name", f"{algo}_gc{int(gc)}", "--resolution", "256", "--train_batch_size", "1",
+            "--output_name", f"{algo}_gc{int(gc)}", "--resolution", "256", "--train_batch_size", str(batch),
             "--max_train_steps", str(steps), "--network_dim", "8", "--network_alpha", "4",
             "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--seed", "42", "--sdpa",
             "--mixed_precision", precision] + (["--gradient_checkpointing"] if gc else []) + ALGOS[algo] + extra
     cmd = [sys.executable, __file__, "--child", "--"] + argv
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate()
+    row = {"algo": algo, "gc": gc, "precision": precision, "batch": batch}
     if proc.returncode != 0:
-        return {"algo": algo, "gc": gc, "error": (stderr or stdout)[-600:].strip()}
+        return {**row, "error": (stderr or stdout)[-600:].strip()}
     r = json.loads(stdout.strip().splitlines()[-1])
     later = r["step_s"][1:] or r["step_s"]
-    return {"algo": algo, "gc": gc, "peak_rss_gib": round(r["peak_rss_gib"], 2),
+    return {**row, "peak_rss_gib": round(r["peak_rss_gib"], 2),
+            "predicted_gib": round(r["predicted_gib"], 2) if r["predicted_gib"] else None,
+            "parts": {k: round(v, 3) for k, v in r["parts"].items()},
             "s_per_step": round(statistics.median(later), 2) if later else None}
 
 
@@ -101,7 +109,8 @@ def main() -> int:
     ap.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
     ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
     ap.add_argument("--gc", nargs="+", default=["0", "1"], choices=["0", "1"])
-    ap.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    ap.add_argument("--precision", nargs="+", default=["no"], choices=["no", "bf16", "fp16"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/lorakit-bench")
     args, extra = ap.parse_known_args()
@@ -111,21 +120,28 @@ def main() -> int:
     ckpt = checkpoint(args.family, work)
     data = make_dataset(work / "data")
     rows = []
-    for gc in args.gc:
-        for algo in args.algos:
-            r = run(ckpt, data, work / "out", algo, gc == "1", args.precision, args.steps, extra)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    print(f"\n{args.family}, 256 px, batch 1, dim 8, {args.precision}, {args.steps} steps, threads "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}; target: each algorithm <= 1.15x LoRA's peak")
-    print(f"{'algorithm':<14} {'GC':>3} {'peak RSS GiB':>12} {'x LoRA':>7} {'s/step':>7}")
+    for precision in args.precision:
+        for batch in args.batch:
+            for gc in args.gc:
+                for algo in args.algos:
+                    r = run(ckpt, data, work / "out", algo, gc == "1", precision, batch, args.steps, extra)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    print(f"\n{args.family}, 256 px, dim 8, {args.steps} steps, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+          f"; targets: each algorithm <= 1.15x LoRA's peak; prediction within 15% of the measured peak RSS")
+    print(f"{'algorithm':<14} {'prec':>5} {'batch':>5} {'GC':>3} {'peak RSS GiB':>12} {'x LoRA':>7} "
+          f"{'predicted':>9} {'error':>6} {'s/step':>7}")
     for r in rows:
-        base = next((b for b in rows if b["algo"] == "lora" and b["gc"] == r["gc"] and "peak_rss_gib" in b), None)
         if "error" in r:
-            print(f"{r['algo']:<14} {int(r['gc']):>3} error: {r['error'][-200:]}")
+            print(f"{r['algo']:<14} {r['precision']:>5} {r['batch']:>5} {int(r['gc']):>3} error: {r['error'][-200:]}")
             continue
+        base = next((b for b in rows if b["algo"] == "lora" and "peak_rss_gib" in b and
+                     all(b[k] == r[k] for k in ("gc", "precision", "batch"))), None)
         ratio = f"{r['peak_rss_gib'] / base['peak_rss_gib']:.2f}" if base else "-"
-        print(f"{r['algo']:<14} {int(r['gc']):>3} {r['peak_rss_gib']:>12.2f} {ratio:>7} {r['s_per_step'] or 0:>7.2f}")
+        pred = r.get("predicted_gib")
+        err = f"{100 * (pred - r['peak_rss_gib']) / r['peak_rss_gib']:+.0f}%" if pred else "-"
+        print(f"{r['algo']:<14} {r['precision']:>5} {r['batch']:>5} {int(r['gc']):>3} {r['peak_rss_gib']:>12.2f} "
+              f"{ratio:>7} {pred or 0:>9.2f} {err:>6} {r['s_per_step'] or 0:>7.2f}")
     return 0
 
 

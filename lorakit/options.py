@@ -76,6 +76,7 @@ def _o(name, type, default, help, group, **kw) -> Option:
 G_MODEL, G_DATA, G_CAPTION, G_AUG, G_CACHE = "model", "dataset", "captions", "augmentation", "caching"
 G_NET, G_OPT, G_STEPS, G_LOSS, G_NOISE = "network", "optimizer", "steps", "loss", "noise"
 G_PREC, G_OUT, G_META, G_LOG, G_SAMPLE, G_MISC = "precision", "output", "metadata", "logging", "sampling", "misc"
+G_VAL, G_EMA = "validation", "ema"
 
 OPTIONS: list[Option] = [
     # --- model ---------------------------------------------------------------------------------------------------
@@ -84,7 +85,9 @@ OPTIONS: list[Option] = [
        metadata_key="ss_sd_model_name"),
     _o("v2", "bool", False, "The base model is Stable Diffusion 2.x (normally detected from the checkpoint).", G_MODEL,
        metadata_key="ss_v2"),
-    _o("v_parameterization", "bool", False, "Train with v-prediction (SD 2.x 768-v models).", G_MODEL),
+    _o("v_parameterization", "bool", False, "Train with v-prediction: SD 2.x 768-v models and v-prediction SDXL "
+       "fine-tunes (NoobAI-XL v-pred...); normally detected from the checkpoint (its `v_pred` key or ModelSpec).",
+       G_MODEL),
     _o("sdxl", "bool", False,
        "The base model is SDXL (what sdxl_train_network.py implies; normally detected from the checkpoint).", G_MODEL),
     _o("vae", "path", None, "Replace the checkpoint's VAE with this file or folder.", G_MODEL, metadata_key="ss_vae_name"),
@@ -115,16 +118,22 @@ OPTIONS: list[Option] = [
        scope="dataset", check="[1,)"),
     _o("bucket_no_upscale", "bool", False, "Never enlarge small images to fill a bucket.", G_DATA, scope="dataset",
        metadata_key="ss_bucket_no_upscale"),
-    _o("resize_interpolation", "str", None, "Resize filter (default area for shrinking, lanczos for enlarging).", G_DATA,
+    _o("resize_interpolation", "str", None, "Resize filter of the images and masks (default: lanczos for images; "
+       "area for shrinking and bilinear for enlarging masks).", G_DATA, metadata_key="ss_resize_interpolation",
        scope="subset", choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")),
     _o("network_multiplier", "float", 1.0, "LoRA multiplier for this dataset's batches.", G_DATA, scope="dataset",
        cli=False),
-    _o("validation_seed", "int", None, "Seed for the validation split.", G_DATA, scope="dataset", effect=False),
-    _o("validation_split", "float", 0.0, "Fraction of the training images held out for validation.", G_DATA,
-       scope="dataset", effect=False, check="[0,1)"),
-    _o("validate_every_n_steps", "int", None, "Validation period in steps.", G_DATA, effect=False),
-    _o("validate_every_n_epochs", "int", None, "Validation period in epochs.", G_DATA, effect=False),
-    _o("max_validation_steps", "int", None, "Validation batches per run.", G_DATA, effect=False),
+    _o("validation_seed", "int", None, "Seed of the validation split and of the validation noise (default: --seed).",
+       G_VAL, scope="dataset", metadata_key="ss_validation_seed"),
+    _o("validation_split", "float", 0.0, "Fraction of each subset's training images held out for validation "
+       "(regularization images are never held out), e.g. 0.1.", G_VAL, scope="dataset",
+       metadata_key="ss_validation_split", check="[0,1)"),
+    _o("validate_every_n_steps", "int", None, "Also compute the validation loss every N optimizer steps.", G_VAL,
+       metadata_key="ss_validate_every_n_steps", check="[1,)"),
+    _o("validate_every_n_epochs", "int", None, "Compute the validation loss every N epochs (default: every epoch "
+       "when --validation_split holds images out).", G_VAL, metadata_key="ss_validate_every_n_epochs", check="[1,)"),
+    _o("max_validation_steps", "int", None, "Validation batches per validation (default: all of them).", G_VAL,
+       metadata_key="ss_max_validation_steps", check="[1,)"),
     _o("image_dir", "path", None, "Subset image folder.", G_DATA, scope="subset", cli=False, distinct=True),
     _o("is_reg", "bool", False, "Subset holds regularization images.", G_DATA, scope="subset", cli=False,
        distinct=True),
@@ -134,13 +143,16 @@ OPTIONS: list[Option] = [
        scope="subset", cli=False),
     _o("metadata_file", "path", None, "Fine-tune metadata JSON of the subset.", G_DATA, scope="subset", cli=False,
        distinct=True),
-    _o("conditioning_data_dir", "path", None, "Folder of mask/conditioning images matching the training images "
-       "(for --masked_loss).", G_DATA, scope="subset", distinct=True),
-    _o("cache_info", "bool", False, "Cache image sizes and captions for a faster start.", G_DATA, scope="subset"),
-    _o("alpha_mask", "bool", False, "Use the image's alpha channel as the loss mask.", G_DATA, scope="subset",
+    _o("conditioning_data_dir", "path", None, "Folder of loss masks for --masked_loss: one image per training image "
+       "with the same file stem (or under a subfolder named like the image folder); its red channel is the weight, "
+       "white = learn, black = ignore, 127 = half.", G_DATA, scope="subset", distinct=True),
+    _o("cache_info", "bool", False, "Cache image sizes and captions for a faster start (always on here: lorakit keeps "
+       "a scan cache).", G_DATA, scope="subset", effect=False),
+    _o("alpha_mask", "bool", False, "Use the image's alpha channel as the loss mask (transparent = ignore).", G_DATA,
+       scope="subset",
        distinct=True),
     _o("custom_attributes", "dict", None, "Free key/value table carried with the subset (sd-scripts' custom_attributes).",
-       G_DATA, scope="subset", cli=False),
+       G_DATA, scope="subset", cli=False, effect=False),
     _o("bucket_log_aspect", "bool", False, "Pick the nearest bucket by |log(aspect)| instead of |aspect| (lorakit "
        "addition).", G_DATA, scope="dataset", cli=False),
     _o("reg_sampling", "str", "round_robin", "Regularization images per epoch: round_robin (sd-scripts) or random (a "
@@ -211,8 +223,9 @@ OPTIONS: list[Option] = [
        metadata_key="ss_network_alpha"),
     _o("network_dropout", "float", None, "Dropout on the LoRA down projection's output.", G_NET,
        metadata_key="ss_network_dropout", check="[0,1)"),
-    _o("network_args", "str", None, "Extra adapter arguments as key=value, e.g. conv_dim=64 conv_alpha=32 algo=lora.",
-       G_NET, nargs="*"),
+    _o("network_args", "str", None, "Extra adapter arguments as key=value, e.g. conv_dim=64 conv_alpha=32 "
+       "dora_wd=True blocks=IN04-IN07,OUT03-OUT06; every key, with an example, is listed under \"network_args "
+       "keys\" at the end of `lorakit train --help` and in docs/training-options.md.", G_NET, nargs="*"),
     _o("network_weights", "path", None, "Start from this LoRA file.", G_NET),
     _o("dim_from_weights", "bool", False, "Take the rank from --network_weights.", G_NET),
     _o("network_train_unet_only", "bool", False, "Train only the UNet's LoRA modules.", G_NET),
@@ -275,6 +288,16 @@ OPTIONS: list[Option] = [
     _o("initial_step", "int", None, "Start counting steps from this number (use --resume to continue a run).",
        G_STEPS, effect=False),
     _o("skip_until_initial_step", "bool", False, "Skip batches until --initial_step.", G_STEPS, effect=False),
+    # --- EMA (lorakit addition) ---------------------------------------------------------------------------------
+    _o("ema_decay", "float", None, "Keep an exponential moving average (EMA) of the trained weights with this decay "
+       "per update, e.g. 0.999 (off when unset): ema = decay * ema + (1 - decay) * weights.", G_EMA, check="(0,1)"),
+    _o("ema_warmup", "bool", False, "Ramp the EMA decay up over the first updates: min(ema_decay, (1 + n) / (10 + n)) "
+       "at update n, so the average is not dominated by the initial weights.", G_EMA),
+    _o("ema_update_every", "int", 1, "Update the EMA every N optimizer steps.", G_EMA, check="[1,)"),
+    _o("ema_save_as", "str", "beside", "beside: write the EMA weights as {name}-ema.safetensors next to every saved "
+       "LoRA; lora: the saved LoRA files hold the EMA weights (the raw weights stay in --save_state folders).", G_EMA,
+       choices=("beside", "lora")),
+    _o("ema_samples", "bool", False, "Render the preview images with the EMA weights.", G_EMA),
     # --- loss ----------------------------------------------------------------------------------------------------
     _o("loss_type", "str", "l2", "l2, l1, huber or smooth_l1.", G_LOSS, choices=("l1", "l2", "huber", "smooth_l1"),
        metadata_key="ss_loss_type"),
@@ -290,7 +313,9 @@ OPTIONS: list[Option] = [
     _o("scale_v_pred_loss_like_noise_pred", "bool", False, "Scale a v-prediction loss like a noise-prediction loss.",
        G_LOSS),
     _o("v_pred_like_loss", "float", None, "Add a v-prediction-like loss times this.", G_LOSS, check="[0,)"),
-    _o("masked_loss", "bool", False, "Multiply the loss by a mask (alpha channel or conditioning_data_dir).", G_LOSS),
+    _o("masked_loss", "bool", False, "Weight the loss by a mask: mask images in conditioning_data_dir (required for "
+       "those), or the alpha channel of subsets with alpha_mask (applied with or without this flag, as in "
+       "sd-scripts).", G_LOSS),
     _o("prior_loss_weight", "float", 1.0, "Loss weight of regularization images.", G_LOSS, scope="dataset",
        metadata_key="ss_prior_loss_weight", check="[0,)"),
     # --- noise ---------------------------------------------------------------------------------------------------
@@ -308,7 +333,8 @@ OPTIONS: list[Option] = [
        metadata_key="ss_ip_noise_gamma", check="[0,)"),
     _o("ip_noise_gamma_random_strength", "bool", False, "Draw the perturbation strength in [0, ip_noise_gamma].",
        G_NOISE, metadata_key="ss_ip_noise_gamma_random_strength"),
-    _o("zero_terminal_snr", "bool", False, "Rescale betas so the last timestep has zero SNR.", G_NOISE,
+    _o("zero_terminal_snr", "bool", False, "Rescale betas so the last timestep has zero SNR (on by itself for "
+       "checkpoints with a `ztsnr` key, e.g. NoobAI-XL v-pred).", G_NOISE,
        metadata_key="ss_zero_terminal_snr"),
     _o("min_timestep", "int", None, "Smallest timestep sampled (0-999, default 0).", G_NOISE, check="[0,999]"),
     _o("max_timestep", "int", None, "Largest timestep sampled, exclusive (1-1000, default 1000).", G_NOISE,
@@ -324,9 +350,19 @@ OPTIONS: list[Option] = [
     _o("fp8_base_unet", "bool", False, "fp8 for the UNet only.", G_PREC, metadata_key="ss_fp8_base_unet"),
     _o("gradient_checkpointing", "bool", False, "Recompute activations in backward to save memory.", G_PREC,
        metadata_key="ss_gradient_checkpointing"),
+    _o("estimate_memory", "bool", False, "Print the predicted peak memory of a training step (weights, network, "
+       "gradients, optimizer state, activations, caches) and what each memory option would change, then exit "
+       "without loading the model.", G_PREC),
+    _o("max_memory", "str", None, "Memory budget of a training step, e.g. 8GB or 7.5GiB (default: the device's free "
+       "memory; 'off': no check). A run whose predicted peak exceeds it stops before loading the model and lists "
+       "the changes that would fit.", G_PREC),
+    _o("auto_fit", "bool", False, "When the predicted peak exceeds --max_memory, apply the smallest set of memory "
+       "options that fits (gradient checkpointing, cached latents, bf16, fp8 base, cached text-encoder outputs, "
+       "smaller batch with more accumulation, lower resolution) and say which.", G_PREC),
     _o("xformers", "bool", False, "Memory-efficient attention (xformers if installed, else PyTorch SDPA).", G_PREC),
-    _o("mem_eff_attn", "bool", False, "Memory-efficient attention (PyTorch SDPA here).", G_PREC),
-    _o("sdpa", "bool", False, "PyTorch scaled-dot-product attention (the default here).", G_PREC),
+    _o("mem_eff_attn", "bool", False, "Memory-efficient attention (PyTorch SDPA is always used here).", G_PREC,
+       effect=False),
+    _o("sdpa", "bool", False, "PyTorch scaled-dot-product attention (always used here).", G_PREC, effect=False),
     _o("no_half_vae", "bool", False, "Keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16).",
        G_PREC),
     _o("lowram", "bool", False, "Load models straight to the GPU (models are loaded without a second copy here).",
@@ -389,10 +425,27 @@ OPTIONS: list[Option] = [
     _o("sample_sampler", "str", "ddim", "Sampler of the previews.", G_SAMPLE,
        choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
                 "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")),
+    # checkpoint evaluation during training (lorakit.eval.training; issue 17)
+    _o("eval_every_n_epochs", "int", None, "Score the LoRA saved every N epochs and the final one like `lorakit "
+       "eval` (concept recall, prompt adherence, prior drift, memorisation; needs --eval_tagger); results and the "
+       "recommended file go to <output_name>_eval.json/.png. Saves a LoRA at those epochs if --save_every_n_epochs "
+       "would not.", G_SAMPLE, check="[1,)"),
+    _o("eval_every_n_steps", "int", None, "The same every N steps (--eval_every_n_epochs wins when both are given).",
+       G_SAMPLE, check="[1,)"),
+    _o("eval_tagger", "str", None, "What reads the eval samples: a WD14 tagger folder (model.onnx + "
+       "selected_tags.csv), or 'toy' for the toy world's attribute classifier.", G_SAMPLE),
+    _o("eval_core_tags", "str", None, "The concept's tags for eval, comma-separated (default: the tags in 75% of "
+       "the training images, from captions and the tagger).", G_SAMPLE),
+    _o("eval_seeds", "int", 8, "Eval samples per prompt (8 prompts: 64 samples per checkpoint).", G_SAMPLE,
+       check="[1,)"),
     # --- misc ----------------------------------------------------------------------------------------------------
     _o("config_file", "path", None, "TOML file of these options (sd-scripts format; sections are flattened).", G_MISC),
     _o("output_config", "bool", False, "Write the resolved options to --config_file and exit.", G_MISC),
-    _o("num_cpu_threads_per_process", "int", None, "accelerate launch's thread count.", G_MISC, effect=False),
+    _o("num_cpu_threads_per_process", "int", None, "CPU threads of torch in this run (torch.set_num_threads; "
+       "--num_threads is the short name). sd-scripts passes it to `accelerate launch`; here it takes effect. A "
+       "state folder records the count and --resume uses it again unless this is given: float sums are split by "
+       "thread count, so only the same count resumes bit for bit. Default: torch's (the machine's cores).", G_MISC,
+       aliases=("num_threads",), check="[1,)"),
     _o("ddp_timeout", "int", None, "Multi-process timeout in minutes.", G_MISC, check="[1,)"),
     _o("ddp_gradient_as_bucket_view", "bool", False, "DDP gradient_as_bucket_view (gradients are all-reduced "
        "directly here).", G_MISC, effect=False),
@@ -692,6 +745,28 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option] | Non
             kw["choices"] = [c for c in o.choices if c is not None]
             kw.pop("metavar")
         grp.add_argument(*o.flags, **kw)
+    if "network" in grp_objs:  # every --network_args key with an example (lorakit.option_docs)
+        from lorakit.option_docs import network_args_help
+
+        parser.add_argument_group("network_args keys", network_args_help().replace("%", "%%"))
+        if parser.formatter_class is argparse.HelpFormatter:
+            parser.formatter_class = _LineHelpFormatter
+
+
+class _LineHelpFormatter(argparse.HelpFormatter):
+    """Keeps the line breaks of a group description (the network_args list); each line is wrapped on its own."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        if "\n" not in text:
+            return super()._fill_text(text, width, indent)
+        out = []
+        for line in text.splitlines():
+            lead = line[:len(line) - len(line.lstrip())]
+            out.append(textwrap.fill(line.strip(), width, initial_indent=indent + lead,
+                                     subsequent_indent=indent + lead + "    ") if line.strip() else "")
+        return "\n".join(out)
 
 
 def build_parser(prog: str = "lorakit train", description: str | None = None) -> argparse.ArgumentParser:

@@ -168,8 +168,22 @@ def test_gui_command_line(monkeypatch):
     with pytest.raises(UserError, match="USER:PASSWORD"):
         gui_cmd.parse_auth("nopass")
     seen = {}
-    monkeypatch.setattr("lorakit.gui.app.launch", lambda **kw: seen.update(kw))
+
+    class Stopped:  # a server that has already stopped, so run() returns at once
+        is_running = False
+
+        def close(self):
+            seen["closed"] = True
+
+    class Ctx:
+        class store:  # noqa: N801
+            @staticmethod
+            def shutdown():
+                seen["shutdown"] = True
+
+    monkeypatch.setattr("lorakit.gui.app.launch", lambda **kw: (seen.update(kw), (Stopped(), Ctx(), "http://x"))[1])
     assert gui_cmd.run(build_parser().parse_args(["gui", "--listen", "10.0.0.2", "--auth", "a:b"])) == 0
+    assert seen["closed"] and seen["shutdown"] and seen["quiet"]
     assert seen["listen"] == "10.0.0.2" and seen["auth"] == ("a", "b") and seen["port"] == 7860
 
 

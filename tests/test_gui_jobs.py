@@ -96,7 +96,8 @@ def test_stale_running_job_is_marked_interrupted(tmp_path):
     write_status(job.dir, state="running", pid=dead.pid, started=time.time())
     alive = store.submit({"output_dir": str(tmp_path)}, name="alive")
     # a live process that is not a lorakit worker (a reused pid) does not count either
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # (its command line may still say "lorakit": a python in ~/lorakit/.venv, as the README's quick start makes)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "/home/me/lorakit/.venv/x"])
     try:
         write_status(alive.dir, state="running", pid=other.pid, started=time.time())
         JobStore(tmp_path / "jobs")  # a restarted server

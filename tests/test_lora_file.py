@@ -244,9 +244,14 @@ def test_family_detection_from_widths_and_metadata():
     assert detect_family(lora(te, 768))[0] == {"sd1"}
     assert detect_family(lora(te, 1024))[0] == {"sd2", "sd2-v"}
     assert detect_family(lora(te, 1024), {"ss_base_model_version": "sd_v2_v"})[0] == {"sd2-v"}
-    assert detect_family(lora(k, 2048))[0] == {"sdxl"}  # diffusers-style SDXL names, told by width
+    # SDXL and its v-prediction fine-tunes share weights: keys cannot tell them apart, metadata can
+    assert detect_family(lora(k, 2048))[0] == {"sdxl", "sdxl-v"}  # diffusers-style SDXL names, told by width
     assert detect_family(lora(k, 768))[0] == {"sd1"}
-    assert detect_family(lora("lora_te1_text_model_encoder_layers_0_mlp_fc1", 768))[0] == {"sdxl"}
+    te1 = lora("lora_te1_text_model_encoder_layers_0_mlp_fc1", 768)
+    assert detect_family(te1)[0] == {"sdxl", "sdxl-v"}
+    assert detect_family(te1, {"ss_base_model_version": "sdxl_base_v1-0"})[0] == {"sdxl"}
+    assert detect_family(te1, {"ss_base_model_version": "sdxl_base_v1-0", "modelspec.prediction_type": "v"})[0] == \
+        {"sdxl-v"}
 
 
 def test_files_from_other_tools(sd1, tmp_path):

@@ -187,7 +187,7 @@ def test_batches_and_workers_match(images, model_dir, tmp_path):
 
 
 def test_recursive_and_unreadable(images, model_dir):
-    sub = images / "10_sub"
+    sub = images / "sub"  # not an `N_name` folder: only --recursive enters it
     sub.mkdir()
     Image.new("RGB", (S, S), (0, 0, 255)).save(sub / "b.png")
     (images / "broken.png").write_bytes(b"not an image")

@@ -77,7 +77,9 @@ def options(tmp: Path, data: dict, *extra: str):
 def run(opts, family="sd1", **kw):
     from lorakit.train.trainer import train
 
-    return train(opts, bundle=kw.pop("bundle", None) or tiny(family), progress=False, log=lambda *a: None, **kw)
+    kw.setdefault("predict_memory", False)  # its own tests: tests/test_train_memory.py
+    kw.setdefault("log", lambda *a: None)
+    return train(opts, bundle=kw.pop("bundle", None) or tiny(family), progress=False, **kw)
 
 
 def read_lora(path):

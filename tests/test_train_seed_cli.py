@@ -49,7 +49,8 @@ def checkpoint(folder: str) -> str:
 def run_cli(line: str) -> int:
     from lorakit.cli.main import main
 
-    return main(["train", "--no_progress", *shlex.split(line)])
+    # the seeds' `--num_cpu_threads_per_process 16` takes effect now: keep tiny models on one thread (the last flag wins)
+    return main(["train", "--no_progress", *shlex.split(line), "--num_threads", "1"])
 
 
 def check_kohya_layout(tensors: dict, alpha: float, conv_alpha: float):

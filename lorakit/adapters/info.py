@@ -213,7 +213,10 @@ def _training_summary(md: dict, top_tags: int) -> dict:
             "ss_network_alpha": "network_alpha", "ss_network_module": "network_module", "ss_resolution": "resolution",
             "ss_clip_skip": "clip_skip", "ss_mixed_precision": "mixed_precision", "ss_seed": "seed",
             "ss_num_train_images": "train_images", "ss_num_reg_images": "reg_images", "ss_output_name": "output_name",
-            "modelspec.title": "title", "modelspec.trigger_phrase": "trigger_phrase", "sshs_model_hash": "model_hash"}
+            "ss_sd_model_hash": "base_model_hash", "ss_new_sd_model_hash": "base_model_sha256",
+            "modelspec.title": "title", "modelspec.trigger_phrase": "trigger_phrase",
+            # sshs_model_hash is this LoRA file's own hash (A1111's "Lora hashes"), not the base model's
+            "sshs_model_hash": "lora_hash"}
     for k, name in keys.items():
         if md.get(k) not in (None, "", "None"):
             out[name] = md[k]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.base import AdapterModule, alpha_or_rank, kaiming_, layer_kind
+from lorakit.adapters.recompute import compute_dtype
 
 
 class LoRAModule(AdapterModule):
@@ -123,7 +124,7 @@ class LoRAModule(AdapterModule):
             return None
         # compute in the activations' dtype: casting the small factors costs nothing, casting x (an activation)
         # to fp32 would copy it, and under autocast it would be cast back again
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         down = self.lora_down.weight
         lx = self._low_rank_op(x, down if down.dtype == dt else down.to(dt), self.lora_down)
         if self.tucker:
@@ -161,7 +162,7 @@ class LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale):
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         x = x if x.dtype == dt else x.to(dt)
         y = F.linear(x, weight if weight.dtype == dt else weight.to(dt), None if bias is None else bias.to(dt))
         lx = x.reshape(-1, x.shape[-1]) @ down.to(dt).t()
@@ -184,12 +185,6 @@ class LoRALinear(torch.autograd.Function):
         return gx, None, None, gdown, gup, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the linear/conv ops will run in: autocast's when it is on (torch >= 2.4 API), else x's."""
-    kind = x.device.type
-    if hasattr(torch, "get_autocast_dtype") and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return x.dtype
 
 
 class DyLoRAModule(LoRAModule):

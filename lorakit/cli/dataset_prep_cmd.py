@@ -22,8 +22,11 @@ def register(subparsers) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser, caption: bool = True) -> None:
-    p.add_argument("dir", help="dataset folder (images and caption files)")
-    p.add_argument("--recursive", action="store_true", help="also process subfolders (hidden folders are skipped)")
+    p.add_argument("dir", help="dataset folder: its images and those of its `N_name` subfolders (the layout "
+                               "`lorakit train --train_data_dir` reads, e.g. train/ with train/20_usu bear/), or a "
+                               "dataset TOML (its image_dir folders)")
+    p.add_argument("--recursive", action="store_true",
+                   help="walk every subfolder, not only `N_name` ones (hidden folders are skipped)")
     if caption:
         p.add_argument("--caption_extension", default=".txt",
                        help="caption file extension (default .txt, the trainer's default too)")
@@ -115,8 +118,6 @@ def run_tag(args) -> int:
     print(f"{rep.images} images: {rep.written} captions written, {rep.skipped_existing} already captioned "
           f"(skipped{'' if rep.skipped_existing == 0 else '; --overwrite or --append_tags to redo them'}), "
           f"{len(rep.failed)} unreadable.")
-    if rep.images == 0:
-        print(f"no images found in {args.dir}" + ("" if args.recursive else " (subfolders need --recursive)"))
     return 1 if rep.failed and not rep.written else 0
 
 
@@ -305,7 +306,9 @@ def run_dedupe(args) -> int:
 
     rep = dedupe_folder(args.dir, threshold=args.threshold, move_to=args.move_to, recursive=args.recursive,
                         workers=args.workers, progress=not args.no_progress)
-    root = Path(args.dir)
+    from lorakit.tools.tag_edit import dataset_root
+
+    root = dataset_root(args.dir)
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
@@ -313,7 +316,8 @@ def run_dedupe(args) -> int:
     for g in rep.groups:
         print(f"keep {rel(g.keep)}")
         for d in g.duplicates:
-            how = "exact copy" if d.kind == "exact" else f"near, distance {d.distance}"
+            how = ("exact copy" + (f" of {rel(d.same_as)}" if d.same_as else "") if d.kind == "exact"
+                   else f"near, distance {d.distance}")
             print(f"  {'moved' if args.move_to else 'dup'}  {rel(d.path)}  ({how})")
     for err in rep.failed:
         print(f"lorakit: warning: {err}", file=sys.stderr)

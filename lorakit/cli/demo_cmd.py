@@ -67,8 +67,7 @@ def run(args) -> int:
     from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
     from lorakit.train.trainer import train
 
-    # the toy model is dominated by per-op overhead; one thread avoids contention on small machines
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the grid and metrics too (training sets it from --num_threads below)
     out = Path(args.output_dir).resolve()
     base = default_base_path()
     print(f"toy base model: {base} (shipped; SD1 layout, 64 px)")
@@ -77,6 +76,10 @@ def run(args) -> int:
                                                              if data.get("reg_subdir") else ""))
     argv = usu_bear_argv(base, data, out / "output", epochs=args.epochs, steps=args.steps)
     argv += ["--save_every_n_steps", str(max(1, args.steps // 2))] if args.steps else ["--save_every_n_epochs", "5"]
+    # The toy model is dominated by per-op overhead: one thread is fastest on small machines. It is a flag of the
+    # command (not a setting of this process) because float sums depend on the thread count: the printed command
+    # then trains the same LoRA bit for bit.
+    argv += ["--num_threads", "1"]
     opts = O.resolve(argv)
     result = train(opts, progress=not args.no_progress)
     if result.interrupted:
@@ -93,7 +96,8 @@ def run(args) -> int:
     print(f"LoRA: {result.final_lora}")
     for p in result.saved[:-1]:
         print(f"checkpoint: {p}")
-    print("the same training as a command line:")
+    print("the same training as a command line (the same LoRA bit for bit, on this machine and torch build; give "
+          "another --output_dir to keep the demo's files):")
     print("  lorakit train " + " ".join(shlex.quote(a) for a in argv))
     if args.no_eval:
         return 0

@@ -86,7 +86,9 @@ class _Models:
         a = self.args
         path = model or a.model
         if not Path(path).exists():
-            raise _user(f"--model {path} does not exist.")
+            from lorakit.models.paths import missing_model_error
+
+            raise missing_model_error(path, "--model" if model is None else "Checkpoint name axis value")
         dev, dtype = self.device_dtype()
         print(f"loading {path} ...", file=sys.stderr)
         bundle = load_bundle(path, vae=a.vae, dtype=dtype, v2=a.v2, v_parameterization=a.v_parameterization,

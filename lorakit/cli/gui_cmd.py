@@ -49,6 +49,20 @@ def run(args) -> int:
     if args.listen and not auth:
         print("lorakit gui: note: listening on " + args.listen + " without --auth; anyone who can reach this port "
               "can train and read files under the roots.")
-    launch(roots=args.root, jobs_dir=args.jobs_dir, listen=args.listen, port=args.port, auth=auth,
-           outputs=args.outputs, block=True)
+    # Gradio's own start-up lines end with a hint to make a public share link, which lorakit never does (the GUI
+    # reads and writes local files): start it quietly and say where it runs instead
+    demo, ctx, url = launch(roots=args.root, jobs_dir=args.jobs_dir, listen=args.listen, port=args.port, auth=auth,
+                            outputs=args.outputs, block=False, quiet=True)
+    print(f"lorakit gui: open {url} in a browser (Ctrl-C to stop; running training jobs keep going and are shown "
+          "again by the next `lorakit gui`).", flush=True)
+    import time
+
+    try:
+        while getattr(demo, "is_running", True):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("lorakit gui: stopped.", flush=True)
+    finally:
+        ctx.store.shutdown()
+        demo.close()
     return 0

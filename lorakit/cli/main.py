@@ -14,7 +14,8 @@ import sys
 
 # group name -> modules that register its subcommands; a module not present yet is skipped.
 COMMAND_MODULES: dict[str, list[str]] = {
-    "": ["lorakit.cli.train_cmd", "lorakit.cli.demo_cmd", "lorakit.cli.generate_cmd", "lorakit.cli.gui_cmd"],
+    "": ["lorakit.cli.train_cmd", "lorakit.cli.demo_cmd", "lorakit.cli.generate_cmd", "lorakit.cli.gui_cmd",
+         "lorakit.cli.eval_cmd"],
     "model": ["lorakit.cli.model_cmd"],
     "lora": ["lorakit.cli.lora_cmd", "lorakit.cli.lora_tools_cmd"],
     "dataset": ["lorakit.cli.dataset_cmd", "lorakit.cli.dataset_prep_cmd"],

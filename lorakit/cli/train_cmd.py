@@ -22,7 +22,11 @@ def register(subparsers) -> None:
     p.__class__ = O.SuggestingParser  # unknown flags get a "did you mean" answer
     O.add_options(p)
     p.add_argument("--no_progress", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bar (logs only)")
+                   help="no progress bar: log lines only, with a step line (loss, lr, it/s, time left) every "
+                        "--log_every_n_steps steps")
+    p.add_argument("--log_every_n_steps", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="with --no_progress: a step line every N steps (default: about 20 lines a run, at least "
+                        "every 100 steps)")
     p.set_defaults(func=run)
 
 
@@ -43,11 +47,13 @@ def run(args) -> int:
         return 0
     from lorakit.train.trainer import train
 
-    result = train(opts, progress=not getattr(args, "no_progress", False))
-    if result.interrupted:
-        print(f"interrupted at step {result.global_step}: LoRA {result.final_lora}, state {result.states[-1]}")
-        return 130
-    print(f"LoRA: {result.final_lora}")
-    for s in result.samples:
-        print(f"sample: {s}")
-    return 0
+    every = getattr(args, "log_every_n_steps", None)
+    if every is not None and every < 1:
+        from lorakit.errors import UserError
+
+        raise UserError(f"--log_every_n_steps {every}: give a number of steps of at least 1.")
+    result = train(opts, progress=not getattr(args, "no_progress", False), log_every=every)
+    if opts.estimate_memory:
+        return 0  # the prediction was printed; nothing was trained
+    # the run's summary (time, loss, every file written) was logged by train()
+    return 130 if result.interrupted else 0

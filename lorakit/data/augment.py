@@ -13,13 +13,43 @@ import numpy as np
 from PIL import Image
 
 from lorakit.data.buckets import get_crop_ltrb
+from lorakit.errors import UserError
 from lorakit.utils.images import open_image, split_alpha
 
+# --resize_interpolation names (sd-scripts' cv2 names) -> PIL filters; "area" is PIL's box filter
+FILTERS = {"lanczos": Image.LANCZOS, "nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "linear": Image.BILINEAR,
+           "bicubic": Image.BICUBIC, "cubic": Image.BICUBIC, "area": Image.BOX}
+# a mask differing from its image by more than this in aspect ratio is another picture, not a scaled copy
+MASK_ASPECT_TOLERANCE = 0.02
 
-def load_image_arrays(path: str | os.PathLike, alpha_mask: bool = False) -> tuple[Image.Image, Image.Image | None]:
-    """(RGB image, alpha or None). Without alpha_mask transparent pixels are composited on white; with it the alpha
-    channel becomes the loss mask (fully opaque when the image has none) and RGB is kept as stored (sd-scripts)."""
+
+def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> Image.Image:
+    """A loss-mask image (sd-scripts' conditioning_data_dir masks) as an "L" image of `size`: the red channel (grey
+    images: their value), 255 = learn, 0 = ignore. A mask stored at another scale of the same picture is resized."""
     img = open_image(path)
+    if img.mode in ("L", "I", "I;16", "F"):
+        m = img.convert("L")
+    else:
+        m = img.convert("RGB").getchannel("R")
+    if m.size != tuple(size):
+        w, h = m.size
+        if abs((w / h) / (size[0] / size[1]) - 1) > MASK_ASPECT_TOLERANCE:
+            raise UserError(f"mask {path} is {w}x{h} but its training image is {size[0]}x{size[1]}: a different "
+                            "aspect ratio, so it cannot be lined up with the image. Save the mask at the image's size "
+                            "(conditioning_data_dir).")
+        m = _resize_mask(m, size)
+    return m
+
+
+def load_image_arrays(path: str | os.PathLike, alpha_mask: bool = False,
+                      mask_path: str | os.PathLike | None = None) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB image, loss mask or None). Without alpha_mask transparent pixels are composited on white; with it the
+    alpha channel becomes the loss mask (fully opaque when the image has none) and RGB is kept as stored (sd-scripts).
+    A `mask_path` (conditioning_data_dir) gives the mask instead of the alpha channel, as in sd-scripts."""
+    img = open_image(path)
+    if mask_path is not None:
+        rgb = img.convert("RGB") if alpha_mask else split_alpha(img)[0]
+        return rgb, load_mask(mask_path, img.size)
     if not alpha_mask:
         rgb, _ = split_alpha(img)
         return rgb, None
@@ -30,22 +60,36 @@ def load_image_arrays(path: str | os.PathLike, alpha_mask: bool = False) -> tupl
     return rgba.convert("RGB"), rgba.getchannel("A")
 
 
-def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+def _resize(img: Image.Image, size: tuple[int, int], interpolation: str | None = None) -> Image.Image:
     if img.size == tuple(size):
         return img
+    if interpolation is not None:
+        return img.resize(size, FILTERS[interpolation])
     shrinking = size[0] < img.size[0] and size[1] < img.size[1]
     # reducing_gap: fast box pre-reduction for big downscales, same quality as plain LANCZOS to the eye
     return img.resize(size, Image.LANCZOS, reducing_gap=3.0 if shrinking else None)
 
 
+def _resize_mask(mask: Image.Image, size: tuple[int, int], interpolation: str | None = None) -> Image.Image:
+    """Masks default to area (shrinking) or bilinear (enlarging): no ringing, so a region that is 0 in the mask stays
+    exactly 0 (no gradient leaks from ignored pixels), and a constant mask stays constant."""
+    if mask.size == tuple(size):
+        return mask
+    if interpolation is None:
+        interpolation = "area" if size[0] <= mask.size[0] and size[1] <= mask.size[1] else "bilinear"
+    return mask.resize(size, FILTERS[interpolation])
+
+
 def resize_and_crop(img: Image.Image, alpha: Image.Image | None, resized_size: tuple[int, int],
-                    reso: tuple[int, int], random_crop: bool = False, rng: np.random.Generator | None = None):
+                    reso: tuple[int, int], random_crop: bool = False, rng: np.random.Generator | None = None,
+                    interpolation: str | None = None):
     """sd-scripts' trim_and_resize_if_required: resize to `resized_size`, then crop to the bucket `reso` at the centre
-    (or at a random offset). Returns (img, alpha, original_size, crop_ltrb)."""
+    (or at a random offset); the mask `alpha` gets the same resize and crop. Returns (img, alpha, original_size,
+    crop_ltrb)."""
     original_size = img.size
-    img = _resize(img, resized_size)
+    img = _resize(img, resized_size, interpolation)
     if alpha is not None:
-        alpha = _resize(alpha, resized_size)
+        alpha = _resize_mask(alpha, resized_size, interpolation)
     w, h = img.size
     left = top = 0
     if w > reso[0]:
@@ -76,7 +120,7 @@ def parse_face_info(path: str | os.PathLike) -> tuple[int, int, int, int] | None
 
 def face_crop(img: Image.Image, alpha: Image.Image | None, face: tuple[int, int, int, int],
               resolution: tuple[int, int], face_crop_aug_range: tuple[float, float], random_crop: bool,
-              rng: np.random.Generator):
+              rng: np.random.Generator, interpolation: str | None = None):
     """sd-scripts' crop_target: scale so the face spans 1/range of the short side, crop around the face."""
     tw, th = resolution
     width, height = img.size
@@ -92,9 +136,9 @@ def face_crop(img: Image.Image, alpha: Image.Image | None, face: tuple[int, int,
     # never below the target (sd-scripts asserts this; small images are upscaled to cover instead)
     scale = max(scale, th / height, tw / width)
     nw, nh = max(tw, int(width * scale + 0.5)), max(th, int(height * scale + 0.5))
-    img = _resize(img, (nw, nh))
+    img = _resize(img, (nw, nh), interpolation)
     if alpha is not None:
-        alpha = _resize(alpha, (nw, nh))
+        alpha = _resize_mask(alpha, (nw, nh), interpolation)
     cx, cy = int(cx * scale + 0.5), int(cy * scale + 0.5)
     offsets = []
     for target, length, p in ((th, nh, cy), (tw, nw, cx)):

@@ -75,13 +75,19 @@ class DatasetReport:
             for u in self.upscaled[:max_list]:
                 L.append(f"  {u['path']}: {u['size'][0]}x{u['size'][1]} -> bucket {u['bucket'][0]}x{u['bucket'][1]} "
                          f"(x{u['scale']:.2f})")
+            if len(self.upscaled) > max_list:  # the count above must match what is listed
+                L.append(f"  ... and {len(self.upscaled) - max_list} more")
         if self.duplicates:
             L.append(f"warning: {len(self.duplicates)} groups of identical image files:")
             L.extend("  " + " = ".join(g) for g in self.duplicates[:max_list])
+            if len(self.duplicates) > max_list:
+                L.append(f"  ... and {len(self.duplicates) - max_list} more")
         if self.long_captions:
             how = "tokens" if self.token_count_exact else "tokens, estimated from words and punctuation (no tokenizer given)"
             L.append(f"warning: {len(self.long_captions)} captions exceed {self.token_limit} {how}; the rest is cut off:")
             L.extend(f"  {c['path']}: {c['tokens']}" for c in self.long_captions[:max_list])
+            if len(self.long_captions) > max_list:
+                L.append(f"  ... and {len(self.long_captions) - max_list} more")
         L.extend(f"warning: {w}" for w in self.warnings)
         L.extend(f"note: {n}" for n in self.notes)
         return "\n".join(L)
@@ -209,12 +215,13 @@ def check_source(source, opts: dict, seed: int = 0, quick: bool = False,
     folder_problems = _repeat_folder_problems(opts)
     notes: list[str] = []
     try:
-        configs = build_dataset_configs(opts, notes=notes)
+        configs = build_dataset_configs(opts, notes=notes, bad_repeats="skip")  # every problem at once
         cache = ScanCache()
         group = DatasetGroup.build(configs, seed=seed, on_bad_image="skip", scan_cache=cache)
     except UserError as exc:
         if folder_problems:  # "no usable folder" because of them: say why each was left out
-            raise UserError("\n".join([str(exc)] + [p["message"] for p in folder_problems])) from None
+            raise UserError("\n".join([str(exc)] + [p["message"] for p in folder_problems
+                                                     if p["message"] not in str(exc)])) from None
         raise
     report = build_report(group, decode=not quick, duplicates=not quick, token_counter=token_counter,
                           max_token_length=max_token_length, scan_cache=cache)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lorakit import options as O
+from lorakit.data.scan import repeat_folder_problem
 from lorakit.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -155,8 +156,11 @@ def extract_dreambooth_params(name: str) -> tuple[int, str]:
 
 
 def subsets_from_dirs(train_data_dir: str | None, reg_data_dir: str | None,
-                      notes: list[str] | None = None) -> list[dict]:
-    """sd-scripts' generate_dreambooth_subsets_config_by_subdirs, with folders sorted by name and skips reported."""
+                      notes: list[str] | None = None, bad_repeats: str = "error") -> list[dict]:
+    """sd-scripts' generate_dreambooth_subsets_config_by_subdirs, with folders sorted by name and skips reported.
+    A folder without a repeat count is skipped with a note (sd-scripts does the same: e.g. a `samples` folder); one
+    with a count below 1 (`0_x`, `-3_x`) is a UserError, or with bad_repeats="skip" (`dataset check`, which
+    reports every problem at once) a note."""
     out: list[dict] = []
     for base, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
         if base is None:
@@ -166,30 +170,41 @@ def subsets_from_dirs(train_data_dir: str | None, reg_data_dir: str | None,
         if not base_path.is_dir():
             raise UserError(f"{flag} {base_path} is not a folder.")
         subdirs = sorted(p for p in base_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        skipped: list[str] = []
         for sub in subdirs:
-            repeats, class_tokens = extract_dreambooth_params(sub.name)
-            if repeats < 1:
-                msg = (f"folder {sub} is skipped: its name has no leading repeat count. Rename it `N_class tokens` "
-                       f"(e.g. `10_{sub.name}`) to train on it.")
+            problem = repeat_folder_problem(sub)
+            if problem is not None:
+                kind, msg = problem
+                if kind == "error" and bad_repeats == "error":  # `0_x`: meant to be trained on, never left out
+                    raise UserError(f"{flag} {base_path}: {msg}")
+                skipped.append(msg)
                 if notes is not None:
                     notes.append(msg)
                 else:
                     logger.warning(msg)
                 continue
+            repeats, class_tokens = extract_dreambooth_params(sub.name)
             out.append({"image_dir": str(sub), "num_repeats": repeats, "is_reg": is_reg, "class_tokens": class_tokens})
+        if not is_reg and not out:
+            # the skip notes say which folders were seen and how to rename them: they belong in the error itself
+            why = (" " + " ".join(skipped)) if skipped else (" It has no subfolders; images must be in `N_class` "
+                                                              "subfolders, not directly in it." if not subdirs else "")
+            raise UserError(f"--train_data_dir {base_path} has no usable `N_class` subfolder (e.g. `10_mychar girl`: "
+                            f"10 repeats of the images inside, captions from their .txt files).{why}")
         if not subdirs and notes is not None:
             notes.append(f"{flag} {base_path} has no subfolders; images must be in `N_class` subfolders.")
     return out
 
 
 def build_dataset_configs(args: Any = None, dataset_config: str | Path | dict | None = None,
-                          notes: list[str] | None = None, default_resolution: int | None = None) -> list[DatasetConfig]:
+                          notes: list[str] | None = None, default_resolution: int | None = None,
+                          bad_repeats: str = "error") -> list[DatasetConfig]:
     """Resolve the datasets to train on, like sd-scripts' BlueprintGenerator.
 
     `args`: a Namespace or mapping of sd-scripts option names (train_data_dir, reg_data_dir, in_json, resolution,
     train_batch_size, caption_extension, shuffle_caption, ...). `dataset_config`: a TOML path or already-loaded dict;
     defaults to args["dataset_config"]. `notes` collects messages about skipped folders. `default_resolution` (the
-    model family's) applies to command-line datasets without --resolution.
+    model family's) applies to command-line datasets without --resolution. `bad_repeats`: see subsets_from_dirs.
     """
     argd = _args_to_dict(args)
     dataset_config = dataset_config if dataset_config is not None else argd.get("dataset_config")
@@ -210,7 +225,7 @@ def build_dataset_configs(args: Any = None, dataset_config: str | Path | dict | 
         else:
             if not argd.get("train_data_dir"):
                 raise UserError("no dataset given: pass --train_data_dir DIR (folders `N_class`) or --dataset_config FILE.toml.")
-            subs = subsets_from_dirs(argd.get("train_data_dir"), argd.get("reg_data_dir"), notes)
+            subs = subsets_from_dirs(argd.get("train_data_dir"), argd.get("reg_data_dir"), notes, bad_repeats)
             if not any(not s["is_reg"] for s in subs):
                 raise UserError(f"--train_data_dir {argd['train_data_dir']} has no usable `N_class` subfolder "
                                 "(e.g. `10_mychar girl`); put the training images in such a folder.")

@@ -70,6 +70,7 @@ class ImageEntry:
     latents_original_size: tuple[int, int] | None = None
     latents_crop_ltrb: tuple | None = None
     npz_path: Path | None = None
+    mask_path: Path | None = None  # loss mask from the subset's conditioning_data_dir
 
 
 def balance_reg_repeats(num_train: int, reg_repeats: list[int]) -> list[int]:
@@ -152,10 +153,15 @@ class Dataset:
         self.assigner: BucketAssigner | None = None
         self.num_train_images = 0  # with repeats
         self.num_reg_images = 0  # with folder repeats, before balancing
+        self.masks: dict[tuple[int, Path], Path] = {}  # (subset index, image) -> its conditioning_data_dir mask
+        self.held_out: list[tuple] = []  # (subset index, path, caption, source, size) kept for validation
 
     # ---- building ----
     def build(self, on_bad_image: str = "error", scan_cache: ScanCache | None = None, workers: int | None = None,
-              sizes_known: dict | None = None) -> "Dataset":
+              sizes_known: dict | None = None, *, seed: int = 0, masked_loss: bool | None = None) -> "Dataset":
+        """Scan the subsets. `seed` draws the validation split (unless the dataset sets validation_seed);
+        `masked_loss` False refuses conditioning_data_dir masks (sd-scripts reads them only with --masked_loss),
+        None (dataset checks) loads them when given."""
         cfg = self.config
         self.assigner = BucketAssigner(cfg.resolution, cfg.enable_bucket, cfg.min_bucket_reso, cfg.max_bucket_reso,
                                        cfg.bucket_reso_steps, cfg.bucket_no_upscale, cfg.bucket_log_aspect, self.notes)
@@ -199,6 +205,7 @@ class Dataset:
                         pending.append((si, p, "", "none", None))
             self.subset_image_counts.append(len(pending) - count_before)
 
+        self.masks = find_masks(cfg, pending, masked_loss, self.notes)
         need = [p for _, p, _, _, size in pending if size is None and not (sizes_known and p in sizes_known)]
         sizes, errors = scan_sizes(need, scan_cache, workers)
         if sizes_known:
@@ -213,18 +220,41 @@ class Dataset:
         if on_bad_image == "error" and bad_paths:
             raise UserError(_problems_message([pr for pr in self.problems if pr.kind in ("image", "caption")]))
 
-        train, reg = [], []
+        good = []
         for si, p, cap, src, size in pending:
             if str(p) in bad_paths:
                 continue
             size = size or sizes.get(p)
-            if size is None:
-                continue
-            subset = cfg.subsets[si]
+            if size is not None:
+                good.append((si, p, cap, src, tuple(size)))
+        _check_mask_sizes(self.masks, {(si, p): size for si, p, _, _, size in good}, scan_cache, workers)
+        if cfg.validation_split:
+            good, self.held_out = split_validation(good, cfg, seed, self.index)
+        train, reg = self._entries(good)
+        return self._finish(train, reg)
+
+    def _entries(self, items, repeats: int | None = None) -> tuple[list[ImageEntry], list[ImageEntry]]:
+        train, reg = [], []
+        for si, p, cap, src, size in items:
+            subset = self.config.subsets[si]
             face = parse_face_info(p) if subset.face_crop_aug_range is not None else None
-            e = ImageEntry(0, p, cap, src, subset.is_reg, si, subset.num_repeats, subset.num_repeats,
-                           tuple(size), self.assigner.select(*size), face)
+            e = ImageEntry(0, p, cap, src, subset.is_reg, si, repeats or subset.num_repeats, subset.num_repeats,
+                           tuple(size), self.assigner.select(*size), face, mask_path=self.masks.get((si, p)))
             (reg if subset.is_reg else train).append(e)
+        return train, reg
+
+    def validation_dataset(self) -> "Dataset | None":
+        """The images held out by validation_split, each once (no repeats, no regularization images), in the same
+        buckets and with the same subset settings; None when nothing was held out."""
+        if not self.held_out:
+            return None
+        ds = Dataset(self.config, self.index)
+        ds.assigner, ds.masks, ds.notes = self.assigner, self.masks, []
+        train, _ = ds._entries(self.held_out, repeats=1)
+        return ds._finish(train, [])
+
+    def _finish(self, train: list[ImageEntry], reg: list[ImageEntry]) -> "Dataset":
+        cfg = self.config
         self.num_train_images = sum(e.num_repeats for e in train)
         self.num_reg_images = sum(e.num_repeats for e in reg)
         if reg:
@@ -315,6 +345,104 @@ def _problems_message(problems: list[Problem], limit: int = 20) -> str:
             "\nFix or remove them, or run with --on_bad_image skip to train without them.")
 
 
+def split_validation(items: list[tuple], cfg: DatasetConfig, seed: int, dataset_index: int):
+    """sd-scripts' validation split, per subset: shuffle the subset's images with the seed (the dataset's
+    validation_seed, else the run's), keep the first ceil(n * (1 - split)) for training and hold out the rest.
+    Regularization subsets are never split. (sd-scripts takes its held-out part as the last round(n * split), which
+    overlaps the training part by one image when n * split ends in .5; here the two parts never overlap.)"""
+    seed = cfg.validation_seed if cfg.validation_seed is not None else seed
+    by_subset: dict[int, list[tuple]] = {}
+    for item in items:
+        by_subset.setdefault(item[0], []).append(item)
+    keep, held = [], []
+    for si, group in by_subset.items():
+        if cfg.subsets[si].is_reg:
+            keep += group
+            continue
+        order = R.rng_for(seed, R.VALIDATION_SPLIT, dataset_index, si).permutation(len(group))
+        n_train = math.ceil(len(group) * (1 - cfg.validation_split))
+        chosen = set(int(i) for i in order[:n_train])
+        keep += [x for i, x in enumerate(group) if i in chosen]  # file order kept: batches stay seeded the same way
+        held += [group[int(i)] for i in sorted(order[n_train:])]
+    return keep, held
+
+
+def find_masks(cfg: DatasetConfig, pending: list[tuple], masked_loss: bool | None,
+               notes: list[str] | None = None) -> dict[tuple[int, Path], Path]:
+    """{(subset index, image): mask} for subsets with conditioning_data_dir: the mask is the image file with the same
+    stem in that folder (or in its subfolder named like the image folder, so one --conditioning_data_dir serves
+    `N_name` folders). Every training image of such a subset needs one (sd-scripts asserts the same). A
+    regularization subset takes masks only from its own subfolder (`masks/1_bear/`; a flat folder's names belong to
+    the training images) and may have none: its images then count everywhere."""
+    subsets = {si for si, s in enumerate(cfg.subsets) if s.conditioning_data_dir}
+    if not subsets:
+        return {}
+    if masked_loss is False:
+        s = cfg.subsets[min(subsets)]
+        raise UserError(f"conditioning_data_dir {s.conditioning_data_dir} is set (subset {s.image_dir or s.metadata_file}) "
+                        "but --masked_loss is not: the mask images would be ignored. Add --masked_loss (masked_loss = "
+                        "true in a --config_file) to train with them, or remove conditioning_data_dir.")
+    indexes: dict[int, tuple[dict, dict]] = {}
+    for si in subsets:
+        s = cfg.subsets[si]
+        folder = Path(s.conditioning_data_dir)
+        if not folder.is_dir():
+            raise UserError(f"conditioning_data_dir {folder} (subset {s.image_dir or s.metadata_file}) is not a folder; "
+                            "point it at the folder of mask images (one per training image, same file name stem).")
+        if s.image_dir and folder.resolve() == Path(s.image_dir).resolve():
+            raise UserError(f"conditioning_data_dir {folder} is the image folder itself: every image would be its own "
+                            "mask. Keep the masks in a separate folder with the same file names.")
+        sub = folder / Path(s.image_dir).name if s.image_dir else None
+        own = _stem_index(sub) if sub is not None and sub.is_dir() else {}
+        indexes[si] = (own, {} if s.is_reg else _stem_index(folder))
+    out: dict[tuple[int, Path], Path] = {}
+    missing: dict[int, list[Path]] = {}
+    for si, p, *_ in pending:
+        if si in indexes:
+            first, second = indexes[si]
+            m = first.get(p.stem) or second.get(p.stem)
+            if m is not None:
+                out[(si, p)] = m
+            elif not cfg.subsets[si].is_reg:
+                missing.setdefault(si, []).append(p)
+    for si in subsets:
+        s = cfg.subsets[si]
+        if s.is_reg and notes is not None and not any(k[0] == si for k in out):
+            notes.append(f"regularization subset {s.image_dir}: no masks in "
+                         f"{Path(s.conditioning_data_dir) / Path(s.image_dir or '').name}; its images count everywhere.")
+    for si, paths in missing.items():
+        folder = cfg.subsets[si].conditioning_data_dir
+        names = ", ".join(x.name for x in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        raise UserError(f"{len(paths)} training image(s) have no mask in conditioning_data_dir {folder}: {names}. Each "
+                        f"image needs a mask image with the same file stem (e.g. {paths[0].stem}.png), white where the "
+                        "loss counts and black where it is ignored; add them, or remove conditioning_data_dir.")
+    return out
+
+
+def _stem_index(folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in list_images(folder):
+        out.setdefault(p.stem, p)
+    return out
+
+
+def _check_mask_sizes(masks: dict, image_sizes: dict, scan_cache, workers) -> None:
+    """A mask must be the image at some scale: another aspect ratio cannot be lined up (checked before training)."""
+    from lorakit.data.augment import MASK_ASPECT_TOLERANCE
+
+    wanted = {m: image_sizes[p] for p, m in masks.items() if p in image_sizes}
+    if not wanted:
+        return
+    sizes, errors = scan_sizes(list(dict.fromkeys(wanted)), scan_cache, workers)
+    for m, msg in errors.items():
+        raise UserError(f"mask {m} cannot be read ({msg}); fix or replace it (conditioning_data_dir).")
+    for m, (iw, ih) in wanted.items():
+        mw, mh = sizes[m]
+        if abs((mw / mh) / (iw / ih) - 1) > MASK_ASPECT_TOLERANCE:
+            raise UserError(f"mask {m} is {mw}x{mh} but its training image is {iw}x{ih}: a different aspect ratio, so "
+                            "it cannot be lined up with the image. Save the mask at the image's size.")
+
+
 class DatasetGroup:
     """All datasets of a run; batches of all datasets are interleaved in one seeded order per epoch."""
 
@@ -332,11 +460,19 @@ class DatasetGroup:
 
     @classmethod
     def build(cls, configs: list[DatasetConfig], seed: int = 0, on_bad_image: str = "error",
-              scan_cache: ScanCache | str | os.PathLike | bool | None = None, workers: int | None = None) -> "DatasetGroup":
-        """Scan every dataset. `scan_cache`: a ScanCache, a folder for it, None (default folder) or False (off)."""
+              scan_cache: ScanCache | str | os.PathLike | bool | None = None, workers: int | None = None, *,
+              masked_loss: bool | None = None) -> "DatasetGroup":
+        """Scan every dataset. `scan_cache`: a ScanCache, a folder for it, None (default folder) or False (off).
+        `masked_loss`: the run's --masked_loss (None: a dataset check, masks load when given)."""
         cache = scan_cache if isinstance(scan_cache, ScanCache) else ScanCache(scan_cache)
-        datasets = [Dataset(c, i).build(on_bad_image, cache, workers) for i, c in enumerate(configs)]
+        datasets = [Dataset(c, i).build(on_bad_image, cache, workers, seed=seed, masked_loss=masked_loss)
+                    for i, c in enumerate(configs)]
         cache.save()
+        if masked_loss and not any(s.alpha_mask or s.conditioning_data_dir for c in configs for s in c.subsets):
+            raise UserError("--masked_loss is set but no subset has a mask: set conditioning_data_dir (a folder of "
+                            "mask images named like the training images) or alpha_mask = true (transparent pixels "
+                            "are ignored) on the subsets in --dataset_config, or pass --conditioning_data_dir / "
+                            "--alpha_mask; or remove --masked_loss.")
         group = cls(datasets, seed, on_bad_image)
         if not any(d.entries for d in datasets):
             msg = "no usable training images were found."
@@ -358,6 +494,20 @@ class DatasetGroup:
     @property
     def problems(self) -> list[Problem]:
         return [p for d in self.datasets for p in d.problems]
+
+    def validation_group(self) -> "DatasetGroup | None":
+        """The held-out images of every dataset with a validation_split, as a group of their own (None: none)."""
+        held = [d.validation_dataset() for d in self.datasets]
+        datasets = [d for d in held if d is not None]
+        if not datasets:
+            return None
+        sources = [d.index for d in datasets]
+        for i, d in enumerate(datasets):
+            d.index = i
+        group = DatasetGroup(datasets, self.seed, self.on_bad_image)
+        group.max_train_steps = self.max_train_steps
+        group.source_indices = sources  # the training dataset each held-out one came from (its network_multiplier)
+        return group
 
     @property
     def num_train_images(self) -> int:
@@ -425,11 +575,12 @@ class DatasetGroup:
             sample["alpha_mask"] = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.float32)
             target = (int(sample["latents"].shape[-1]) * 8, int(sample["latents"].shape[-2]) * 8)
         else:
-            rgb, alpha = load_image_arrays(entry.path, subset.alpha_mask)
+            rgb, alpha = load_image_arrays(entry.path, subset.alpha_mask, entry.mask_path)
             if not cfg.enable_bucket and entry.face is not None and subset.face_crop_aug_range is not None:
                 original_size = rgb.size
                 rgb, alpha = face_crop(rgb, alpha, entry.face, cfg.resolution, subset.face_crop_aug_range,
-                                       subset.random_crop, R.rng_for(self.seed, R.FACE, *keys))
+                                       subset.random_crop, R.rng_for(self.seed, R.FACE, *keys),
+                                       subset.resize_interpolation)
                 crop_ltrb = (0, 0, 0, 0)
             else:
                 if rgb.size == tuple(entry.image_size) and entry.bucket.reso == reso:
@@ -438,7 +589,8 @@ class DatasetGroup:
                     s = max(reso[0] / rgb.size[0], reso[1] / rgb.size[1])
                     resized = (max(reso[0], int(rgb.size[0] * s + 0.5)), max(reso[1], int(rgb.size[1] * s + 0.5)))
                 rgb, alpha, original_size, crop_ltrb = resize_and_crop(
-                    rgb, alpha, resized, reso, subset.random_crop, R.rng_for(self.seed, R.CROP, *keys))
+                    rgb, alpha, resized, reso, subset.random_crop, R.rng_for(self.seed, R.CROP, *keys),
+                    subset.resize_interpolation)
             arr = np.asarray(rgb, dtype=np.uint8)
             if subset.color_aug:
                 arr = color_aug(arr, R.rng_for(self.seed, R.COLOR, *keys))

@@ -52,14 +52,27 @@ def latent_cache_refusal(group) -> str | None:
     return None
 
 
-def _meta(entry, flip: bool, alpha: bool, vae_id: str) -> dict:
+def _meta(entry, flip: bool, alpha: bool, vae_id: str, interpolation: str | None = None) -> dict:
     st = os.stat(entry.path)
-    return {"image_mtime_ns": st.st_mtime_ns, "image_bytes": st.st_size, "bucket": list(entry.bucket.reso),
+    meta = {"image_mtime_ns": st.st_mtime_ns, "image_bytes": st.st_size, "bucket": list(entry.bucket.reso),
             "resized": list(entry.bucket.resized_size), "flip": bool(flip), "alpha": bool(alpha), "vae": vae_id}
+    # added only when used, so caches written before these settings existed stay valid
+    if getattr(entry, "mask_path", None) is not None:
+        mst = os.stat(entry.mask_path)
+        meta["mask"] = [str(entry.mask_path), mst.st_mtime_ns, mst.st_size]
+    if interpolation is not None:
+        meta["interpolation"] = interpolation
+    return meta
 
 
-def npz_is_valid(npz_path: Path, entry, flip_aug: bool, alpha_mask: bool, vae_id: str = "") -> bool:
-    """Whether an existing cache file fits this entry and these settings."""
+def has_mask(entry, subset) -> bool:
+    """The entry's cache holds a loss mask: its subset uses alpha_mask or it has a conditioning_data_dir mask."""
+    return bool(subset.alpha_mask or getattr(entry, "mask_path", None) is not None)
+
+
+def npz_is_valid(npz_path: Path, entry, flip_aug: bool, alpha_mask: bool, vae_id: str = "",
+                 interpolation: str | None = None) -> bool:
+    """Whether an existing cache file fits this entry and these settings (`alpha_mask`: a mask is cached)."""
     if not npz_path.exists():
         return False
     w, h = entry.bucket.reso
@@ -78,7 +91,8 @@ def npz_is_valid(npz_path: Path, entry, flip_aug: bool, alpha_mask: bool, vae_id
             if alpha_mask and tuple(npz["alpha_mask"].shape) != (h, w):
                 return False
             if "lorakit_meta" in keys:
-                return json.loads(str(npz["lorakit_meta"])) == _meta(entry, flip_aug, alpha_mask, vae_id)
+                return json.loads(str(npz["lorakit_meta"])) == _meta(entry, flip_aug, alpha_mask, vae_id,
+                                                                       interpolation)
     except (OSError, ValueError, KeyError):
         return False
     # written by sd-scripts: trust it unless the image is newer
@@ -109,18 +123,21 @@ def save_latents_npz(npz_path: Path, latents, original_size, crop_ltrb, latents_
 
 
 def _prepare(entry, subset, reso):
-    rgb, alpha = load_image_arrays(entry.path, subset.alpha_mask)
-    rgb, alpha, original_size, crop_ltrb = resize_and_crop(rgb, alpha, entry.bucket.resized_size, reso, False, None)
+    rgb, alpha = load_image_arrays(entry.path, subset.alpha_mask, entry.mask_path)
+    rgb, alpha, original_size, crop_ltrb = resize_and_crop(rgb, alpha, entry.bucket.resized_size, reso, False, None,
+                                                           subset.resize_interpolation)
     mask = None if alpha is None else np.asarray(alpha, dtype=np.float32) / 255.0
     return to_tensor(np.asarray(rgb, dtype=np.uint8)), mask, original_size, crop_ltrb
 
 
 def cache_latents(group, encode: Callable, suffix: str = "sd", to_disk: bool = False, batch_size: int = 4,
                   num_workers: int | None = None, vae_id: str = "", progress: Callable[[int, int], None] | None = None,
-                  device=None, dtype=None) -> dict:
+                  device=None, dtype=None, skip_check: bool = False) -> dict:
     """Encode every image of `group` once (decode/resize in a thread pool, VAE in batches per bucket).
 
     encode(pixels [B,3,H,W] in [-1,1]) -> latents [B,4,H/8,W/8], already scaled. `suffix`: "sd" or "sdxl".
+    `skip_check` (--skip_cache_check): an existing cache file is used as it is, without opening it to check that it
+    fits (faster start with many files; a stale file then trains on stale latents).
     Returns counts {"encoded", "reused", "skipped"}. Raises UserError when augmentation makes caching wrong."""
     import torch
 
@@ -133,18 +150,20 @@ def cache_latents(group, encode: Callable, suffix: str = "sd", to_disk: bool = F
     for ds in group.datasets:
         for e in ds.entries:
             subset = ds.config.subsets[e.subset_index]
+            masked = has_mask(e, subset)
             if to_disk:
                 p = latents_npz_path(e.path, e.image_size, suffix)
                 if p in done_disk and done_disk[p] != e.bucket.reso:
                     # same image, other resolution: one sd-scripts file name cannot hold both; keep it in memory
-                    todo.setdefault((e.bucket.reso, subset.flip_aug, subset.alpha_mask, False), []).append((ds, e))
+                    todo.setdefault((e.bucket.reso, subset.flip_aug, masked, False), []).append((ds, e))
                     continue
                 done_disk[p] = e.bucket.reso
-                if npz_is_valid(p, e, subset.flip_aug, subset.alpha_mask, vae_id):
+                if (skip_check and p.exists()) or npz_is_valid(p, e, subset.flip_aug, masked, vae_id,
+                                                                 subset.resize_interpolation):
                     e.npz_path = p
                     reused += 1
                     continue
-            todo.setdefault((e.bucket.reso, subset.flip_aug, subset.alpha_mask, to_disk), []).append((ds, e))
+            todo.setdefault((e.bucket.reso, subset.flip_aug, masked, to_disk), []).append((ds, e))
     chunks = []
     for (reso, flip, alpha, disk), items in todo.items():
         for s in range(0, len(items), batch_size):
@@ -192,7 +211,8 @@ def cache_latents(group, encode: Callable, suffix: str = "sd", to_disk: bool = F
                     if disk:
                         p = latents_npz_path(e.path, e.image_size, suffix)
                         save_latents_npz(p, lat[i].numpy(), osize, crop, None if lat_f is None else lat_f[i].numpy(),
-                                         mask, _meta(e, flip, alpha, vae_id))
+                                         mask, _meta(e, flip, alpha, vae_id,
+                                                     ds.config.subsets[e.subset_index].resize_interpolation))
                         e.npz_path = p
                     else:
                         e.latents = lat[i].clone()

@@ -14,6 +14,7 @@ import numpy as np
 EPOCH_ORDER = 1  # order of batches in an epoch
 BUCKET_SHUFFLE = 2  # order of samples inside a bucket
 REG_DRAW = 3  # random reg sampling
+VALIDATION_SPLIT = 4  # which images validation_split holds out
 CAPTION = 10
 FLIP = 11
 CROP = 12

@@ -70,7 +70,7 @@ def make_axis(name: str | None, values_text: str | None, library=None) -> GridAx
                 hits = library.glob(v)
                 if not hits:
                     raise UserError(f"LoRA file axis: no LoRA in {library.root} matches {v!r}.")
-                expanded.extend(hits)
+                expanded.extend(training_order(hits, library))
             else:
                 if library is not None:
                     library.resolve(v)  # a missing file fails before the first cell
@@ -85,6 +85,39 @@ def make_axis(name: str | None, values_text: str | None, library=None) -> GridAx
         raise UserError("Prompt S/R needs the text to search for as its first value.")
     labels = [format_label(t, f"{v[0]}x{v[1]}" if t.name == "Size" else v) for v in values]
     return GridAxis(t, values, labels)
+
+
+_SUFFIX = re.compile(r"^(?P<base>.*?)-(?:step(?P<step>\d+)|(?P<epoch>\d+))$")
+
+
+def training_order(stems: list[str], library=None) -> list[str]:
+    """LoRA files of training runs in the order they were saved: by step (the file's ss_steps, else the number in
+    `name-000005` / `name-step00000500`), each run's final `name` file last; runs grouped by name. A glob sorted
+    as text puts `name` before `name-000005`, i.e. the final LoRA first."""
+    def key(stem: str):
+        m = _SUFFIX.match(stem)
+        base, final = (m.group("base"), False) if m and m.group("base") else (stem, True)
+        steps = _saved_steps(stem, library)
+        if steps is None and not final:
+            steps = int(m.group("step") or m.group("epoch"))
+        return (base, final, -1 if steps is None else steps, stem)
+
+    return sorted(stems, key=key)
+
+
+def _saved_steps(stem: str, library) -> int | None:
+    """ss_steps of the file named `stem` (header only), or None."""
+    if library is None:
+        return None
+    try:
+        path = library.resolve(stem)
+        if path.suffix.lower() != ".safetensors":
+            return None
+        from lorakit.models.checkpoint_io import read_safetensors_header
+
+        return int(read_safetensors_header(path)[1].get("ss_steps"))
+    except (UserError, TypeError, ValueError, OSError):
+        return None
 
 
 def _parse_size(v: str) -> tuple[int, int]:
@@ -258,19 +291,45 @@ def _font():
 
 
 def _wrap(draw, text: str, font, width: int) -> list[str]:
-    """Greedy word wrap to `width` pixels (a single long word stays on its own line)."""
+    """Word wrap to `width` pixels; a word wider than that is broken, after a '-', '_', '/' or ',' when one fits,
+    else between characters, so no line ever runs into the next cell."""
+    width = max(1, width)
     lines: list[str] = []
     for para in text.split("\n"):
         cur = ""
         for word in para.split(" "):
             cand = word if not cur else f"{cur} {word}"
-            if cur and draw.textlength(cand, font=font) > width:
-                lines.append(cur)
-                cur = word
-            else:
+            if draw.textlength(cand, font=font) <= width:
                 cur = cand
+                continue
+            if cur:
+                lines.append(cur)
+                cur = ""
+            while draw.textlength(word, font=font) > width:
+                head = _break_word(draw, word, font, width)
+                lines.append(head)
+                word = word[len(head):]
+            cur = word
         lines.append(cur)
     return lines
+
+
+def _break_word(draw, word: str, font, width: int) -> str:
+    """The longest head of `word` that fits (at least one character), ending at a separator when one is in it."""
+    n = 1
+    while n < len(word) and draw.textlength(word[:n + 1], font=font) <= width:
+        n += 1
+    cut = max((word.rfind(c, 0, n) for c in "-_/,"), default=-1)
+    return word[:cut + 1] if cut >= max(1, n // 3) else word[:n]
+
+
+def _axis_title(labels: list[str], fits) -> tuple[str, list[str]]:
+    """When some "Axis: value" labels do not fit their cell, ("Axis", [values]): the name is drawn once as a title
+    and each cell shows its value only. ("", labels) otherwise."""
+    head = labels[0].split(": ", 1)[0] + ": " if labels and ": " in labels[0] else ""
+    if not head or not all(t.startswith(head) for t in labels) or all(fits(t) for t in labels):
+        return "", labels
+    return head[:-2], [t[len(head):] for t in labels]
 
 
 def _line_height(draw, font) -> int:
@@ -287,18 +346,28 @@ def draw_grid(rows: list[list], col_labels: list[str], row_labels: list[str]):
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lh = _line_height(probe, font)
-    col_lines = [_wrap(probe, t, font, cw - 2 * _PAD) if t else [] for t in col_labels]
-    top = (max(len(ls) for ls in col_lines) * lh + 2 * _PAD) if any(col_lines) else 0
+    col_w = max(1, cw - 2 * _PAD)
+    title, col_labels = _axis_title(list(col_labels), lambda t: probe.textlength(t, font=font) <= col_w)
+    col_lines = [_wrap(probe, t, font, col_w) if t else [] for t in col_labels]
+    # the X axis name over all the columns (itself wrapped to their width)
+    title_lines = _wrap(probe, title, font, max(1, cw * len(rows[0]) - 2 * _PAD)) if title else []
+    top = (max(len(ls) for ls in col_lines) + len(title_lines)) * lh + 2 * _PAD if any(col_lines) else 0
     row_w = [max((probe.textlength(line, font=font) for line in t.split("\n")), default=0) if t else 0
              for t in row_labels]
-    left = int(min(max(row_w), 4 * cw) + 2 * _PAD) if any(row_labels) else 0
+    left = int(min(max(row_w), max(4 * cw, 64)) + 2 * _PAD) if any(row_labels) else 0
     row_lines = [_wrap(probe, t, font, max(left - 2 * _PAD, 1)) if t else [] for t in row_labels]
+    if any(len(ls) * lh > ch for ls in row_lines):  # wrapped labels taller than a row would run into the next one
+        left = int(max(row_w) + 2 * _PAD)
+        row_lines = [_wrap(probe, t, font, max(left - 2 * _PAD, 1)) if t else [] for t in row_labels]
     W, H = left + cw * len(rows[0]), top + ch * len(rows)
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     for iy, row in enumerate(rows):
         for ix, cell in enumerate(row):
             img.paste(cell, (left + ix * cw, top + iy * ch))
+    for k, line in enumerate(title_lines):
+        tw = draw.textlength(line, font=font)
+        draw.text((left + (cw * len(rows[0]) - tw) / 2, _PAD + k * lh), line, fill="black", font=font)
     for ix, lines in enumerate(col_lines):
         y0 = top - _PAD - len(lines) * lh
         for k, line in enumerate(lines):

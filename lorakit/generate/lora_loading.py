@@ -106,7 +106,8 @@ class LoraLibrary:
         if self.root is None:
             raise UserError(f"The prompt uses <lora:{name}:...> but no --lora_dir was given; pass the folder "
                             f"holding {name}.safetensors.")
-        close = difflib.get_close_matches(name, list(self._by_stem) + list(self._by_alias), n=5)
+        # a file's ss_output_name is usually its stem: list each name once
+        close = difflib.get_close_matches(name, list(dict.fromkeys([*self._by_stem, *self._by_alias])), n=5)
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise UserError(f"LoRA {name!r} was not found in {self.root} (by file name or ss_output_name); "
                         f"check the spelling in the prompt or the --lora_dir.{hint}")

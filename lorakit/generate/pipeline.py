@@ -454,6 +454,8 @@ def save_image_unique(image, outdir: str | Path, tail, infotext: str | None) -> 
     fails instead of overwriting when another process took the name meanwhile; the counter then moves on."""
     import tempfile
 
+    from lorakit.utils.atomic import FILE_MODE
+
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".lorakit-", suffix=".png.tmp", dir=outdir)
@@ -463,6 +465,7 @@ def save_image_unique(image, outdir: str | Path, tail, infotext: str | None) -> 
         image.save(tmp, format="PNG", **kw)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600: a web UI running as another user could not read it
         target = next_image_path(outdir, tail)
         counter = int(target.name.split("-", 1)[0])
         for _ in range(100000):

@@ -50,6 +50,10 @@ def build_app(roots=None, jobs_dir=None, outputs=None, store: JobStore | None = 
             with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
                 with gr.Tabs():
                     tools_tab.build(gr, ctx, train)
+            with gr.Tab("Eval", id="eval", elem_id="tab-eval"):
+                from lorakit.gui import eval_tab  # checkpoint scores (issue 17)
+
+                eval_tab.build(gr, ctx)
             with gr.Tab("Files", id="files", elem_id="tab-files"):
                 files = files_tab.build(gr, ctx)
         loads += [train["load"], files["load"]]

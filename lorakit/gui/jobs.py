@@ -65,10 +65,11 @@ def pid_alive(pid: int | None) -> bool:
     cmdline = Path(f"/proc/{int(pid)}/cmdline")
     if cmdline.exists():
         try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            args = cmdline.read_bytes().decode("utf-8", "replace").split("\0")
         except OSError:
             return True
-        if "lorakit" not in text:
+        # the worker's own module argument: "lorakit" anywhere would also match a python inside a lorakit/.venv
+        if "lorakit.gui.worker" not in args:
             return False
         stat = Path(f"/proc/{int(pid)}/stat")
         try:  # a zombie (exited, not yet reaped) is not running
@@ -141,6 +142,9 @@ class Progress:
     loss_avg: list[float] = field(default_factory=list)
     lr: dict[str, list[float]] = field(default_factory=dict)  # effective lr (d*lr) when the optimizer adapts
     lr_label: str = "learning rate"
+    val_steps: list[int] = field(default_factory=list)  # validation losses (--validation_split) and their steps
+    val_loss: list[float] = field(default_factory=list)
+    val_loss_ema: list[float] = field(default_factory=list)  # the EMA weights' (--ema_decay), NaN when absent
     saved: list[str] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
 
@@ -217,6 +221,13 @@ def progress_of(job: Job, window: int = 20) -> Progress:
                 p.lr.setdefault(k, []).append(float(v))
             for k, v in (ev.get("effective_lr") or {}).items():
                 effective.setdefault(k, []).append(float(v))
+        elif kind == "validation":
+            if p.val_steps and p.val_steps[-1] == int(ev["step"]):  # epoch and step validation at one step
+                continue
+            p.val_steps.append(int(ev["step"]))
+            p.val_loss.append(float(ev.get("loss", float("nan"))))
+            ema = ev.get("loss_ema")
+            p.val_loss_ema.append(float("nan") if ema is None else float(ema))
         elif kind == "saved":
             p.saved.append(ev["path"])
         elif kind == "sample":

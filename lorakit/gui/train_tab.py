@@ -75,6 +75,8 @@ def build(gr, ctx: Context) -> dict:
     with gr.Row():
         check_btn = gr.Button("Check options and show the command", elem_id="check-btn")
         start_btn = gr.Button("Start training", variant="primary", elem_id="start-btn")
+    memory_md = gr.Markdown("Memory: the predicted peak of a training step appears here once the model and the "
+                            "data folders are filled.", elem_id="memory-prediction")
     command = gr.Code(label="Equivalent command line", language="shell", interactive=False, lines=2, wrap_lines=True,
                       show_line_numbers=False, elem_id="command-line")
 
@@ -162,8 +164,14 @@ def build(gr, ctx: Context) -> dict:
     def on_tick(job_id, seen_state):
         return render_job(gr, ctx, job_id, seen_state)
 
+    def on_predict(*args):
+        return memory_markdown(values_of(args), ctx.roots)
+
     panel = [status_md, progress_html, loss_img, lr_img, samples, files_md, log_box, seen, job_sel]
-    check_btn.click(on_check, inputs, [errors_box, command] + inputs)
+    check_btn.click(on_check, inputs, [errors_box, command] + inputs).then(on_predict, inputs, memory_md)
+    for name in MEMORY_FIELDS:  # the prediction follows the fields that change it (a traced step: a few seconds)
+        if name in comps:
+            comps[name].change(on_predict, inputs, memory_md, trigger_mode="always_last", show_progress="minimal")
     start_btn.click(on_start, inputs, [errors_box, command, job_sel] + inputs)
     save_btn.click(on_save, [preset] + inputs, errors_box)
     load_btn.click(on_load, preset, [errors_box] + inputs)
@@ -173,6 +181,32 @@ def build(gr, ctx: Context) -> dict:
     timer.tick(on_tick, [job_sel, seen], panel, show_progress="hidden")
     job_sel.input(lambda j: render_job(gr, ctx, j, {})[:-1], job_sel, panel[:-1], show_progress="hidden")
     return {"load": (on_load_page, [], [job_sel]), "fields": comps, "names": names}
+
+
+MEMORY_FIELDS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_config", "resolution", "train_batch_size",
+                 "network_module", "network_dim", "network_args", "network_train_unet_only", "mixed_precision",
+                 "gradient_checkpointing", "cache_latents", "cache_text_encoder_outputs", "fp8_base", "optimizer_type",
+                 "max_token_length", "max_memory")
+
+
+def memory_markdown(values: dict, roots) -> str:
+    """The memory prediction of the form's options, as `lorakit train` prints it before loading the model."""
+    from lorakit.train import memory as M
+
+    _given, ns, errors = forms.prepare(values, roots)
+    if errors or ns is None:
+        return "Memory: fill the model and the data folders (and fix the fields above) to see the predicted peak."
+    try:
+        est, budget = M.predict_options(ns)
+    except UserError as exc:
+        return f"Memory: no prediction yet: {html.escape(str(exc))}"
+    fits = ""
+    if budget:
+        fits = (f" — fits the budget of {M.gib(budget)} GiB" if est.peak <= budget else
+                f" — **over the budget of {M.gib(budget)} GiB**: training would stop before loading; press Check "
+                "after adding a memory option (gradient_checkpointing, cache_latents, mixed_precision bf16, ...) "
+                "or set auto_fit")
+    return f"**Predicted peak memory:** {M.gib(est.peak)} GiB on {est.device} ({est.line().split('(', 1)[1]}{fits}"
 
 
 def _job_choices(ctx: Context) -> list[tuple[str, str]]:
@@ -209,6 +243,17 @@ def _samples(opts: dict, progress) -> list[str]:
             if str(p) not in paths:
                 paths.append(str(p))
     return [p for p in paths if Path(p).exists()][-24:]
+
+
+def loss_series(prog) -> dict:
+    """The loss chart's lines: training loss and its average, plus the validation loss (and the EMA weights') when
+    the run validates."""
+    series = {"loss": (prog.steps, prog.loss), "average (100 steps)": (prog.steps, prog.loss_avg)}
+    if prog.val_steps:
+        series["validation"] = (prog.val_steps, prog.val_loss)
+        if any(v == v for v in prog.val_loss_ema):  # not all NaN
+            series["validation (EMA)"] = (prog.val_steps, prog.val_loss_ema)
+    return series
 
 
 def render_job(gr, ctx: Context, job_id, seen: dict):
@@ -263,7 +308,8 @@ def render_job(gr, ctx: Context, job_id, seen: dict):
         log_size = job.log_path.stat().st_size
     except OSError:
         log_size = 0
-    sig = (job.id, state, len(prog.steps), len(prog.samples), len(prog.saved), (job.dir / "stop").exists(), log_size)
+    sig = (job.id, state, len(prog.steps), len(prog.samples), len(prog.saved), (job.dir / "stop").exists(), log_size,
+           len(prog.val_steps))
     if seen.get("sig") == sig:
         return [head if state == "running" else keep] + [keep] * 6 + [seen, sel_update]
     seen.update(sig=sig, job=job.id)
@@ -275,9 +321,8 @@ def render_job(gr, ctx: Context, job_id, seen: dict):
         return True
 
     loss = lr = keep
-    if changed("charts", (job.id, len(prog.steps))):
-        loss = line_chart({"loss": (prog.steps, prog.loss), "average (100 steps)": (prog.steps, prog.loss_avg)},
-                          "loss")
+    if changed("charts", (job.id, len(prog.steps), len(prog.val_steps))):
+        loss = line_chart(loss_series(prog), "loss")
         lr = line_chart({k: (prog.steps[-len(v):], v) for k, v in prog.lr.items()}, prog.lr_label)
     sample_paths = _samples(opts, prog)
     gallery = sample_paths if changed("samples", (job.id, tuple(sample_paths))) else keep

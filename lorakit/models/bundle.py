@@ -83,7 +83,8 @@ def build_noise_scheduler(config: dict, prediction_type: str):
     from diffusers import DDPMScheduler
 
     cfg = {k: v for k, v in config.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
-                                                      "clip_sample", "steps_offset", "timestep_spacing")}
+                                                      "clip_sample", "steps_offset", "timestep_spacing",
+                                                      "rescale_betas_zero_snr")}
     return DDPMScheduler(**cfg, prediction_type=prediction_type)
 
 

@@ -73,7 +73,9 @@ class StateSource:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            raise UserError(f"model file {self.path} does not exist: check the path (--pretrained_model_name_or_path).")
+            from lorakit.models.paths import missing_model_error  # names no flag: several commands come here
+
+            raise missing_model_error(path, what="model file")
         ext = self.path.suffix.lower()
         self.metadata: dict[str, str] = {}
         self._dict: dict[str, torch.Tensor] | None = None

@@ -6,6 +6,14 @@ from lorakit.errors import UserError
 from lorakit.models.families import FAMILIES, Family, families_of_width
 
 U = "model.diffusion_model."
+V_PRED_KEY = "v_pred"  # top-level marker tensors of v-prediction and zero-terminal-SNR checkpoints (NoobAI-XL v-pred,
+ZTSNR_KEY = "ztsnr"  # ComfyUI's CheckpointSave): the keys ComfyUI and A1111 read
+
+
+def declares_zero_terminal_snr(keys, scheduler_config: dict | None = None) -> bool:
+    """The model was trained on a zero-terminal-SNR schedule: a `ztsnr` marker key, or a diffusers scheduler config
+    with rescale_betas_zero_snr."""
+    return ZTSNR_KEY in keys or bool((scheduler_config or {}).get("rescale_betas_zero_snr"))
 
 
 def _refuse(path, what: str, advice: str) -> UserError:
@@ -29,10 +37,12 @@ def detect_ldm_family(path, keys: set[str], shape_of, metadata: dict[str, str],
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         raise _refuse(path, "the SDXL refiner", "Train LoRAs on the SDXL base model (sd_xl_base_1.0 or a fine-tune of it).")
     if has("conditioner.embedders.1.model.") or (sdxl and not has("cond_stage_model.")):
-        return FAMILIES["sdxl"], True
+        # v-prediction SDXL fine-tunes carry an empty `v_pred` tensor (ComfyUI's and A1111's marker)
+        v = V_PRED_KEY in keys or v_parameterization or _declared_prediction(metadata) == "v_prediction"
+        return FAMILIES["sdxl-v" if v else "sdxl"], True
     if has("cond_stage_model.model."):
         declared = _declared_prediction(metadata)
-        if v_parameterization or declared == "v_prediction":
+        if v_parameterization or declared == "v_prediction" or V_PRED_KEY in keys:
             return FAMILIES["sd2-v"], True
         if declared == "epsilon" or v2:  # --v2 without --v_parameterization declares epsilon, as in sd-scripts
             return FAMILIES["sd2"], True
@@ -78,7 +88,7 @@ def family_from_diffusers_config(unet_cfg: dict, scheduler_cfg: dict, folder, te
     if unet_cfg.get("addition_embed_type") == "text_time":
         if width == 1280:
             raise _refuse(folder, "the SDXL refiner", "Train LoRAs on the SDXL base model.")
-        return FAMILIES["sdxl"]
+        return FAMILIES["sdxl-v" if scheduler_cfg.get("prediction_type") == "v_prediction" else "sdxl"]
     act = (te_cfg or {}).get("hidden_act")
     if act == "quick_gelu" or (act is None and width == 768):
         return FAMILIES["sd1"]
@@ -105,6 +115,8 @@ def lora_metadata_families(md) -> tuple[set[str] | None, str]:
     v = str(md.get("ss_base_model_version", ""))
     arch = str(md.get("modelspec.architecture", ""))
     if v.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        if str(md.get("modelspec.prediction_type", "")).lower() in ("v", "v_prediction"):
+            return {"sdxl-v"}, "metadata says SDXL v-prediction"
         return {"sdxl"}, "metadata says SDXL"
     if v == "sd_v2_v" or arch.startswith("stable-diffusion-v2-768-v"):
         return {"sd2-v"}, "metadata says SD 2.x v-prediction"

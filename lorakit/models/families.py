@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD1.x, SD2.x and SDXL, described once.
+"""Model families: everything that differs between SD1.x, SD2.x and SDXL (epsilon or v-prediction), described once.
 
 Code asks the family (`get_family(name)`) instead of branching on `if sdxl` — configs, checkpoint layout, latent
 scale, prediction type, text encoders, clip-skip rule, LoRA naming style and block layout all live here.
@@ -142,6 +142,13 @@ _SD = dict(  # what SD1.x and SD2.x share
     latent_cache_suffix="sd", diffusers_pipeline="StableDiffusionPipeline",
 )
 _SD2 = dict(_SD, text_encoders=(_OPENCLIP_H_SD2,), default_clip_skip=2, weight_group="sd2", is_v2=True)
+# SDXL and its v-prediction fine-tunes (NoobAI-XL v-pred...): the same weights, files and LoRAs; only the prediction
+# differs (sd-scripts writes the same ss_base_model_version and ModelSpec architecture for both)
+_SDXL = dict(base_model_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
+             modelspec_implementation=_SAI, resolution=1024, text_encoders=(_CLIP_L_XL, _OPENCLIP_G_XL),
+             lora_unet_style="sai", default_clip_skip=2, clip_skip_fixed=True, bucket_step=32, size_conditioning=True,
+             train_block_count=23, block_scheme="sai-23", weight_group="sdxl", vae_fp16_safe=False,
+             latent_cache_suffix="sdxl", diffusers_pipeline="StableDiffusionXLPipeline", is_v2=False)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -155,18 +162,15 @@ FAMILIES: dict[str, Family] = {
         Family(name="sd2-v", title="Stable Diffusion 2.x (768, v-prediction)", short_title="SD 2.x (v-prediction)",
                base_model_version="sd_v2_v", modelspec_architecture="stable-diffusion-v2-768-v",
                prediction_type="v_prediction", resolution=768, **_SD2),
-        Family(name="sdxl", title="Stable Diffusion XL base", short_title="SDXL", base_model_version="sdxl_base_v1-0",
-               modelspec_architecture="stable-diffusion-xl-v1-base", modelspec_implementation=_SAI,
-               prediction_type="epsilon", resolution=1024, text_encoders=(_CLIP_L_XL, _OPENCLIP_G_XL),
-               lora_unet_style="sai", default_clip_skip=2, clip_skip_fixed=True, bucket_step=32,
-               size_conditioning=True, train_block_count=23, block_scheme="sai-23", weight_group="sdxl",
-               vae_fp16_safe=False, latent_cache_suffix="sdxl", diffusers_pipeline="StableDiffusionXLPipeline",
-               is_v2=False),
+        Family(name="sdxl", title="Stable Diffusion XL base", short_title="SDXL", prediction_type="epsilon", **_SDXL),
+        Family(name="sdxl-v", title="Stable Diffusion XL (v-prediction)", short_title="SDXL (v-prediction)",
+               prediction_type="v_prediction", config_dir="sdxl", **_SDXL),
     )
 }
 
 ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "v1": "sd1", "sd21": "sd2", "sd2.1": "sd2", "v2": "sd2", "sd2v": "sd2-v",
-           "sd2-768": "sd2-v", "xl": "sdxl", "sdxl-base": "sdxl"}
+           "sd2-768": "sd2-v", "xl": "sdxl", "sdxl-base": "sdxl", "sdxlv": "sdxl-v", "sdxl-vpred": "sdxl-v",
+           "xl-v": "sdxl-v"}
 
 
 def get_family(name: str) -> Family:
@@ -180,7 +184,7 @@ def family_from_flags(v2: bool = False, v_parameterization: bool = False, sdxl: 
                       default: str | None = None) -> Family | None:
     """The family sd-scripts' --v2/--v_parameterization/--sdxl flags name, or `default` (a name) when none is given."""
     if sdxl:
-        return FAMILIES["sdxl"]
+        return FAMILIES["sdxl-v" if v_parameterization else "sdxl"]
     if v2:
         return FAMILIES["sd2-v" if v_parameterization else "sd2"]
     return get_family(default) if default else None

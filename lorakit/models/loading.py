@@ -16,7 +16,8 @@ import torch
 from lorakit.errors import UserError
 from lorakit.models.bundle import ModelBundle, build_bundle
 from lorakit.models.checkpoint_io import StateSource
-from lorakit.models.detect import detect_ldm_family, family_from_diffusers_config, looks_like_v_prediction
+from lorakit.models.detect import (declares_zero_terminal_snr, detect_ldm_family, family_from_diffusers_config,
+                                   looks_like_v_prediction)
 from lorakit.models.dtypes import DTYPES
 from lorakit.models.families import Family, get_family, with_prediction
 from lorakit.models.keymaps import build_rules, from_ldm_tensor
@@ -65,6 +66,25 @@ def _with_family(bundle: ModelBundle, family: Family) -> ModelBundle:
 
     bundle.family = family
     bundle.noise_scheduler = build_noise_scheduler(bundle.configs["scheduler"], family.prediction_type)
+    return bundle
+
+
+def with_schedule(bundle: ModelBundle, *, v_prediction: bool = False, zero_terminal_snr: bool = False) -> ModelBundle:
+    """The bundle as training asks for it (--v_parameterization, --zero_terminal_snr) or a checkpoint declares it:
+    the family's v-prediction sibling (SD2 768-v, SDXL v-pred), and a zero-terminal-SNR noise schedule (diffusers'
+    rescale_betas_zero_snr with trailing timesteps, so sampling starts from pure noise at t = 999). Generation and
+    previews build their samplers from the bundle's scheduler config, so they follow."""
+    from lorakit.models.bundle import build_noise_scheduler
+
+    fam = bundle.family
+    if v_prediction and fam.prediction_type != "v_prediction":
+        fam = with_prediction(fam, "v_prediction")  # a family without a v sibling (SD1) stays, predicting v
+        bundle.family = fam
+    cfg = dict(bundle.configs["scheduler"])
+    if zero_terminal_snr:
+        cfg.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    bundle.configs["scheduler"] = cfg
+    bundle.noise_scheduler = build_noise_scheduler(cfg, "v_prediction" if v_prediction else fam.prediction_type)
     return bundle
 
 
@@ -128,6 +148,9 @@ def load_single_file(path: Path, dtype: torch.dtype, components=("unet", "vae", 
         if looks_like_v_prediction(bundle.unet):
             bundle = _with_family(bundle, with_prediction(family, "v_prediction"))
         bundle.info["prediction_probed"] = True
+    if declares_zero_terminal_snr(keys):  # the `ztsnr` marker: sample (and train) on its schedule
+        bundle = with_schedule(bundle, zero_terminal_snr=True)
+        bundle.info["zero_terminal_snr"] = True
     return bundle
 
 
@@ -257,6 +280,9 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, components=("unet", 
         bundle.text_encoders = tes
     if sched_cfg:
         bundle.configs["scheduler"] = {**bundle.configs["scheduler"], **sched_cfg}
+    if declares_zero_terminal_snr((), sched_cfg):
+        bundle = with_schedule(bundle, zero_terminal_snr=True)
+        bundle.info["zero_terminal_snr"] = True
     for module in bundle.components().values():
         module.eval().requires_grad_(False)
     return bundle

@@ -27,6 +27,13 @@ def ldm_state_dict(bundle: ModelBundle, dtype: torch.dtype | None = None) -> dic
         tensors = [states[k.split(".", 1)[0]][k.split(".", 1)[1]] for k in rule.ours]
         t = to_ldm_tensor(rule, tensors)
         out[rule.ldm] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    # the empty marker tensors ComfyUI and A1111 read to pick a v-prediction / zero-terminal-SNR schedule
+    from lorakit.models.detect import V_PRED_KEY, ZTSNR_KEY, declares_zero_terminal_snr
+
+    if bundle.family.prediction_type == "v_prediction":
+        out[V_PRED_KEY] = torch.tensor([])
+    if declares_zero_terminal_snr((), bundle.configs.get("scheduler")):
+        out[ZTSNR_KEY] = torch.tensor([])
     return out
 
 
@@ -107,10 +114,24 @@ def save_diffusers_folder(bundle: ModelBundle, folder: str | os.PathLike, dtype:
         index[spec.config_name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     index.update(_PIPELINE_EXTRAS.get(pipeline, {}))
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    _usual_modes(tmp)
     if folder.exists():
         folder.rmdir()
     os.replace(tmp, folder)
     return folder
+
+
+def _usual_modes(root: Path) -> None:
+    """0666/0777 minus the umask on every file and folder (some writers make 0600 files), so a UI running as
+    another user can read the model."""
+    from lorakit.utils.atomic import DIR_MODE, FILE_MODE
+
+    os.chmod(root, DIR_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), DIR_MODE)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), FILE_MODE)
 
 
 def _diffusers_version() -> str:

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lorakit.errors import UserError
-from lorakit.tools.tag_edit import find_images
+from lorakit.tools.tag_edit import IMAGE_KINDS, dataset_root, find_images, nothing_found
 from lorakit.utils.atomic import atomic_path, write_text_atomic
 from lorakit.utils.images import ImageReadError, image_size, is_image_file, open_image, split_alpha
 
@@ -213,7 +214,7 @@ def resize_folder(
     """Downscale every image under root whose area exceeds max_resolution's, in place or into `out`."""
     from tqdm import tqdm
 
-    root = Path(root)
+    source, root = root, dataset_root(root)
     tw, th = parse_resolution(max_resolution) if isinstance(max_resolution, str) else max_resolution
     max_area = tw * th
     if step is not None and step < 1:
@@ -221,12 +222,16 @@ def resize_folder(
     dest = Path(out) if out else root
     if out and dest.resolve() == root.resolve():
         dest = root
-    # An --out inside the dataset would be read back as input by --recursive (unless hidden: those are never scanned).
-    if recursive and dest != root and root.resolve() in dest.resolve().parents:
-        if not any(part.startswith(".") for part in dest.resolve().relative_to(root.resolve()).parts):
-            raise UserError(f"--out {dest} is inside {root}; with --recursive the output would be read as input. "
+    # An --out inside the dataset would be read back as input by --recursive or, named `N_x`, as a DreamBooth
+    # subfolder (unless hidden: those are never scanned).
+    if dest != root and root.resolve() in dest.resolve().parents:
+        parts = dest.resolve().relative_to(root.resolve()).parts
+        if not any(part.startswith(".") for part in parts) and (recursive or re.match(r"-?\d+_", parts[0])):
+            raise UserError(f"--out {dest} is inside {root}; the output would be read as input next time. "
                             "Pick a folder outside the dataset.")
-    images = find_images(root, recursive)
+    images = find_images(source, recursive)
+    if not images:
+        raise nothing_found(source, recursive, IMAGE_KINDS)
     report = ResizeReport(images=len(images))
     settings = f"{max_area}:{step or 0}:{jpeg_quality}"
     manifest_path = dest / MANIFEST
@@ -338,6 +343,7 @@ class Duplicate:
     path: Path
     kind: str  # "exact" or "near"
     distance: int  # Hamming distance of the perceptual hashes to the kept image (0 for exact)
+    same_as: Path | None = None  # an exact copy of this other duplicate (not of the kept image)
 
 
 @dataclass
@@ -429,10 +435,12 @@ def find_duplicates(
         # Keep the largest picture, then the largest file, then the first path.
         members.sort(key=lambda i: (-(rows[i][3][0] * rows[i][3][1]), -rows[i][4], str(rows[i][0])))
         k = members[0]
-        dups = [
-            Duplicate(rows[i][0], "exact" if rows[i][1] == rows[k][1] else "near", hamming(rows[i][2], rows[k][2]))
-            for i in members[1:]
-        ]
+        dups, first_with = [], {rows[k][1]: k}  # sha -> first member with it: a byte copy is exact, never "near"
+        for i in members[1:]:
+            twin = first_with.setdefault(rows[i][1], i)
+            kind = "exact" if twin != i else "near"
+            dups.append(Duplicate(rows[i][0], kind, hamming(rows[i][2], rows[k][2]),
+                                  rows[twin][0] if twin not in (i, k) else None))
         report.groups.append(DuplicateGroup(rows[k][0], dups))
     report.groups.sort(key=lambda g: str(g.keep))
     return report
@@ -449,11 +457,14 @@ def dedupe_folder(
 ) -> DedupeReport:
     """Find duplicates under root; with move_to, move each duplicate (and its caption/sidecar files) there, keeping
     its path relative to root."""
-    root = Path(root)
+    source, root = root, dataset_root(root)
     if threshold > 32:
         raise UserError(f"--threshold {threshold} is too loose: unrelated images differ in about 32 of the 63 bits. "
                         "Use 0-10 (default 4).")
-    report = find_duplicates(find_images(root, recursive), threshold, workers, progress)
+    images = find_images(source, recursive)
+    if not images:
+        raise nothing_found(source, recursive, IMAGE_KINDS)
+    report = find_duplicates(images, threshold, workers, progress)
     if move_to:
         dest_root = Path(move_to)
         moving = {d.path for g in report.groups for d in g.duplicates}

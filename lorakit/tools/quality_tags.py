@@ -27,11 +27,14 @@ from typing import Any, TextIO
 
 from lorakit.errors import UserError
 from lorakit.tools.tag_edit import (
+    IMAGE_KINDS,
     CaptionText,
     ChangeReport,
     apply_changes,
     caption_path,
+    dataset_root,
     find_images,
+    nothing_found,
     join_tags,
     normalize_tag,
     read_caption,
@@ -197,7 +200,10 @@ def add_quality_tags(
     backup: bool = True,
     out: TextIO | None = None,
 ) -> QualityReport:
-    root = Path(root)
+    images = find_images(root, recursive)
+    if not images:
+        raise nothing_found(root, recursive, IMAGE_KINDS)
+    root = dataset_root(root)
     th = parse_thresholds(thresholds) if isinstance(thresholds, str) else sorted(thresholds)
     if mode not in ("highest", "cumulative"):
         raise UserError(f"--mode {mode!r} must be highest or cumulative.")
@@ -206,7 +212,7 @@ def add_quality_tags(
     report = QualityReport()
 
     def gen():
-        for image in find_images(root, recursive):
+        for image in images:
             rel = image.relative_to(root).as_posix()
             s = score_of(image, root, table, score_field)
             if s is None:

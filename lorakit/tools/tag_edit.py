@@ -235,14 +235,74 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts[:-1])
 
 
+# `N_name` (also `0_x`, `-3_x`: clearly dataset folders, even if training refuses their count)
+_REPEAT_FOLDER = re.compile(r"-?\d+_")
+
+
+def is_dataset_config(source: str | os.PathLike) -> bool:
+    p = Path(source)
+    return p.is_file() and p.suffix.lower() in (".toml", ".json")
+
+
+def dataset_folders(source: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """The folders whose files a dataset command works on, as `lorakit train` reads the same source: a folder and its
+    DreamBooth subfolders (`N_name`, e.g. `train/20_usu bear`), or every image_dir of a dataset TOML. With
+    `recursive` a folder's whole tree is walked instead (hidden folders, e.g. backups, never)."""
+    p = Path(source)
+    if is_dataset_config(p):
+        from lorakit.data.config import load_dataset_toml
+
+        data = load_dataset_toml(p)
+        dirs = [Path(sub["image_dir"]) for ds in data.get("datasets", []) for sub in ds.get("subsets", [])
+                if sub.get("image_dir")]
+        if not dirs:
+            raise UserError(f"{p} has no subset with an image_dir; dataset commands work on image folders.")
+        for d in dirs:
+            if not d.is_dir():
+                raise UserError(f"{p}: image_dir {d} is not a folder; fix the path in the dataset config.")
+        return list(dict.fromkeys(dirs))
+    if not p.is_dir():
+        raise UserError(f"{p} is not a folder. Pass the dataset folder that holds the images and caption files (or "
+                        "their `N_name` subfolders), or a dataset TOML.")
+    if recursive:
+        return [p]
+    subs = sorted(d for d in p.iterdir() if d.is_dir() and _REPEAT_FOLDER.match(d.name))
+    return [p, *subs]
+
+
+def dataset_root(source: str | os.PathLike) -> Path:
+    """The folder that relative paths, backups and --out copies are measured from: the folder itself, or for a dataset
+    TOML the deepest folder holding all of its image_dirs."""
+    if is_dataset_config(source):
+        dirs = [d.resolve() for d in dataset_folders(source)]
+        return Path(os.path.commonpath(dirs)) if len(dirs) > 1 else dirs[0]
+    return Path(source)
+
+
 def find_files(root: str | os.PathLike, pred: Callable[[Path], bool], recursive: bool) -> list[Path]:
-    """Files under root (sorted) for which pred holds; hidden folders (our backups) are never entered."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root} is not a folder. Pass the dataset folder that holds the images and caption files.")
-    it = root.rglob("*") if recursive else root.iterdir()
-    out = [p for p in it if p.is_file() and not _hidden(p.relative_to(root)) and pred(p)]
+    """Files (sorted) for which pred holds in the folders of `dataset_folders(root, recursive)`; hidden folders (our
+    backups) are never entered."""
+    out: set[Path] = set()
+    for folder in dataset_folders(root, recursive):
+        it = folder.rglob("*") if recursive else folder.iterdir()
+        if is_dataset_config(root):
+            folder = folder.resolve()
+            it = (q.resolve() for q in it)
+        out.update(q for q in it if q.is_file() and not _hidden(q.relative_to(folder)) and pred(q))
     return sorted(out)
+
+
+def looked_in(source: str | os.PathLike, recursive: bool) -> str:
+    """Where find_files looked, for a "nothing found" message."""
+    if is_dataset_config(source):
+        return f"the image_dir folders of {source}"
+    return f"{source} and all its subfolders" if recursive else f"{source} and its `N_name` subfolders"
+
+
+def nothing_found(source: str | os.PathLike, recursive: bool, what: str, hint: str = "") -> UserError:
+    """The error for a dataset command that found nothing to work on (exit 0 with "0 images" looked like success)."""
+    more = "" if recursive or is_dataset_config(source) else " Pass --recursive to search deeper folders too."
+    return UserError(f"no {what} in {looked_in(source, recursive)}.{more}{hint}")
 
 
 def find_images(root: str | os.PathLike, recursive: bool = False) -> list[Path]:
@@ -252,6 +312,9 @@ def find_images(root: str | os.PathLike, recursive: bool = False) -> list[Path]:
 def find_captions(root: str | os.PathLike, caption_extension: str = ".txt", recursive: bool = False) -> list[Path]:
     ext = caption_extension.lower()
     return find_files(root, lambda p: p.name.lower().endswith(ext) and not p.name.startswith("."), recursive)
+
+
+IMAGE_KINDS = "images (.png, .jpg, .jpeg, .webp, .bmp, ...)"
 
 
 def caption_path(image: Path, caption_extension: str = ".txt") -> Path:
@@ -367,9 +430,13 @@ def edit_folder(
     backup: bool = True,
     out: TextIO | None = None,
 ) -> tuple[ChangeReport, Counter]:
-    """Edit every caption file under root; returns the report and the tag frequencies after the edit."""
-    root = Path(root)
+    """Edit every caption file under root (and its `N_name` subfolders, or a dataset TOML's image_dirs); returns the
+    report and the tag frequencies after the edit."""
     files = find_captions(root, caption_extension, recursive)
+    if not files:
+        raise nothing_found(root, recursive, f"*{caption_extension} caption files",
+                            " Caption the images first (`lorakit dataset tag`), or give --caption_extension.")
+    root = dataset_root(root)
     freq: Counter = Counter()
     report = ChangeReport()
 
@@ -385,8 +452,6 @@ def edit_folder(
             yield path, old, new
 
     apply_changes(root, gen(), dry_run=dry_run, backup=backup, report=report, out=out)
-    if not files:
-        report.notes.append(f"no *{caption_extension} caption files in {root}" + ("" if recursive else " (try --recursive)"))
     return report, freq
 
 

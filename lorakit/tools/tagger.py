@@ -36,9 +36,11 @@ from PIL import Image, ImageOps
 from lorakit.errors import UserError
 from lorakit.tools.image_prep import CaptionWriter, bounded_map
 from lorakit.tools.tag_edit import (
+    IMAGE_KINDS,
     CaptionText,
     caption_path,
     find_images,
+    nothing_found,
     join_tags,
     normalize_tag,
     read_caption,
@@ -378,6 +380,10 @@ def tag_folder(
     if not caption_extension.startswith("."):
         raise UserError(f"--caption_extension {caption_extension!r} must start with a dot, e.g. .txt")
     images = find_images(root, recursive)
+    if not images:
+        raise nothing_found(root, recursive, IMAGE_KINDS)
+    if tagger is None and not Path(model_dir).is_dir():  # also when all are captioned: a typo is no success
+        raise UserError(f"--model_dir {model_dir}: tagger folder does not exist. {WHERE_TO_GET}")
     report = TagReport(images=len(images))
     todo = []
     for img in images:

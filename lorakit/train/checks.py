@@ -28,6 +28,11 @@ def check_options(opts, family) -> list[str]:
         raise UserError("--full_fp16 needs --mixed_precision fp16.")
     if opts.full_bf16 and opts.mixed_precision != "bf16":
         raise UserError("--full_bf16 needs --mixed_precision bf16.")
+    ema_asks = [f"--{n}" for n, default in (("ema_warmup", False), ("ema_update_every", 1), ("ema_save_as", "beside"),
+                                            ("ema_samples", False)) if getattr(opts, n) != default]
+    if ema_asks and opts.ema_decay is None:
+        raise UserError(f"{', '.join(ema_asks)} set without --ema_decay: no EMA is kept, so they would do nothing. Add "
+                        "--ema_decay (e.g. 0.999) or remove them.")
     notes = []
     if opts.full_fp16 or opts.full_bf16:
         # Updates of lr * grad (~1e-7 of a weight) vanish when added to half-precision weights: sd-scripts' mode

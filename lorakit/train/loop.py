@@ -67,19 +67,32 @@ def batch_loss(bundle, batch, maths: StepMaths, noise_gen, encode_latents, te_ca
         latents = batch["latents"].to(device, torch.float32)
     else:
         latents = encode_latents(batch["images"]).to(device)
+    hidden, pooled = batch_conditioning(bundle, batch, maths, te_cache)
+    noise, noisy, timesteps = N.noisy_latents_from_options(latents, maths.alphas_cumprod, noise_gen, maths.noise)
+    return predict_loss(bundle, batch, maths, latents, hidden, pooled, noise, noisy, timesteps)
+
+
+def batch_conditioning(bundle, batch, maths: StepMaths, te_cache, grad: Optional[bool] = None):
+    """(hidden states on the device, pooled or None) of the batch's captions; with gradients when the text encoder
+    trains (unless `grad` says otherwise)."""
     if te_cache is not None:
         cond = te_cache.get(batch["captions"])
         hidden, pooled = (cond if isinstance(cond, tuple) else (cond, None))
     else:
-        with torch.set_grad_enabled(maths.train_te):
+        with torch.set_grad_enabled(maths.train_te if grad is None else grad):
             hidden, pooled = encode_captions(bundle, batch["captions"], maths.clip_skip, maths.max_token_length)
-    hidden = hidden.to(device)
-    noise, noisy, timesteps = N.noisy_latents_from_options(latents, maths.alphas_cumprod, noise_gen, maths.noise)
+    return hidden.to(maths.device), pooled
+
+
+def predict_loss(bundle, batch, maths: StepMaths, latents, hidden, pooled, noise, noisy, timesteps) -> torch.Tensor:
+    """The UNet's prediction for noisy latents and its weighted loss against the target (a scalar)."""
+    device = maths.device
     extra = added_cond_kwargs(bundle.family, pooled, batch.get("original_sizes_hw"), batch.get("crop_top_lefts"),
                               batch.get("target_sizes_hw"), dtype=hidden.dtype, device=device)
     pred = bundle.unet(noisy.to(maths.weight_dtype), timesteps, hidden.to(maths.weight_dtype), **extra).sample
     target = N.training_target(latents, noise, timesteps, maths.alphas_cumprod, maths.prediction)
-    mask = batch.get("alpha_masks")  # None unless alpha_mask / conditioning masks gave one (sd-scripts does the same)
+    # the mask is None unless a subset has alpha_mask or conditioning_data_dir masks: then sd-scripts applies it too
+    mask = batch.get("alpha_masks")
     return losses.loss_from_options(pred.float(), target.float(), timesteps, maths.alphas_cumprod, maths.loss,
                                     v_prediction=maths.prediction == "v_prediction", mask=mask,
                                     sample_weights=batch["loss_weights"].to(device))
@@ -108,17 +121,26 @@ class Loop:
     world: int
     o: LoopOptions
     batch_loss: Callable = batch_loss
+    ema: Any = None  # ema.Ema: updated after each optimizer step
+    validator: Any = None  # validation.Validator: scores held-out images after steps and epochs
 
 
 @dataclass(frozen=True)
 class LoopEnd:
     step: int  # optimizer steps done
     epoch: int  # the epoch in progress when the loop ended (num_epochs + 1 after a complete run)
-    stop: Optional[str]  # None, "nan" or "interrupt"
+    stop: Optional[str]  # None, "nan" (a loss), "nan_weights" (the weights after an update) or "interrupt"
 
 
-def run_loop(loop: Loop, start, ckpt, steplog, previews, stop_after_step: Optional[int] = None) -> LoopEnd:
+def run_loop(loop: Loop, start, ckpt, steplog, previews, stop_after_step: Optional[int] = None,
+             guard=None) -> LoopEnd:
+    from lorakit.train.guard import WeightGuard
+
     data = loop.data
+    guard = guard or WeightGuard(loop.optim.trainable, loop.network.named_parameters)
+    from lorakit.eval.training import attach as attach_eval
+
+    attach_eval(loop, ckpt)  # --eval_every_n_epochs/_steps: the Checkpointer's saves get scored (off: nothing)
     step, epoch, first_batch, stop = start.step, start.epoch, start.batch, None
     loop.network.train()
     with Interrupt() as interrupt:
@@ -133,9 +155,17 @@ def run_loop(loop: Loop, start, ckpt, steplog, previews, stop_after_step: Option
                     stop = "nan"
                     break
                 _optimizer_step(loop)
+                extra = _after_optimizer_step(loop, guard)
+                if _any_process(guard.bad_names is not None, loop):  # restored to the last finite weights
+                    stop = "nan_weights"
+                    break
                 step, k = step + 1, chunk[-1] + 1
                 resume_at = (epoch, k) if k < n_batches else (epoch + 1, 0)
-                steplog.step(step, data.max_steps, epoch, loss, loop.optim, _after_optimizer_step(loop))
+                if loop.ema is not None:  # averages the weights as they are after this step's maintenance
+                    loop.ema.after_step(step)
+                steplog.step(step, data.max_steps, epoch, loss, loop.optim, extra)
+                if loop.validator is not None:
+                    loop.validator.after_step(step, epoch)
                 ckpt.after_step(step, epoch, resume_at)
                 previews.after_step(step)
                 # stop together, or the others would wait forever in the next all-reduce
@@ -147,6 +177,8 @@ def run_loop(loop: Loop, start, ckpt, steplog, previews, stop_after_step: Option
             if stop:
                 break
             if k >= n_batches or step >= data.max_steps:  # the epoch is done
+                if loop.validator is not None:
+                    loop.validator.after_epoch(step, epoch)
                 ckpt.after_epoch(step, epoch)
                 previews.after_epoch(step, epoch)
                 epoch, first_batch = epoch + 1, 0
@@ -190,12 +222,15 @@ def _optimizer_step(loop: Loop) -> None:
     o.optimizer.zero_grad(set_to_none=True)
 
 
-def _after_optimizer_step(loop: Loop) -> dict:
-    """Weight maintenance after each optimizer step (--scale_weight_norms); returns scalars to log."""
-    if not loop.o.scale_weight_norms:
-        return {}
-    n_scaled, mean_norm, max_norm = apply_max_norm(loop.network, loop.o.scale_weight_norms)
-    return {"keys_scaled": n_scaled, "average_key_norm": mean_norm, "max_key_norm": max_norm}
+def _after_optimizer_step(loop: Loop, guard) -> dict:
+    """Weight maintenance after each optimizer step (--scale_weight_norms), then the NaN/inf guard (which restores
+    the last finite weights and sets guard.bad_names when the update broke them); returns scalars to log."""
+    extra = {}
+    if loop.o.scale_weight_norms:
+        n_scaled, mean_norm, max_norm = apply_max_norm(loop.network, loop.o.scale_weight_norms)
+        extra = {"keys_scaled": n_scaled, "average_key_norm": mean_norm, "max_key_norm": max_norm}
+    guard.check()
+    return extra
 
 
 class _Batches:

@@ -21,7 +21,7 @@ import os
 import resource
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -286,13 +286,14 @@ class _CachedText:
         return h if self.pooled is None else (h, self.pooled[:1].expand(n, -1).clone())
 
 
-def estimate(opts, run, family, configs: dict, data) -> MemoryEstimate:
+def estimate(opts, run, family, configs: dict, shape: StepShape) -> MemoryEstimate:
     """The peak memory of one training step of this run, before anything is loaded (see the module docstring).
-    `opts` are the run's frozen options, `run` the stages' Run, `configs` the model's module configs, `data` the
-    scanned datasets."""
+    `opts` are the run's frozen options, `run` the stages' Run, `configs` the model's module configs (None: the
+    family's full-size ones), `shape` the worst step of the scanned datasets."""
     from lorakit.train import stages as S
 
-    shape = step_shape(data)
+    configs = {**{n: family.config(n) for n in ["unet", "vae"] + [s.config_name for s in family.text_encoders]},
+               **(configs or {})}
     quiet = replace(run, log=lambda *a, **k: None)
     notes: list[str] = []
     from lorakit.models.bundle import build_bundle
@@ -311,10 +312,8 @@ def estimate(opts, run, family, configs: dict, data) -> MemoryEstimate:
     opt_state = optimizer_state_bytes(trainable, make)
     grads = sum(p.numel() * p.element_size() for p in trainable)
     runtime = _runtime_bytes(run.device)
-    if shape.batch * shape.height * shape.width > 0 and not opts.gradient_checkpointing:
-        notes.append("--gradient_checkpointing would recompute activations in backward instead of keeping them")
     return MemoryEstimate(str(run.device.type), weights=weights, trainable=grads, gradients=grads,
-                          optimizer=opt_state, activations=max(0, traced.peak - 0), caches=caches, runtime=runtime,
+                          optimizer=opt_state, activations=traced.peak, caches=caches, runtime=runtime,
                           notes=tuple(notes))
 
 
@@ -337,7 +336,11 @@ def _step(opts, run, model, net, shape: StepShape) -> Callable[[], None]:
     if opts.cache_text_encoder_outputs:
         with torch.no_grad(), S.autocast(run.device, run.weight_dtype):
             te_cache = _CachedText(*encode_captions(bundle, ["a"], opts.clip_skip, opts.max_token_length))
-    maths = StepMaths(model.alphas_cumprod, model.prediction, S.picked(NoiseOptions, opts),
+    # noise is latent-sized whatever its options; multi-resolution noise reads random values (.item()), which fake
+    # tensors do not have, so the trace draws plain noise
+    noise = replace(S.picked(NoiseOptions, opts), multires_noise_iterations=None, noise_offset_random_strength=False,
+                    ip_noise_gamma_random_strength=False)
+    maths = StepMaths(model.alphas_cumprod, model.prediction, noise,
                       S.picked(LossOptions, opts), opts.clip_skip, opts.max_token_length, net.train_te, run.device,
                       run.weight_dtype)
     encode_latents = S.vae_encoder(bundle, torch.Generator(), model.vae_dtype)
@@ -375,6 +378,205 @@ def _runtime_bytes(device: torch.device) -> int:
     diffusers, transformers are imported by the time this runs) plus their growth during training (kernels' code
     and thread stacks, measured: ~0.3 GiB); on a GPU, the CUDA context and cuBLAS workspace (not counted by
     max_memory_allocated, ~0.5 GiB)."""
+    global _BASELINE_RSS
     if device.type == "cuda":
         return int(0.5 * GIB)
-    return current_rss() + int(0.3 * GIB)
+    if _BASELINE_RSS is None:  # the process as it was before the first prediction: stable for every later one
+        _BASELINE_RSS = current_rss()
+    return _BASELINE_RSS + int(0.3 * GIB)
+
+
+_BASELINE_RSS: int | None = None
+
+
+# ================================================================================================ fitting ==========
+@dataclass(frozen=True)
+class Fix:
+    """A memory option a user could add: the flags as typed, and the options and step shape it gives."""
+
+    flags: str
+    apply: Callable  # (options, StepShape) -> (options, StepShape)
+    changes_data: bool = False  # batches or buckets change: the datasets are scanned again
+
+
+def candidate_fixes(opts, configs: list) -> list[Fix]:
+    """The memory options not in use yet that could apply to this run, least change to what is learned first."""
+    fixes = []
+    subsets = [s for c in configs for s in c.subsets]
+    if not opts.gradient_checkpointing:
+        fixes.append(Fix("--gradient_checkpointing", lambda o, sh: (replace(o, gradient_checkpointing=True), sh)))
+    if not opts.cache_latents and not any(getattr(s, "color_aug", False) or getattr(s, "random_crop", False)
+                                          for s in subsets):
+        fixes.append(Fix("--cache_latents", lambda o, sh: (replace(o, cache_latents=True), sh)))
+    if opts.mixed_precision == "no":
+        fixes.append(Fix("--mixed_precision bf16", lambda o, sh: (replace(o, mixed_precision="bf16"), sh)))
+    if not opts.fp8_base:
+        mp = opts.mixed_precision if opts.mixed_precision != "no" else "bf16"
+        flags = "--fp8_base" + ("" if opts.mixed_precision != "no" else " --mixed_precision bf16")
+        fixes.append(Fix(flags, lambda o, sh: (replace(o, fp8_base=True, mixed_precision=mp), sh)))
+    dynamic = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs",
+               "token_warmup_step", "enable_wildcard")
+    static = not any(getattr(s, k, None) for s in subsets for k in dynamic)
+    if not opts.cache_text_encoder_outputs and static:
+        flags = "--cache_text_encoder_outputs" + ("" if opts.network_train_unet_only else
+                                                  " --network_train_unet_only (the text encoder is not trained)")
+        fixes.append(Fix(flags, lambda o, sh: (replace(o, cache_text_encoder_outputs=True,
+                                                        network_train_unet_only=True), sh)))
+    if not opts.dataset_config and opts.train_batch_size > 1:
+        b, acc = opts.train_batch_size // 2, max(1, opts.gradient_accumulation_steps) * 2
+        fixes.append(Fix(f"--train_batch_size {b} --gradient_accumulation_steps {acc} (same effective batch)",
+                         lambda o, sh: (replace(o, train_batch_size=b, gradient_accumulation_steps=acc),
+                                        replace(sh, batch=max(1, sh.batch // 2))), changes_data=True))
+    if not opts.dataset_config and configs and max(configs[0].resolution) > 512:
+        w, h = configs[0].resolution
+        w2, h2 = (max(256, int(v * 0.75) // 64 * 64) for v in (w, h))
+        fixes.append(Fix(f"--resolution {w2},{h2} (trains at a lower resolution)",
+                         lambda o, sh: (replace(o, resolution=f"{w2},{h2}"), replace(sh, width=w2, height=h2)),
+                         changes_data=True))
+    return fixes
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    options: Any  # the options to train with (--auto_fit may have changed them)
+    estimate: MemoryEstimate
+    budget: int | None
+    applied: tuple[str, ...] = ()
+    alternatives: tuple[tuple[str, MemoryEstimate], ...] = ()
+    rescan: bool = False  # the datasets must be scanned again (batch or resolution changed)
+
+
+def memory_budget(value, device: torch.device) -> int | None:
+    """--max_memory in bytes; None for 'off'; the device's free memory when not given."""
+    from lorakit.errors import UserError
+
+    if value is None:
+        return available_memory(device)
+    if str(value).strip().lower() in ("off", "none", "0"):
+        return None
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise UserError(f"--max_memory {value!r}: give a size such as 8GB, 7.5GiB or 8000MB, or 'off' to skip the "
+                        "check.") from None
+
+
+def check_memory(opts, run, plan, data) -> MemoryCheck:
+    """Predict the run's peak; under --max_memory go on, over it refuse with the changes that would fit (or, with
+    --auto_fit, apply the smallest set of them). --estimate_memory also predicts every single change."""
+    from lorakit.errors import UserError
+
+    budget = memory_budget(opts.max_memory, run.device)
+    shape = step_shape(data)
+    predict = _predictor(run, plan, shape)
+    est = predict(opts, ())
+    run.log(est.line() + (f"; budget {gib(budget)} GiB" if budget else ""))
+    fixes = candidate_fixes(opts, data.configs)
+    if opts.estimate_memory:
+        alts = tuple((f.flags, predict(opts, (f,))) for f in fixes)
+        return MemoryCheck(opts, est, budget, alternatives=alts)
+    if budget is None or est.peak <= budget:
+        return MemoryCheck(opts, est, budget)
+    if opts.auto_fit:  # the gentlest single change that fits needs no other traces
+        for f in fixes:
+            if predict(opts, (f,)).peak <= budget:
+                return _applied(opts, run, (f,), predict(opts, (f,)), budget, shape)
+    singles = [(f, predict(opts, (f,))) for f in fixes]
+    chosen = _smallest_fitting_set(opts, fixes, singles, est, budget, predict)
+    listed = "; ".join(f"{f.flags} -> {gib(e.peak)} GiB" for f, e in singles) or "none apply"
+    need = f"this run needs about {gib(est.peak)} GiB ({est.line().split('(', 1)[1].rstrip(')')})"
+    if chosen is None:
+        raise UserError(
+            f"{need}, more than the {gib(budget)} GiB budget (--max_memory, default: the free memory), and no "
+            f"combination of memory options fits; stopped before loading the model. Each alone: {listed}. Use a "
+            f"smaller --network_dim, --resolution or --train_batch_size, free memory, or pass --max_memory off to "
+            f"try anyway.")
+    if opts.auto_fit:
+        return _applied(opts, run, chosen[0], chosen[1], budget, shape)
+    flags = " ".join(f.flags.split(" (")[0] for f in chosen[0])
+    raise UserError(
+        f"{need}, more than the {gib(budget)} GiB budget (--max_memory, default: the free memory); stopped before "
+        f"loading the model. Each change alone: {listed}. Smallest set that fits: {flags} -> "
+        f"{gib(chosen[1].peak)} GiB. Add it, or pass --auto_fit to apply it.")
+
+
+def _applied(opts, run, fixes, est: MemoryEstimate, budget: int, shape: StepShape) -> MemoryCheck:
+    new_opts = opts
+    for f in fixes:
+        new_opts, _ = f.apply(new_opts, shape)
+    run.log(f"--auto_fit: {' '.join(f.flags.split(' (')[0] for f in fixes)} (predicted {gib(est.peak)} GiB <= "
+            f"budget {gib(budget)} GiB)")
+    return MemoryCheck(new_opts, est, budget, applied=tuple(f.flags for f in fixes),
+                       rescan=any(f.changes_data for f in fixes))
+
+
+def _predictor(run, plan, shape: StepShape):
+    memo: dict[tuple, MemoryEstimate] = {}
+
+    def predict(opts, fixes: tuple) -> MemoryEstimate:
+        key = tuple(f.flags for f in fixes)
+        if key not in memo:
+            o, sh = opts, shape
+            for f in fixes:
+                o, sh = f.apply(o, sh)
+            r = replace(run, weight_dtype=training_dtype(o.mixed_precision))
+            memo[key] = estimate(o, r, plan.family, plan.configs, sh)
+        return memo[key]
+
+    return predict
+
+
+def _smallest_fitting_set(opts, fixes, singles, est, budget, predict):
+    """(fixes, estimate) of the smallest set that fits, preferring earlier (gentler) fixes; sets whose savings,
+    added up from the single fixes, miss the budget by more than 10% are not traced."""
+    import itertools
+
+    saving = {f.flags: est.peak - e.peak for f, e in singles}
+    for size in range(1, len(fixes) + 1):
+        for combo in itertools.combinations(fixes, size):
+            guess = est.peak - sum(max(0, saving[f.flags]) for f in combo)
+            if size > 1 and guess > budget * 1.1:
+                continue
+            e = predict(opts, combo)
+            if e.peak <= budget:
+                return combo, e
+    return None
+
+
+def training_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def peak_report(device: torch.device, predicted: MemoryEstimate | None) -> str:
+    measured = measured_peak(device)
+    what = "peak GPU memory allocated" if device.type == "cuda" else "peak resident memory"
+    if predicted is None:
+        return f"{what}: {gib(measured)} GiB"
+    pred = predicted.peak - (predicted.runtime if device.type == "cuda" else 0)
+    return f"{what}: {gib(measured)} GiB (predicted {gib(pred)} GiB, {100 * (measured - pred) / max(pred, 1):+.0f}%)"
+
+
+def estimate_report(check: MemoryCheck | None) -> str:
+    """--estimate_memory's table: the prediction by kind, and each memory option's predicted peak."""
+    if check is None:
+        return "memory prediction skipped"
+    lines = [check.estimate.table()]
+    if check.budget:
+        lines.append(f"{'budget (--max_memory, default: free memory)':<48} {gib(check.budget):>8} GiB")
+    if check.alternatives:
+        lines.append("with one more memory option:")
+        lines += [f"  {flags:<70} {gib(e.peak):>6} GiB" for flags, e in check.alternatives]
+    return "\n".join(lines)
+
+
+def predict_options(ns, log: Callable[[str], None] = lambda *a, **k: None) -> tuple[MemoryEstimate, int | None]:
+    """(prediction, budget) for resolved options, as `lorakit train` would make them before loading the model
+    (the GUI shows it beside its Start button)."""
+    from lorakit import options as O
+    from lorakit.train import stages as S
+
+    opts = O.normalize(ns)
+    run = S.set_up_run(S.picked(S.RunOptions, opts), log, False)
+    plan = S.plan_base_model(S.picked(S.LoadOptions, opts))
+    data = S.load_data(S.dataset_configs(opts, plan.family, log), S.picked(S.DataOptions, opts), run)
+    return estimate(opts, run, plan.family, plan.configs, step_shape(data)), memory_budget(opts.max_memory, run.device)

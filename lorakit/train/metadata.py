@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -16,10 +17,12 @@ class RunMetadata:
     save_kwargs: dict = field(default_factory=dict)  # Network.save_weights' ModelSpec arguments
 
 
-def run_metadata(opts, run, data, net, optim) -> RunMetadata:
-    """Metadata records the options, so it reads them all (through the schema's `ss_metadata`)."""
+def run_metadata(opts, run, data, net, optim, model=None) -> RunMetadata:
+    """Metadata records the options, so it reads them all (through the schema's `ss_metadata`). `model` (the
+    prepared Model) records what the checkpoint itself decided: a zero-terminal-SNR schedule from its `ztsnr` key."""
     from lorakit import options as O
 
+    validation = getattr(data, "validation", None)
     md = O.ss_metadata(opts, max_train_steps=data.max_steps, optimizer=optim.info.metadata_string, seed=run.seed)
     md.update(dataset_metadata(data.group, from_config=bool(opts.dataset_config)))
     md = {k: v for k, v in md.items() if v is not None}
@@ -30,7 +33,12 @@ def run_metadata(opts, run, data, net, optim) -> RunMetadata:
         "ss_total_batch_size": str(opts.train_batch_size * data.accum * run.world),
         "ss_network_dim": str(net.network.config.dim), "ss_network_alpha": str(float(net.network.config.alpha)),
         "ss_text_encoder_lr": str(optim.te_lr),
+        # sd-scripts writes these two always: held-out images (0 without validation) and its own git commit
+        "ss_num_validation_images": str(validation.num_train_images if validation is not None else 0),
+        "ss_sd_scripts_commit_hash": lorakit_revision(),
     })
+    if model is not None and float(model.alphas_cumprod[-1]) == 0.0:  # trained on a zero-terminal-SNR schedule
+        md["ss_zero_terminal_snr"] = "True"
     if not opts.network_args:
         md.pop("ss_network_args", None)
     for key, path in (("sd_model", opts.pretrained_model_name_or_path), ("vae", opts.vae)):
@@ -111,6 +119,23 @@ def _dataset_entry(ds, counts, tag_freq, bucket_info) -> dict:
                      "image_dir": os.path.basename(str(s.image_dir or "")), "class_tokens": s.class_tokens,
                      "is_reg": s.is_reg} for i, s in enumerate(cfg.subsets)],
     }
+
+
+@functools.lru_cache(maxsize=1)
+def lorakit_revision() -> str:
+    """lorakit's version, with the git commit when it runs from a checkout: "lorakit/0.1.0+g5925ba4" (what
+    ss_sd_scripts_commit_hash records for sd-scripts: the code that trained the file)."""
+    import subprocess
+
+    from lorakit import __version__
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"lorakit/{__version__}" + (f"+g{commit}" if commit else "")
 
 
 def file_hashes(path) -> tuple[str, str]:

@@ -2,12 +2,17 @@
 
     notes = preflight(opts)        # raises UserError (one paragraph naming the flag); returns notes to log
 
+`train()` runs it in two parts: `check_before_run` (values, inputs, outputs) before anything opens a file, and
+`check_before_load` (disk space with the scanned dataset's steps per epoch; optimizer, scheduler and network
+arguments for the planned model family) after the data scan, before the checkpoint loads.
+
 - every option in its range (the schema's Option.check) and the combinations a range cannot express (a learning
   rate that trains nothing, the resolution against the bucket step, bucket limits, timesteps, output_name);
 - input files and folders exist;
 - the output, logging and console-log folders can be written (created and probed with a test file), also when a
   parent is a file or the folder is read-only;
-- the disk holding --output_dir has room for every LoRA and state the save schedule will write (an upper bound).
+- the disk holding --output_dir has room for every LoRA and state the save schedule will write (an upper bound);
+- the optimizer and scheduler names and their arguments, and the network module and --network_args.
 """
 
 from __future__ import annotations
@@ -124,6 +129,10 @@ def check_inputs(opts) -> None:
         values = _get(opts, name)
         for v in (values if isinstance(values, (list, tuple)) else [values] if values else []):
             p = Path(v)
+            if not p.exists() and name in ("pretrained_model_name_or_path", "vae"):
+                from lorakit.models.paths import missing_model_error
+
+                raise missing_model_error(v, f"--{name}")
             if not p.exists():
                 raise UserError(f"--{name} {v} does not exist; check the path.")
             if name in INPUT_FOLDERS and not p.is_dir():
@@ -295,16 +304,112 @@ def check_disk_space(opts, folder: Path, steps_per_epoch: int | None = None) -> 
     return note
 
 
+# ---- optimizer, scheduler, network ------------------------------------------------------------------------------
+def _unknown_kwargs(cls, kwargs: dict, skip: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(names in kwargs that cls(...) does not take, the names it takes); nothing when it takes **kwargs."""
+    import inspect
+
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return [], []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return [], []
+    takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in skip]
+    return sorted(k for k in kwargs if k not in takes), takes
+
+
+def optimizer_name(opts) -> str:
+    """The optimizer a run builds (--use_8bit_adam and --use_lion_optimizer are sd-scripts' older spellings)."""
+    if _get(opts, "use_8bit_adam", False):
+        return "AdamW8bit"
+    if _get(opts, "use_lion_optimizer", False):
+        return "Lion"
+    return _get(opts, "optimizer_type", "") or "AdamW"
+
+
+def check_optimizer(opts) -> None:
+    """--optimizer_type names an optimizer that imports here, and --optimizer_args are literals it accepts."""
+    from lorakit.train.optimizers import parse_optimizer_args, resolve_optimizer_class
+
+    canon, cls, _ = resolve_optimizer_class(optimizer_name(opts))
+    kwargs = parse_optimizer_args(_get(opts, "optimizer_args"))
+    unknown, takes = _unknown_kwargs(cls, kwargs, skip=("params", "lr"))
+    if unknown:
+        raise UserError(f"--optimizer_args: {canon} has no argument {', '.join(unknown)}; it takes "
+                        f"{', '.join(takes) or 'none'}.")
+
+
+def check_scheduler(opts) -> None:
+    """--lr_scheduler (or --lr_scheduler_type module.Class) exists, and --lr_scheduler_args are literals it takes."""
+    import importlib
+
+    from lorakit.train.lr_schedules import SCHEDULER_NAMES, parse_scheduler_args
+
+    kwargs = parse_scheduler_args(_get(opts, "lr_scheduler_args"))
+    custom = _get(opts, "lr_scheduler_type", "")
+    if custom:
+        import torch
+
+        mod_name, _, cls_name = custom.rpartition(".")
+        try:
+            mod = importlib.import_module(mod_name) if mod_name else torch.optim.lr_scheduler
+        except ImportError as exc:
+            raise UserError(f"--lr_scheduler_type {custom}: cannot import module {mod_name!r} ({exc}).") from None
+        cls = getattr(mod, cls_name, None)
+        if cls is None:
+            raise UserError(f"--lr_scheduler_type {custom!r} not found (a torch.optim.lr_scheduler class name or "
+                            "module.Class).")
+        unknown, takes = _unknown_kwargs(cls, kwargs, skip=("optimizer",))
+        if unknown:
+            raise UserError(f"--lr_scheduler_args: {custom} has no argument {', '.join(unknown)}; it takes "
+                            f"{', '.join(takes) or 'none'}.")
+        return
+    name = str(_get(opts, "lr_scheduler", "constant")).lower()
+    if name not in SCHEDULER_NAMES and not name.startswith("adafactor"):
+        raise UserError(f"Unknown --lr_scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}.")
+
+
+def check_network(opts, family) -> None:
+    """--network_module and --network_args as the adapter layer reads them, for this model family."""
+    from lorakit.adapters.network import parse_network_args
+
+    net_args = O.network_args_dict(_get(opts, "network_args"))
+    for flag in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if _get(opts, flag) is not None:
+            net_args.setdefault(flag, str(_get(opts, flag)))
+    parse_network_args(family, _get(opts, "network_module", "networks.lora"), _get(opts, "network_dim"),
+                       _get(opts, "network_alpha", 1.0), net_args, _get(opts, "network_dropout"))
+
+
 # ---- all of it ---------------------------------------------------------------------------------------------------
-def preflight(opts, steps_per_epoch: int | None = None) -> list[str]:
-    """Every check that needs no model, in the order a user fixes things: values, inputs, outputs, disk space.
-    Raises UserError (one paragraph naming the flag); returns notes for the log. `steps_per_epoch`, when known
-    (after the dataset scan), makes the disk-space bound tighter."""
+def check_before_run(opts) -> Path:
+    """The checks that need neither the dataset nor the model, before a run opens any file: values, inputs,
+    outputs. Returns the output folder (created and probed)."""
     check_values(opts)
     check_inputs(opts)
-    folder = check_outputs(opts)
-    return [check_disk_space(opts, folder, steps_per_epoch)]
+    return check_outputs(opts)
 
 
-__all__ = ["preflight", "check_values", "check_inputs", "check_outputs", "check_output_name", "check_disk_space",
-           "planned_saves", "lora_bytes", "guess_family", "PARAMS_PER_RANK"]
+def check_before_load(opts, folder: Path, steps_per_epoch: int | None = None, family=None) -> list[str]:
+    """After the dataset scan, before the model loads: disk space for the save schedule (tighter with the real
+    `steps_per_epoch`), optimizer and scheduler, and (with the planned `family`) the network arguments."""
+    notes = [check_disk_space(opts, folder, steps_per_epoch)]
+    check_optimizer(opts)
+    check_scheduler(opts)
+    if family is not None:
+        check_network(opts, family)
+    return notes
+
+
+def preflight(opts, steps_per_epoch: int | None = None, family=None) -> list[str]:
+    """Every check that needs no model, in the order a user fixes things: values, inputs, outputs, disk space,
+    optimizer, scheduler, network. Raises UserError (one paragraph naming the flag); returns notes for the log.
+    `steps_per_epoch`, when known (after the dataset scan), makes the disk-space bound tighter; `family` (the
+    planned model's) enables the network-argument check."""
+    return check_before_load(opts, check_before_run(opts), steps_per_epoch, family)
+
+
+__all__ = ["preflight", "check_before_run", "check_before_load", "check_values", "check_inputs", "check_outputs",
+           "check_output_name", "check_disk_space", "check_optimizer", "check_scheduler", "check_network",
+           "optimizer_name", "planned_saves", "lora_bytes", "guess_family", "PARAMS_PER_RANK"]

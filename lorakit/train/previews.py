@@ -69,6 +69,14 @@ class Previews:
 
         if not self.prompts or not self.run.is_main:
             return
+        import time
+
+        # drawing previews can take minutes: say so, or the bar looks frozen
+        when = f"epoch {epoch} (step {step})" if epoch is not None else f"step {step}"
+        self.run.log(f"sampling {len(self.prompts)} preview prompt{'s' if len(self.prompts) != 1 else ''} for "
+                     f"{when} ...")
+        self.emit("sampling", step=step, prompts=len(self.prompts))
+        t0 = time.time()
         set_train_mode(self.optimizer, False)
         self.network.eval()
         py_state = random.getstate()
@@ -78,6 +86,8 @@ class Previews:
                                      clip_skip=self.o.clip_skip, sampler=self.o.sample_sampler, epoch=epoch, step=step,
                                      device=self.run.device)
             self.samples += new
+            self.run.log(f"samples: {len(new)} image{'s' if len(new) != 1 else ''} in {self.run.out_dir / 'sample'} "
+                         f"({time.time() - t0:.1f} s)")
             self.emit("sample", paths=[str(x) for x in new], step=step)
         except UserError:
             raise

@@ -231,9 +231,19 @@ def prepare_model(o: ModelOptions, run: Run, bundle) -> Model:
         mult = o.base_weights_multiplier[i] if o.base_weights_multiplier else 1.0
         load_network(bundle, path, multiplier=mult, merge=True)
         run.log(f"merged {path} x {mult} into the model before training")
+    declared = bool(bundle.noise_scheduler.config.get("rescale_betas_zero_snr"))  # a `ztsnr` checkpoint
+    if (o.v_parameterization and fam.prediction_type != "v_prediction") or (o.zero_terminal_snr and not declared):
+        # the family's v sibling (SDXL -> SDXL v-pred: its LoRAs say v) and the schedule previews sample with
+        from lorakit.models.loading import with_schedule
+
+        bundle = with_schedule(bundle, v_prediction=o.v_parameterization, zero_terminal_snr=o.zero_terminal_snr)
+        fam = bundle.family
     prediction = "v_prediction" if (o.v_parameterization or fam.prediction_type == "v_prediction") else "epsilon"
     betas = bundle.noise_scheduler.betas.double()
-    if o.zero_terminal_snr:
+    if o.zero_terminal_snr or declared:
+        if declared and not o.zero_terminal_snr:
+            run.log("note: the model declares a zero-terminal-SNR schedule (its `ztsnr` key): training uses it, as "
+                    "with --zero_terminal_snr.")
         betas = N.zero_terminal_snr_betas(betas)
         if prediction != "v_prediction":
             run.log("note: --zero_terminal_snr without v-prediction: the last timestep's input is pure noise; "
@@ -287,6 +297,7 @@ class DataOptions:
     max_train_epochs: Optional[int]
     save_every_n_epochs: Optional[int]
     save_n_epoch_ratio: Optional[int]
+    masked_loss: bool  # conditioning_data_dir masks are read only with it (as sd-scripts)
 
 
 @dataclass(frozen=True)
@@ -299,13 +310,14 @@ class Data:
     num_epochs: int
     save_every_n_epochs: Optional[int]  # --save_n_epoch_ratio resolved
     multipliers: Optional[list]  # network multiplier per dataset (None: all 1)
+    validation: Any = None  # DatasetGroup of the images validation_split held out (None: no validation)
 
 
 def load_data(configs: list, o: DataOptions, run: Run) -> Data:
     """Scan the datasets; count batches, steps and epochs (--max_train_epochs wins over --max_train_steps)."""
     from lorakit.data import DatasetGroup
 
-    group = DatasetGroup.build(configs, seed=run.seed, on_bad_image=o.on_bad_image)
+    group = DatasetGroup.build(configs, seed=run.seed, on_bad_image=o.on_bad_image, masked_loss=o.masked_loss)
     run.log(group.summary_text())
     batches_per_epoch = group.num_batches(1)
     accum = max(1, o.gradient_accumulation_steps)
@@ -315,8 +327,11 @@ def load_data(configs: list, o: DataOptions, run: Run) -> Data:
     every = max(1, num_epochs // o.save_n_epoch_ratio) if o.save_n_epoch_ratio else o.save_every_n_epochs
     group.max_train_steps = max_steps  # fractional token warmup counts in steps of this run
     multipliers = [c.network_multiplier for c in configs]
+    validation = group.validation_group()
+    if validation is not None:
+        run.log(f"validation: {validation.num_train_images} held-out images in {validation.num_batches(1)} batches")
     return Data(configs, group, batches_per_epoch, accum, max_steps, num_epochs, every,
-                multipliers if any(m != 1.0 for m in multipliers) else None)
+                multipliers if any(m != 1.0 for m in multipliers) else None, validation)
 
 
 # ================================================================================================ network ==========
@@ -352,10 +367,7 @@ def build_network(o: NetworkOptions, run: Run, model: Model) -> Net:
     from lorakit.adapters.network import create_network
 
     bundle = model.bundle
-    net_args = O.network_args_dict(o.network_args)
-    for flag in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
-        if getattr(o, flag) is not None:
-            net_args.setdefault(flag, str(getattr(o, flag)))
+    net_args = _network_args(o)
     dim = _dim_from_weights(o.network_weights, run.log) if o.dim_from_weights else o.network_dim
     torch.manual_seed(run.seed)  # adapter initialisation
     network = create_network(bundle, o.network_module, dim, o.network_alpha, net_args,
@@ -371,6 +383,23 @@ def build_network(o: NetworkOptions, run: Run, model: Model) -> Net:
             f"modules ({sum(p.numel() for p in network.parameters())} parameters)")
     _memory_settings(o, bundle, train_te)
     return Net(network, train_te, dim)
+
+
+def _network_args(o: NetworkOptions) -> dict:
+    net_args = O.network_args_dict(o.network_args)
+    for flag in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if getattr(o, flag) is not None:
+            net_args.setdefault(flag, str(getattr(o, flag)))
+    return net_args
+
+
+def check_network_args(o: NetworkOptions, family) -> None:
+    """--network_module/--network_args checked against the planned family before the model loads (the same parser
+    build_network uses: an unknown key or a block list of the wrong length fails in seconds, not after a minute)."""
+    from lorakit.adapters.network import parse_network_args
+
+    dim = _dim_from_weights(o.network_weights, lambda *_a: None) if o.dim_from_weights else o.network_dim
+    parse_network_args(family, o.network_module, dim, o.network_alpha, _network_args(o), o.network_dropout)
 
 
 def _dim_from_weights(path, log) -> int:
@@ -421,6 +450,7 @@ class InputOptions:
     cache_text_encoder_outputs_to_disk: bool
     clip_skip: Optional[int]
     max_token_length: Optional[int]
+    skip_cache_check: bool
 
 
 @dataclass(frozen=True)
@@ -436,11 +466,16 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data) -> Input
 
     bundle, fam = model.bundle, model.family
     encode_latents = vae_encoder(bundle, run.streams.latent, model.vae_dtype)
-    if o.cache_latents:
-        run.log("caching latents" + (" to disk" if o.cache_latents_to_disk else ""))
-        cache_latents(data.group, encode_latents, suffix=fam.latent_cache_suffix, to_disk=o.cache_latents_to_disk,
-                      batch_size=o.vae_batch_size,
-                      vae_id=f"{fam.name}:{os.path.basename(str(o.vae or o.pretrained_model_name_or_path))}")
+    if o.cache_latents:  # minutes on a large dataset: say what happens and what it took
+        n = sum(len(ds.entries) for ds in data.group.datasets)
+        run.log(f"caching latents of {n} images" + (" to disk" if o.cache_latents_to_disk else "") + " ...")
+        t0 = time.time()
+        done = cache_latents(data.group, encode_latents, suffix=fam.latent_cache_suffix,
+                             to_disk=o.cache_latents_to_disk, batch_size=o.vae_batch_size,
+                             skip_check=o.skip_cache_check,
+                             vae_id=f"{fam.name}:{os.path.basename(str(o.vae or o.pretrained_model_name_or_path))}")
+        run.log(f"cached latents: {done.get('encoded', 0)} encoded, {done.get('reused', 0)} reused from disk, "
+                f"{done.get('skipped', 0)} skipped ({time.time() - t0:.1f} s)")
     te_cache = None
     if o.cache_text_encoder_outputs:
         def encode_for_cache(caps):
@@ -450,8 +485,10 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data) -> Input
         cache_dir = (run.out_dir / ".te_cache") if o.cache_text_encoder_outputs_to_disk else None
         te_cache = TextEncoderCache(encode_for_cache, cache_dir, key_prefix=f"{fam.name}:{o.clip_skip}:"
                                     f"{o.max_token_length}:{o.pretrained_model_name_or_path}")
+        captions = group_static_captions(data.group)
+        run.log(f"caching text-encoder outputs of {len(captions)} captions ...")
         with torch.no_grad(), autocast(run.device, run.weight_dtype):
-            te_cache.precompute(group_static_captions(data.group))
+            te_cache.precompute(captions)
     return Inputs(encode_latents, te_cache)
 
 
@@ -533,11 +570,13 @@ class Start:
 
 def restore(run: Run, net: Net, optim: Optim) -> Start:
     """Continue a saved state exactly: adapter weights, optimizer, schedule, loss scaler and every RNG stream."""
-    from lorakit.train.state import restore_rng
+    from lorakit.train.state import check_state_matches, restore_rng
 
     st = run.resume
     if st is None:
         return Start()
+    # another rank or optimizer would fail inside torch with a bare shape error: name the flags instead
+    check_state_matches(st, net.network, run.resume_from, optim.optimizer)
     net.network.load_state_dict({k: v.to(run.device) for k, v in st.network.items()}, strict=True)
     optim.optimizer.load_state_dict(st.optimizer)
     optim.scheduler.load_state_dict(st.scheduler)

@@ -1,0 +1,170 @@
+"""Documentation generated from the option schema: the `--network_args` keys of `lorakit train --help` and
+docs/training-options.md.
+
+    python -m lorakit.option_docs            # rewrite docs/training-options.md
+    python -m lorakit.option_docs --check    # exit 1 when the file is out of date
+
+Every key `parse_network_args` accepts (lorakit.adapters.network.KNOWN_ARGS) has an example here; a test checks that
+each example parses, so a new key without an example, or an example that stopped working, fails the tests.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "training-options.md"
+
+SD1_BLOCKS_25 = "2,2,2,2,2,2,2,2,2,2,2,2,4,8,8,8,8,8,8,8,8,8,8,8,8"
+SD1_ALPHAS_25 = "1,1,1,1,1,1,1,1,1,1,1,1,2,4,4,4,4,4,4,4,4,4,4,4,4"
+
+
+@dataclass(frozen=True)
+class NetworkArg:
+    key: str
+    example: str  # one --network_args item
+    module: str = "networks.lora"  # the --network_module it goes with
+    needs: tuple[str, ...] = ()  # other items the example needs
+    note: str = ""
+
+
+NETWORK_ARGS: list[NetworkArg] = [
+    NetworkArg("conv_dim", "conv_dim=8", note="also train 3x3 convs (LoCon) with this rank"),
+    NetworkArg("conv_alpha", "conv_alpha=4", needs=("conv_dim=8",), note="alpha of the 3x3 convs (default 1)"),
+    NetworkArg("dropout", "dropout=0.1", note="neuron dropout on the rank activations (= --network_dropout)"),
+    NetworkArg("rank_dropout", "rank_dropout=0.1", note="drop whole rank channels per step"),
+    NetworkArg("module_dropout", "module_dropout=0.1", note="skip whole modules per step"),
+    NetworkArg("dora_wd", "dora_wd=True", note="DoRA: weight-decomposed LoRA (also with LoHa/LoKr)"),
+    NetworkArg("dora_detach_norm", "dora_detach_norm=True", needs=("dora_wd=True",),
+               note="DoRA: the weight norm is a constant in backward (the DoRA paper's section 4.3; less memory)"),
+    NetworkArg("wd_on_output", "wd_on_output=True", needs=("dora_wd=True",),
+               note="DoRA: normalise per output row instead of per input column"),
+    NetworkArg("blocks", "blocks=IN04-IN07,OUT03-OUT06",
+               note="train only these UNet blocks (IN00-IN11, MID, OUT00-OUT11 on SD1/2; IN00-IN08, MID, "
+                    "OUT00-OUT08 on SDXL); add TE to keep the text encoder"),
+    NetworkArg("block_dims", f"block_dims={SD1_BLOCKS_25}",
+               note="one rank per block: 25 values on SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 on SDXL; 0 leaves "
+                    "a block out"),
+    NetworkArg("block_alphas", f"block_alphas={SD1_ALPHAS_25}", needs=(f"block_dims={SD1_BLOCKS_25}",),
+               note="one alpha per block (with block_dims)"),
+    NetworkArg("conv_block_dims", f"conv_block_dims={SD1_BLOCKS_25}", needs=(f"block_dims={SD1_BLOCKS_25}",),
+               note="one 3x3-conv rank per block (with block_dims)"),
+    NetworkArg("conv_block_alphas", f"conv_block_alphas={SD1_ALPHAS_25}",
+               needs=(f"block_dims={SD1_BLOCKS_25}", f"conv_block_dims={SD1_BLOCKS_25}"),
+               note="one 3x3-conv alpha per block (with conv_block_dims)"),
+    NetworkArg("down_lr_weight", "down_lr_weight=sine",
+               note="learning-rate factor per down block: 12 numbers (9 on SDXL) or cosine, sine, linear, "
+                    "reverse_linear, zeros (+base, e.g. cosine+0.1)"),
+    NetworkArg("mid_lr_weight", "mid_lr_weight=0.5", note="learning-rate factor of the middle block"),
+    NetworkArg("up_lr_weight", "up_lr_weight=cosine", note="learning-rate factor per up block (like down_lr_weight)"),
+    NetworkArg("block_lr_zero_threshold", "block_lr_zero_threshold=0.1", needs=("down_lr_weight=sine",),
+               note="blocks whose factor is at or below this get no LoRA at all"),
+    NetworkArg("loraplus_lr_ratio", "loraplus_lr_ratio=16",
+               note="LoRA+: lora_up learns this many times faster (= --loraplus_lr_ratio)"),
+    NetworkArg("loraplus_unet_lr_ratio", "loraplus_unet_lr_ratio=16", note="LoRA+ ratio of the UNet only"),
+    NetworkArg("loraplus_text_encoder_lr_ratio", "loraplus_text_encoder_lr_ratio=4",
+               note="LoRA+ ratio of the text encoders only"),
+    NetworkArg("algo", "algo=lokr", module="lycoris.kohya",
+               note="LyCORIS algorithm: lora, locon, loha, lokr, dylora, full"),
+    NetworkArg("preset", "preset=attn-mlp", module="lycoris.kohya",
+               note="LyCORIS target preset: full, full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only, "
+                    "unet-convblock-only, kohya"),
+    NetworkArg("factor", "factor=8", module="lycoris.kohya", needs=("algo=lokr",), note="LoKr: Kronecker factor"),
+    NetworkArg("decompose_both", "decompose_both=True", module="lycoris.kohya", needs=("algo=lokr",),
+               note="LoKr: make the small factor low-rank too"),
+    NetworkArg("full_matrix", "full_matrix=True", module="lycoris.kohya", needs=("algo=lokr",),
+               note="LoKr: keep the large factor a full matrix"),
+    NetworkArg("use_tucker", "use_tucker=True", module="lycoris.kohya", needs=("algo=locon",),
+               note="Tucker decomposition of 3x3 convs"),
+    NetworkArg("use_cp", "use_cp=True", module="lycoris.kohya", needs=("algo=locon",), note="same as use_tucker"),
+    NetworkArg("use_conv_cp", "use_conv_cp=True", module="lycoris.kohya", needs=("algo=locon",),
+               note="same as use_tucker"),
+    NetworkArg("disable_conv_cp", "disable_conv_cp=False", module="lycoris.kohya", needs=("algo=locon",),
+               note="old LyCORIS spelling: False = use_tucker"),
+    NetworkArg("unit", "unit=4", module="networks.dylora", note="DyLoRA: rank step (network_dim a multiple of it)"),
+    NetworkArg("train_norm", "train_norm=False", module="lycoris.kohya", note="accepted only as False (not supported)"),
+    NetworkArg("rs_lora", "rs_lora=False", module="lycoris.kohya", note="accepted only as False (not supported)"),
+    NetworkArg("use_scalar", "use_scalar=True", module="lycoris.kohya", note="accepted, ignored"),
+    NetworkArg("bypass_mode", "bypass_mode=False", module="lycoris.kohya",
+               note="accepted, ignored (training is always unmerged)"),
+    NetworkArg("rank_dropout_scale", "rank_dropout_scale=True", module="lycoris.kohya", note="accepted, ignored"),
+]
+NETWORK_ARGS_BY_KEY = {a.key: a for a in NETWORK_ARGS}
+
+
+def network_args_help() -> str:
+    """The keys of --network_args, one per line with an example (the `lorakit train --help` section)."""
+    lines = ["Give them as --network_args KEY=VALUE ... (values as in sd-scripts and LyCORIS), e.g.",
+             "  --network_args \"conv_dim=8\" \"conv_alpha=4\" \"dora_wd=True\" \"blocks=IN04-IN07,OUT03-OUT06\"",
+             "Unknown keys and block lists of the wrong length are refused before the model loads."]
+    for a in NETWORK_ARGS:
+        module = "" if a.module == "networks.lora" else f" [--network_module {a.module}]"
+        lines.append(f"  {a.key}: {a.note}{module}")
+        lines.append(f"      e.g. {a.example}")
+    return "\n".join(lines)
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def training_options_markdown() -> str:
+    """docs/training-options.md: every option of `lorakit train` by group (from lorakit.options), then every
+    --network_args key with an example."""
+    from lorakit import options as O
+
+    out = ["# Training options", "",
+           "Generated from the option schema (`lorakit/options.py`) by `python -m lorakit.option_docs`; do not edit by "
+           "hand. The same schema builds `lorakit train --help`, `--config_file` and `--dataset_config` checking, the "
+           "GUI's training form and the `ss_*` metadata.", "",
+           "Scope: **train** = command line and `--config_file`; **dataset** = a `[[datasets]]` (or `[general]`) key "
+           "of `--dataset_config`, the command line gives its fallback; **subset** = a `[[datasets.subsets]]` key "
+           "(inherited from `[[datasets]]` and `[general]` unless marked subset-only); **general** = read from the "
+           "command line by the dataset layer. Options marked *no effect* are accepted so sd-scripts command lines "
+           "run as written.", ""]
+    for group in O.groups():
+        out += [f"## {group}", "", "| option | type | default | scope | ss_* key | help |", "|---|---|---|---|---|---|"]
+        for o in O.options_in_group(group):
+            name = f"`--{o.name}`" if o.cli else f"`{o.name}` (dataset config only)"
+            if o.aliases:
+                name += " (also " + ", ".join(f"`--{a}`" for a in o.aliases) + ")"
+            t = o.type + ("[]" if o.is_list else "")
+            if o.choices:
+                t += ": " + ", ".join(f"`{c}`" for c in o.choices if c is not None)
+            scope = o.scope + (", subset-only" if o.distinct else "")
+            default = "" if o.default in (None, "") else f"`{o.default!r}`"
+            help_text = o.help if o.effect else f"*no effect* — {o.help.replace(O.NO_EFFECT, '').strip()}"
+            out.append(f"| {name} | {_md_escape(t)} | {_md_escape(default)} | {scope} | "
+                       f"{f'`{o.metadata_key}`' if o.metadata_key else ''} | {_md_escape(help_text)} |")
+        out.append("")
+    out += ["## --network_args keys", "",
+            "Given as `--network_args KEY=VALUE ...` (in a `--config_file`: `network_args = [\"KEY=VALUE\", ...]`). "
+            "Unknown keys, and block lists of the wrong length for the model, are refused before the model loads.",
+            "", "| key | example | with | what it does |", "|---|---|---|---|"]
+    for a in NETWORK_ARGS:
+        with_ = [f"`--network_module {a.module}`"] if a.module != "networks.lora" else []
+        with_ += [f"`{n}`" for n in a.needs]
+        out.append(f"| `{a.key}` | `{a.example}` | {', '.join(with_)} | {_md_escape(a.note)} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    text = training_options_markdown()
+    if "--check" in argv:
+        current = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.exists() else ""
+        if current != text:
+            print(f"{DOC_PATH} is out of date: run python -m lorakit.option_docs", file=sys.stderr)
+            return 1
+        return 0
+    from lorakit.utils.atomic import write_text_atomic
+
+    write_text_atomic(DOC_PATH, text)
+    print(f"wrote {DOC_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
