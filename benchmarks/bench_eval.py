@@ -2,6 +2,10 @@
 
     python benchmarks/bench_eval.py                  # timing: base + 10 checkpoints x 64 samples, toy classifier
     python benchmarks/bench_eval.py --check          # the toy-world checks (several minutes, see below)
+    python benchmarks/bench_eval.py --docs_images docs/images   # timing, then the README's eval chart and sheet
+
+On a shared machine, time with --threads 1: the toy model is dominated by per-op overhead (as in `lorakit demo`), and
+two threads that wait on other processes can make the run ten times slower than one.
 
 Both train what they need once in --work_dir (cached; not timed): the demo recipe (lorakit/toyworld/recipe.py, 15
 images x 20 repeats, 10 epochs) saving every epoch, and for --check also a deliberately over-trained run: one image x
@@ -88,6 +92,21 @@ def timing(work: Path) -> dict:
            "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
     print(json.dumps(out, indent=1))
     return out
+
+
+def docs_images(outdir: Path, dest: Path) -> None:
+    """The README's chart and sheet from a timing run's outputs (the README's command): the chart drawn again from
+    the JSON, the sheet in 256 colours (a third of the size; the toy world's flat colours lose nothing)."""
+    from PIL import Image
+
+    from lorakit.eval.report import chart, read_result
+
+    dest.mkdir(parents=True, exist_ok=True)
+    chart(read_result(outdir / "usu_bear_eval.json")).save(dest / "eval_demo_chart.png", optimize=True)
+    sheet = Image.open(outdir / "usu_bear_eval_sheet.png").convert("RGB")
+    sheet.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        dest / "eval_demo_sheet.png", optimize=True)
+    print(f"written {dest / 'eval_demo_chart.png'}, {dest / 'eval_demo_sheet.png'}")
 
 
 def _threads() -> int:
@@ -211,6 +230,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=32, help="--check: eval samples per prompt (default 32)")
     p.add_argument("--quality_seeds", type=int, default=32, help="--check: toy-metric samples per prompt (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = the CPU cores)")
+    p.add_argument("--docs_images", metavar="DIR", help="after the timing run, write the README's eval chart and "
+                   "sheet of the demo into DIR (docs/images)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -219,7 +240,12 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    return check(work, a.seeds, a.quality_seeds) if a.check else timing(work)
+    if a.check:
+        return check(work, a.seeds, a.quality_seeds)
+    out = timing(work)
+    if a.docs_images:
+        docs_images(work / "timing", Path(a.docs_images))
+    return out
 
 
 if __name__ == "__main__":

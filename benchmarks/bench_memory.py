@@ -75,16 +75,22 @@ def child(argv: list[str]) -> None:
     m = result.memory
     parts = {k: getattr(m, k) / 2**30 for k in ("weights", "trainable", "gradients", "optimizer", "activations",
                                                  "caches", "runtime")} if m else {}
+    import torch
+
+    # on CUDA the prediction is of GPU memory: checked against max_memory_allocated, without the host's runtime term
+    gpu = torch.cuda.is_available()
+    predicted = (m.peak - (m.runtime if gpu else 0)) / 2**30 if m else None
     print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      "predicted_gib": m.peak / 2**30 if m else None, "parts": parts,
+                      "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+                      "predicted_gib": predicted, "parts": parts,
                       "step_s": steps, "start_to_step1_s": (times[1] - t0) if len(times) > 1 else None}))
 
 
 def run(ckpt: Path, data: Path, out: Path, algo: str, gc: bool, precision: str, batch: int, steps: int,
-        extra: list[str]) -> dict:
+        extra: list[str], resolution: int = 256, dim: int = 8) -> dict:
     argv = ["--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--output_name", f"{algo}_gc{int(gc)}", "--resolution", "256", "--train_batch_size", str(batch),
-            "--max_train_steps", str(steps), "--network_dim", "8", "--network_alpha", "4",
+            "--output_name", f"{algo}_gc{int(gc)}", "--resolution", str(resolution), "--train_batch_size", str(batch),
+            "--max_train_steps", str(steps), "--network_dim", str(dim), "--network_alpha", str(max(1, dim // 2)),
             "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--seed", "42", "--sdpa",
             "--mixed_precision", precision] + (["--gradient_checkpointing"] if gc else []) + ALGOS[algo] + extra
     cmd = [sys.executable, __file__, "--child", "--"] + argv
@@ -95,6 +101,9 @@ def run(ckpt: Path, data: Path, out: Path, algo: str, gc: bool, precision: str, 
         return {**row, "error": (stderr or stdout)[-600:].strip()}
     r = json.loads(stdout.strip().splitlines()[-1])
     later = r["step_s"][1:] or r["step_s"]
+    if r.get("gpu_peak_gib") is not None:  # what is measured on CUDA is the GPU's peak
+        row["peak_rss_host_gib"] = round(r["peak_rss_gib"], 2)
+        r["peak_rss_gib"] = r["gpu_peak_gib"]
     return {**row, "peak_rss_gib": round(r["peak_rss_gib"], 2),
             "predicted_gib": round(r["predicted_gib"], 2) if r["predicted_gib"] else None,
             "parts": {k: round(v, 3) for k, v in r["parts"].items()},
@@ -112,24 +121,28 @@ def main() -> int:
     ap.add_argument("--precision", nargs="+", default=["no"], choices=["no", "bf16", "fp16"])
     ap.add_argument("--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=8)
     ap.add_argument("--workdir", default="/tmp/lorakit-bench")
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint(args.family, work)
-    data = make_dataset(work / "data")
+    data = make_dataset(work / f"data{args.resolution}", size=args.resolution)
     rows = []
     for precision in args.precision:
         for batch in args.batch:
             for gc in args.gc:
                 for algo in args.algos:
-                    r = run(ckpt, data, work / "out", algo, gc == "1", precision, batch, args.steps, extra)
+                    r = run(ckpt, data, work / "out", algo, gc == "1", precision, batch, args.steps, extra,
+                            args.resolution, args.dim)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-    print(f"\n{args.family}, 256 px, dim 8, {args.steps} steps, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    where = "GPU memory (max_memory_allocated)" if any("peak_rss_host_gib" in r for r in rows) else "peak RSS"
+    print(f"\n{args.family}, {args.resolution} px, dim {args.dim}, {args.steps} steps, measured: {where}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
           f"; targets: each algorithm <= 1.15x LoRA's peak; prediction within 15% of the measured peak RSS")
-    print(f"{'algorithm':<14} {'prec':>5} {'batch':>5} {'GC':>3} {'peak RSS GiB':>12} {'x LoRA':>7} "
+    print(f"{'algorithm':<14} {'prec':>5} {'batch':>5} {'GC':>3} {'peak GiB':>12} {'x LoRA':>7} "
           f"{'predicted':>9} {'error':>6} {'s/step':>7}")
     for r in rows:
         if "error" in r:

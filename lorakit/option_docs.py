@@ -27,6 +27,7 @@ class NetworkArg:
     module: str = "networks.lora"  # the --network_module it goes with
     needs: tuple[str, ...] = ()  # other items the example needs
     note: str = ""
+    family: str = "sd1"  # a model family the example applies to (FLUX-only keys: flux-dev)
 
 
 NETWORK_ARGS: list[NetworkArg] = [
@@ -83,6 +84,10 @@ NETWORK_ARGS: list[NetworkArg] = [
     NetworkArg("disable_conv_cp", "disable_conv_cp=False", module="lycoris.kohya", needs=("algo=locon",),
                note="old LyCORIS spelling: False = use_tucker"),
     NetworkArg("unit", "unit=4", module="networks.dylora", note="DyLoRA: rank step (network_dim a multiple of it)"),
+    NetworkArg("train_t5xxl", "train_t5xxl=True", family="flux-dev",
+               note="FLUX.1: LoRA on T5-XXL too (lora_te3_; CLIP-L's lora_te1_ modules train by default)"),
+    NetworkArg("train_blocks", "train_blocks=single", family="flux-dev",
+               note="FLUX.1: all (default), double or single: which transformer blocks get LoRA"),
     NetworkArg("train_norm", "train_norm=False", module="lycoris.kohya", note="accepted only as False (not supported)"),
     NetworkArg("rs_lora", "rs_lora=False", module="lycoris.kohya", note="accepted only as False (not supported)"),
     NetworkArg("use_scalar", "use_scalar=True", module="lycoris.kohya", note="accepted, ignored"),

@@ -91,10 +91,19 @@ OPTIONS: list[Option] = [
     _o("sdxl", "bool", False,
        "The base model is SDXL (what sdxl_train_network.py implies; normally detected from the checkpoint).", G_MODEL),
     _o("vae", "path", None, "Replace the checkpoint's VAE with this file or folder.", G_MODEL, metadata_key="ss_vae_name"),
+    _o("clip_l", "path", None, "FLUX.1: the CLIP-L text encoder as its own file (clip_l.safetensors), for model files "
+       "that hold only the transformer.", G_MODEL),
+    _o("t5xxl", "path", None, "FLUX.1: the T5-XXL text encoder as its own file (t5xxl_fp16.safetensors...).", G_MODEL),
+    _o("ae", "path", None, "FLUX.1: the autoencoder as its own file (ae.safetensors).", G_MODEL),
+    _o("t5xxl_max_token_length", "int", None, "FLUX.1: T5 tokens per caption (default 512 for dev, 256 for schnell).",
+       G_MODEL, check="[1,)"),
+    _o("apply_t5_attn_mask", "bool", False, "FLUX.1: T5 and the transformer's attention ignore the caption's padding "
+       "tokens.", G_MODEL),
     _o("clip_skip", "int", None, "Use the output of the n-th text-encoder layer from the end (n >= 1; 2 for anime models). "
        "SDXL ignores it.", G_MODEL, metadata_key="ss_clip_skip", check="[1,)"),
-    _o("tokenizer_cache_dir", "path", None, "Folder for tokenizer files (tokenizers are bundled here).", G_MODEL,
-       effect=False),
+    _o("tokenizer_cache_dir", "path", None, "Folder of tokenizer files, as sd-scripts keeps them offline. CLIP's "
+       "tokenizers are bundled; FLUX.1's T5 tokenizer is read from DIR/google_t5-v1_1-xxl (sd-scripts' layout) or "
+       "DIR itself (tokenizer.json).", G_MODEL),
     _o("disable_mmap_load_safetensors", "bool", False, "Read safetensors without mmap.", G_MODEL, effect=False),
     # --- dataset -------------------------------------------------------------------------------------------------
     _o("train_data_dir", "path", None, "Folder of `N_name` subfolders (N = repeats) of training images, or of images "
@@ -336,6 +345,18 @@ OPTIONS: list[Option] = [
     _o("zero_terminal_snr", "bool", False, "Rescale betas so the last timestep has zero SNR (on by itself for "
        "checkpoints with a `ztsnr` key, e.g. NoobAI-XL v-pred).", G_NOISE,
        metadata_key="ss_zero_terminal_snr"),
+    _o("timestep_sampling", "str", "sigma", "FLUX.1: how noise levels are drawn: sigma (the shifted training "
+       "schedule), uniform, sigmoid, shift (sigmoid then --discrete_flow_shift) or flux_shift (by image size).",
+       G_NOISE, choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift")),
+    _o("sigmoid_scale", "float", 1.0, "FLUX.1: scale of the normal draw inside sigmoid/shift/flux_shift sampling.",
+       G_NOISE, check="(0,)"),
+    _o("discrete_flow_shift", "float", 3.0, "FLUX.1: the flow shift k of sigma and shift sampling "
+       "(s -> k s / (1 + (k - 1) s)).", G_NOISE, check="(0,)"),
+    _o("model_prediction_type", "str", "sigma_scaled", "FLUX.1: how the prediction is compared with the velocity "
+       "target: raw (recommended), additive (+ noisy input) or sigma_scaled (noisy input - sigma x prediction, "
+       "sd-scripts' default).", G_LOSS, choices=("raw", "additive", "sigma_scaled")),
+    _o("guidance_scale", "float", 3.5, "FLUX.1-dev: the distilled-guidance value the transformer is given while "
+       "training (sd-scripts' FLUX guide uses 1.0).", G_LOSS),
     _o("min_timestep", "int", None, "Smallest timestep sampled (0-999, default 0).", G_NOISE, check="[0,999]"),
     _o("max_timestep", "int", None, "Largest timestep sampled, exclusive (1-1000, default 1000).", G_NOISE,
        check="[1,1000]"),

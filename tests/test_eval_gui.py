@@ -49,3 +49,40 @@ def test_eval_tab_shows_a_runs_results(tmp_path):
     with pytest.raises(gr.Error, match="outside"):
         fns["on_eval_show"]("/etc")
     demo.lorakit_generators.close()
+
+
+def test_eval_tab_evaluates_a_folder(tmp_path):
+    """Evaluate: the same run_eval as `lorakit eval`, on a tiny model and a tiny ONNX tagger, shown in the panel."""
+    pytest.importorskip("onnxruntime")
+    from test_eval_pipeline import tiny, write_lora
+    from test_eval_tagger import write_tagger, write_training_set
+
+    from lorakit.gui.app import build_app
+    from lorakit.models.saving import save_single_file
+
+    b = tiny()
+    model = save_single_file(b, tmp_path / "tiny.safetensors")
+    loras = tmp_path / "out"
+    loras.mkdir()
+    for i in (1, 2):
+        write_lora(b, loras / f"zq-{i:06d}.safetensors", 10 * i, 0.3 * i, i)
+    train, tagger = write_training_set(tmp_path / "data"), write_tagger(tmp_path / "tagger")
+    demo, ctx = build_app(roots=[tmp_path], jobs_dir=tmp_path / "jobs")
+    fns = {}
+    for f in demo.fns.values():
+        fns.setdefault(f.name, f.fn)
+    # thresholds wide open: the checkpoint with the best recall is recommended and marked
+    verdict, chart, sheet, table, log = fns["on_eval_run"](str(loras), "zq*", str(model), str(train), str(tagger),
+                                                           False, "", 2, 2, 5.0, 100.0, 1.0)
+    from lorakit.eval.report import read_result
+
+    res = read_result(loras / "zq_eval.json")
+    assert res["recommended"] in ("zq-000001", "zq-000002")
+    assert f"Recommended: `{res['recommended_path']}`" in verdict and "concept:" in log
+    assert [r[0] for r in table][0] == "base model" and len(table) == 3
+    assert f"★ {res['recommended']} (recommended)" in [r[0] for r in table]
+    assert chart.size == (720, 320) and sheet.height >= 3 * 128
+    with pytest.raises(gr.Error, match="--tagger_dir"):  # an empty folder is named with the flag it stands for
+        fns["on_eval_run"](str(loras), "zq*", str(model), str(train), str(tmp_path / "jobs"), False, "", 2, 2, 5.0,
+                           0.8, 0.25)
+    demo.lorakit_generators.close()

@@ -133,6 +133,9 @@ def test_cli_writes_table_chart_sheet(tmp_path, capsys):
     assert "--train_data_dir" in capsys.readouterr().err
     assert main(argv + ["--loras", "nothing*"]) == 2
     assert "--loras" in capsys.readouterr().err
+    assert main(argv + ["--width", "30"]) == 2  # checked with the other values, before the model loads
+    captured = capsys.readouterr()
+    assert "--width 30" in captured.err and "samples per model" not in captured.out
 
 
 def test_training_hook_scores_saves_and_leaves_training_alone(tmp_path):

@@ -150,4 +150,12 @@ def test_scores_of_known_samples(tagger, tmp_path):
     # pixels: red vs green and white vs green each change 2 of 3 channels fully; 4 of 6 samples unchanged
     assert s["pixel_drift"] == pytest.approx((2 / 3 + 2 / 3) / 6)
     assert s["copy_rate"] == pytest.approx(1 / 4)
-    assert 0 < s["diversity"] <= 1
+    # hash arithmetic by Python's own bit count: nearest training image per trigger sample, and the distance between
+    # the two seeds of each trigger prompt, as shares of the hash's 63 bits
+    def bits(a, b) -> int:
+        return bin(int(a) ^ int(b)).count("1")
+
+    near = [min(bits(h, t) for t in concept.hashes) for h in hashes[:4]]
+    assert s["nearest_train_distance"] == pytest.approx(sum(near) / 4 / 63)
+    assert s["diversity"] == pytest.approx((bits(hashes[0], hashes[1]) + bits(hashes[2], hashes[3])) / 2 / 63)
+    assert 0 < s["diversity"] < 1

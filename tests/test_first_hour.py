@@ -49,6 +49,11 @@ def test_quickstart_is_two_commands_with_a_venv_and_ci_runs_the_same_test_comman
     assert ci[-1] == tests, "the last command of .ci/run must be the README's test command"
     script = (ROOT / "scripts" / "check_quickstart.sh")
     assert os.access(script, os.X_OK) and "## Quick start" in script.read_text(encoding="utf-8")
+    # the README names what the browser tests need and the variable that skips them, as the tests spell it
+    quick = (ROOT / "README.md").read_text(encoding="utf-8").split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    browser_tests = (ROOT / "tests" / "test_gui_browser.py").read_text(encoding="utf-8")
+    assert "apt install chromium" in quick and "playwright install chromium" in quick
+    assert "`LORAKIT_SKIP_BROWSER=1`" in quick and 'os.environ.get("LORAKIT_SKIP_BROWSER") == "1"' in browser_tests
 
 
 def test_browser_tests_install_or_skip_with_a_reason(monkeypatch):
@@ -182,6 +187,39 @@ def test_dataset_commands_refuse_an_empty_source_and_a_missing_tagger(tmp_path, 
     assert rc == 2 and "no_tagger" in err and "does not exist" in err, out + err
 
 
+def readme_dataset_commands() -> list[list[str]]:
+    """The `lorakit dataset ...` examples of the README's "What you can do" table, as argument lists."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("## What you can do", 1)[1].split("\n## ", 1)[0]
+    return [shlex.split(c)[1:] for c in re.findall(r"`(lorakit dataset [^`]+)`", table)]
+
+
+def test_the_readmes_dataset_examples_work_on_the_readmes_layout(tmp_path, monkeypatch):
+    """Each example as written (paths relative to a folder holding train/20_usu bear/, reg/, the tagger folder and
+    scores.json) finds the images: exit 0 and a count above zero, never "0 images"."""
+    from test_prep_tagger import write_model
+
+    monkeypatch.chdir(tmp_path)
+    make_images(tmp_path / "train" / "20_usu bear", 3, sizes=((96, 64),))
+    (tmp_path / "train" / "20_usu bear" / "002.txt").unlink()  # one image for the tagger to caption
+    make_images(tmp_path / "reg" / "1_bear", 1, seed=2)
+    write_model(tmp_path / "wd-v1-4-moat-tagger-v2")
+    (tmp_path / "scores.json").write_text('{"000.png": 70, "001.png": 2}', encoding="utf-8")
+    expect = {"check": r"train train/20_usu bear: 3 images x 20 repeats", "tag": r"3 images: 1 captions? written",
+              "tags": r"3 caption files, would change 3", "quality": r"2 captions with a score",
+              "resize": r"3 images: 0 resized, 3 copied unchanged", "dedupe": r"3 images: 0 duplicate groups"}
+    cmds = readme_dataset_commands()
+    assert sorted(c[1] for c in cmds) == sorted(expect), cmds
+    for argv in cmds:
+        fast = ["--workers", "1", "--no_progress"] if argv[1] in ("resize", "dedupe") else []
+        rc, out, err = cli(argv + fast + (["--no_progress"] if argv[1] == "tag" else []))
+        assert rc == 0 and re.search(expect[argv[1]], out), (argv, out, err)
+        assert not re.search(r"\b0 (images|caption files)\b", out), (argv, out)
+    assert (tmp_path / "train" / "20_usu bear" / "002.txt").read_text(encoding="utf-8").strip()
+    assert sorted(p.name for p in (tmp_path / "train_1024" / "20_usu bear").glob("*.png")) == \
+        ["000.png", "001.png", "002.png"]
+
+
 # ---- the demo's command line --------------------------------------------------------------------------------------
 def test_demo_command_line_reproduces_the_demo_bit_for_bit(tmp_path):
     from safetensors.torch import load_file
@@ -221,6 +259,39 @@ def test_log_lines_never_land_inside_the_progress_bar():
     assert "steps:" in after  # and drawn again
 
 
+def test_the_bar_says_what_it_waits_for_while_saving_and_sampling(tmp_path):
+    """The bar does not freeze silently: its description names the save or the previews until they are done."""
+    from lorakit.train.steplog import LogOptions, StepLogger
+
+    events = []
+    with contextlib.redirect_stderr(io.StringIO()):
+        sl = StepLogger(LogOptions(None, None), is_main=True, progress=True, on_event=events.append, adaptive=False)
+        sl.start(0, 10, 1)
+        seen = []
+        for ev, kw in (("saving", {"path": str(tmp_path / "zq-step00000005.safetensors")}),
+                       ("saved", {"path": str(tmp_path / "zq-step00000005.safetensors")}),
+                       ("sampling", {"step": 5, "prompts": 4}), ("sample", {"paths": [], "step": 5})):
+            sl.emit(ev, **kw)
+            seen.append(sl._bar.desc)
+        sl.close()
+    assert seen == ["saving zq-step00000005.safetensors", "steps", "sampling 4 previews", "steps"], seen
+    assert [e["event"] for e in events] == ["start", "saving", "saved", "sampling", "sample"]
+
+
+def test_the_bar_is_for_terminals_and_no_progress_turns_it_off():
+    from lorakit.utils.terminal import want_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert want_bar(False, Terminal()) and not want_bar(True, Terminal())
+    assert not want_bar(False, io.StringIO())  # a log file or pipe gets step lines, not glued redraws
+    with open(os.devnull, "w") as closed:
+        pass
+    assert not want_bar(False, closed)  # isatty() of a closed file raises: no bar, no traceback
+
+
 @pytest.fixture
 def tiny_model(tmp_path):
     from lorakit.models.saving import save_single_file
@@ -230,7 +301,7 @@ def tiny_model(tmp_path):
     return path
 
 
-def test_no_progress_step_lines_status_lines_and_summary(tmp_path, tiny_model):
+def test_step_lines_in_a_log_file_status_lines_and_summary(tmp_path, tiny_model):
     make_images(tmp_path / "train" / "2_zq shape", 2)
     (tmp_path / "prompts.txt").write_text("zq shape --w 64 --h 64 --s 1\n", encoding="utf-8")
     rc, out, err = cli(["train", "--pretrained_model_name_or_path", tiny_model, "--train_data_dir", tmp_path / "train",
@@ -238,8 +309,9 @@ def test_no_progress_step_lines_status_lines_and_summary(tmp_path, tiny_model):
                         "--network_dim", "2", "--max_train_steps", "4", "--save_every_n_steps", "2",
                         "--network_train_unet_only", "--cache_latents", "--sample_prompts", tmp_path / "prompts.txt",
                         "--sample_every_n_steps", "4", "--logging_dir", tmp_path / "logs", "--seed", "1",
-                        "--max_memory", "off", "--no_progress", "--log_every_n_steps", "2"])
+                        "--max_memory", "off", "--log_every_n_steps", "2"])  # a log file: no bar, step lines
     assert rc == 0, out + err
+    assert "it/s]" not in err and "\r" not in out + err, err
     steps = [ln for ln in out.splitlines() if ln.startswith("step ")]
     assert [ln.split()[1] for ln in steps] == ["1/4", "2/4", "4/4"], out
     assert all(re.search(r"loss [\d.]+ \(average [\d.]+\), lr 1\.00e-04, [\d.]+ it/s, ETA ", ln) for ln in steps)
@@ -251,6 +323,32 @@ def test_no_progress_step_lines_status_lines_and_summary(tmp_path, tiny_model):
         assert str(tmp_path / "out" / f) in summary
     assert "final LoRA" in summary and "samples" in summary
     assert f"TensorBoard: tensorboard --logdir {tmp_path / 'logs'}" in summary
+
+
+# ---- late errors: the dataset is checked before the model loads --------------------------------------------------
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"--train_data_dir .*nodata does not exist"),
+    ("no repeats", r"no usable `N_class` subfolder.*bear is skipped: its name has no leading repeat count"),
+    ("empty", r"(?s)no usable training images.*empty/3_bear has no images"),
+    ("missing toml", r"--dataset_config .*nothere.toml does not exist"),
+])
+def test_dataset_mistakes_are_reported_before_the_model_loads(tmp_path, tiny_model, monkeypatch, case, pattern):
+    """Issue 21 item 7 (the optimizer, scheduler and network-args cases: tests/test_train_robust.py)."""
+    from lorakit.errors import UserError
+    from lorakit.models import loading
+    from lorakit.options import resolve
+    from lorakit.train.trainer import train
+
+    make_images(tmp_path / "train" / "bear", 1)  # no `N_` prefix
+    (tmp_path / "empty" / "3_bear").mkdir(parents=True)
+    data = {"missing": ["--train_data_dir", tmp_path / "nodata"], "empty": ["--train_data_dir", tmp_path / "empty"],
+            "no repeats": ["--train_data_dir", tmp_path / "train"],
+            "missing toml": ["--dataset_config", tmp_path / "nothere.toml"]}[case]
+    monkeypatch.setattr(loading, "load_bundle", lambda *a, **k: pytest.fail("the model was loaded first"))
+    opts = resolve([str(a) for a in ["--pretrained_model_name_or_path", tiny_model, "--output_dir", tmp_path / "out",
+                                     "--resolution", "64", "--max_train_steps", "1", *data]])
+    with pytest.raises(UserError, match=pattern):
+        train(opts, progress=False, log=lambda *a: None, predict_memory=False)
 
 
 # ---- grids ----------------------------------------------------------------------------------------------------------
@@ -275,6 +373,27 @@ def test_grid_labels_stay_inside_their_columns_at_any_cell_size(cell):
     assert all(px[x, top + cell] > 200 for x in range(left - 1)), cell
 
 
+def test_a_runs_saves_are_labelled_by_epoch_and_step_one_line_each_in_64_pixel_cells():
+    """`usu_bear-step00000500` in a 64-pixel column used to break into "usu_bear-", "step000000", "03"; a run's saves
+    read "epoch 5", "step 500", "final" under the run's name."""
+    from PIL import ImageDraw
+
+    from lorakit.generate.grid import _font, _wrap, draw_grid, run_save_labels
+
+    labels = run_save_labels(["usu_bear-000005", "usu_bear-step00000500", "usu_bear"])
+    assert labels == ["usu_bear: epoch 5", "usu_bear: step 500", "usu_bear: final"]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert all(len(_wrap(probe, t.split(": ")[1], _font(), 64 - 8)) == 1 for t in labels)
+    rows = [[Image.new("RGB", (64, 64), "gray")] * 3]
+    img, (left, top) = draw_grid(rows, labels, [""])
+    px = img.convert("L").load()
+    lines = [y for y in range(top) if any(px[x, y] < 128 for x in range(left, img.size[0]))]
+    assert lines and lines[-1] - lines[0] < 30  # the title and one line of labels, not a tower of digit rows
+    # files of different runs, or names that are not a run's saves, keep "LoRA file: name"
+    assert run_save_labels(["usu_bear-000005", "other"]) is None
+    assert run_save_labels(["usu_bear-000005", "usu_bear-step00000005", "usu_bear-000005"]) is None
+
+
 def test_lora_file_axis_lists_saves_in_training_order_with_the_final_file_last(tmp_path):
     """The README's `usu_bear*` glob: epoch and step saves by step, the final LoRA (no suffix) last."""
     from lorakit.adapters.file import save_lora
@@ -288,11 +407,41 @@ def test_lora_file_axis_lists_saves_in_training_order_with_the_final_file_last(t
     axis = make_axis("LoRA file", "usu_bear*", LoraLibrary(tmp_path))
     assert axis.values == ["usu_bear-000001", "usu_bear-step00000012", "usu_bear-000002", "usu_bear-000003",
                            "usu_bear"]
+    assert axis.labels == ["usu_bear: epoch 1", "usu_bear: step 12", "usu_bear: epoch 2", "usu_bear: epoch 3",
+                           "usu_bear: final"]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert '--x_values "usu_bear*"' in readme and '"usu_bear-*"' not in readme
     # explicit values keep the order they were given in
     assert make_axis("LoRA file", "usu_bear,usu_bear-000001", LoraLibrary(tmp_path)).values == \
         ["usu_bear", "usu_bear-000001"]
+
+
+def test_grid_with_a_hub_id_names_the_model_flag(tmp_path):
+    """The hub-id message of `lorakit grid --model owner/name` names --model (it once called it an axis value)."""
+    rc, out, err = cli(["grid", "--model", "runwayml/stable-diffusion-v1-5", "--prompt", "x", "--x_type", "Seed",
+                        "--x_values", "1,2", "--outdir", tmp_path / "grids"])
+    assert rc == 2 and "--model runwayml/stable-diffusion-v1-5 is not a file" in err and "never downloads" in err, err
+    assert "axis" not in err, err
+
+
+def test_generation_progress_in_a_log_file_is_lines_not_one_glued_line():
+    """`cells 3/12` is redrawn with a carriage return only in a terminal; in a log file each count is a line."""
+    from lorakit.cli.generate_cmd import _progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, tty in ((io.StringIO(), False), (Terminal(), True)):
+        with contextlib.redirect_stderr(stream):
+            show = _progress_bar("cells ")
+            for i in range(1, 21):
+                show(i, 20)
+        text = stream.getvalue()
+        if tty:
+            assert text.count("\r") == 20 and text.endswith("cells 20/20\n"), repr(text)
+        else:
+            assert "\r" not in text and text.splitlines() == [f"cells {i}/20" for i in range(2, 21, 2)], repr(text)
 
 
 # ---- the smaller items ----------------------------------------------------------------------------------------------

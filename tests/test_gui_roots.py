@@ -144,11 +144,18 @@ def test_start_refuses_and_queues_nothing(app):
     ("train_data_dir", "train_linked_sub/.."), ("train_data_dir", "/etc"), ("pretrained_model_name_or_path",
                                                                            "../outside/secret_lora.safetensors"),
     ("train_data_dir", "train2"),  # inside, but one of its folders is a link out
+    ("eval_tagger", "../outside/data"), ("eval_tagger", "/etc"),  # a path-or-keyword option's path form
 ])
 def test_paths_outside_the_root_are_refused(app, field, value):
     msg = check_form(app, **{field: value})
     assert f"**{field}**" in msg and ("outside the folders" in msg or "outside" in msg), msg
     nothing_outside(app)
+
+
+@pytest.mark.parametrize("prefix", ["../../x", "/tmp/abs", "sub/x"])
+def test_log_prefix_cannot_name_a_folder_outside_logging_dir(app, prefix):
+    msg = check_form(app, logging_dir="logs", log_prefix=prefix)
+    assert "**log_prefix**" in msg and "plain file name" in msg
 
 
 def test_url_encoded_names_stay_literal_inside_the_root(app):

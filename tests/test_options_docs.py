@@ -108,7 +108,7 @@ def test_every_network_arg_has_a_working_example():
     for a in NETWORK_ARGS:
         items = dict(x.split("=", 1) for x in (*a.needs, a.example))
         assert a.example.startswith(a.key + "=")
-        cfg = parse_network_args(get_family("sd1"), a.module, 8, 4, items)
+        cfg = parse_network_args(get_family(a.family), a.module, 8, 4, items)
         assert cfg.args[a.key] == items[a.key]
 
 

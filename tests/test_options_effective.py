@@ -154,6 +154,29 @@ def _model_file(tmp: Path) -> Path:
     return path
 
 
+def _flux_files(folder: Path) -> dict[str, Path]:
+    """A tiny FLUX.1-dev the way BFL ships it: the transformer alone (bare keys), clip_l, t5xxl and ae beside it."""
+    from safetensors.torch import save_file
+
+    from lorakit.models.saving import checkpoint_metadata, ldm_state_dict
+
+    folder.mkdir(parents=True)
+    bundle = tiny("flux-dev")
+    sd = ldm_state_dict(bundle)
+    widths = {"lorakit.configs": checkpoint_metadata(bundle, "tiny")["lorakit.configs"]}
+    parts = {"model": ("model.diffusion_model.", widths), "clip_l": ("text_encoders.clip_l.transformer.", None),
+             "t5xxl": ("text_encoders.t5xxl.transformer.", None), "ae": ("vae.", None)}
+    from transformers import ByT5Tokenizer
+
+    out = {"tokenizers": folder / "tokenizers"}  # sd-scripts' --tokenizer_cache_dir layout
+    ByT5Tokenizer().save_pretrained(out["tokenizers"] / "google_t5-v1_1-xxl")
+    for name, (prefix, metadata) in parts.items():
+        out[name] = folder / f"{name}.safetensors"
+        save_file({k[len(prefix):]: v.contiguous() for k, v in sd.items() if k.startswith(prefix)}, str(out[name]),
+                  metadata=metadata)
+    return out
+
+
 def _runs(reads, tmp: Path):
     model = _model_file(tmp)
     data = dataset(tmp / "d", n_train=4, n_reg=2, sizes=((64, 64), (128, 64)))
@@ -234,6 +257,16 @@ def _runs(reads, tmp: Path):
     _train(reads, tmp, common + ["--in_json", str(meta), "--train_data_dir", str(tmp / "d" / "train" / "1_zq shape"),
                                  "--dataset_repeats", "2", "--output_dir", str(tmp / "o3"), "--max_memory", "100GB",
                                  "--max_train_steps", "1"])  # --estimate_memory is read (False) in every run
+    # 4: FLUX.1 from a transformer-only file, its text encoders and AE as files of their own
+    flux = _flux_files(tmp / "flux")
+    _train(reads, tmp, ["--pretrained_model_name_or_path", str(flux["model"]), "--clip_l", str(flux["clip_l"]),
+                        "--t5xxl", str(flux["t5xxl"]), "--ae", str(flux["ae"]), "--train_data_dir",
+                        data["train_data_dir"], "--output_dir", str(tmp / "o6"), "--resolution", "64",
+                        "--network_dim", "2", "--seed", "1", "--max_train_steps", "1", "--max_data_loader_n_workers",
+                        "0", "--t5xxl_max_token_length", "8", "--apply_t5_attn_mask", "--timestep_sampling",
+                        "shift", "--sigmoid_scale", "1.5", "--discrete_flow_shift", "3.1582",
+                        "--model_prediction_type", "raw", "--guidance_scale", "1.0", "--tokenizer_cache_dir",
+                        str(flux["tokenizers"])], predict_memory=False)
     for flag in ("--weighted_captions", "--full_fp16"):
         with pytest.raises(UserError):
             _train(reads, tmp, common + ["--train_data_dir", data["train_data_dir"], "--output_dir",

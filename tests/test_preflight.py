@@ -89,6 +89,13 @@ def test_output_name_must_be_a_plain_name(env, name):
         P.preflight(opts_for(tmp, model, "--output_name", name))
 
 
+@pytest.mark.parametrize("prefix", ["../../x", "/tmp/abs", "sub/x", ".."])
+def test_log_prefix_must_be_a_plain_name(env, prefix):
+    tmp, model = env
+    with pytest.raises(UserError, match="--log_prefix"):
+        P.preflight(opts_for(tmp, model, "--logging_dir", str(tmp / "logs"), "--log_prefix", prefix))
+
+
 def test_inputs_must_exist(env):
     tmp, model = env
     for extra, flag in [(("--pretrained_model_name_or_path", str(tmp / "nope.safetensors")),

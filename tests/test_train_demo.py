@@ -26,3 +26,6 @@ def test_demo_runs_draws_grid_and_prints_metrics(tmp_path, capsys):
         shown = f"{report[key]:.3f}" if key == "bleed_pixel_change" else f"{report[key]:.2f}"
         assert 0.0 <= report[key] <= 1.0 and shown in out
     assert "fidelity" in out and "before/after grid" in out
+    # the minutes after training say what they are spent on (issue 21: no silent waits)
+    assert out.index("drawing the before/after grid ...") < out.index("before/after grid: ") < \
+        out.index("measuring quality: ") < out.index("fidelity")

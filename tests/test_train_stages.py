@@ -112,3 +112,19 @@ def test_family_rules_are_named_attributes():
     assert (sd2.train_clip_layer(1), sd2.train_clip_layer(2), sd2.prompt_clip_layer(1)) == (2, 3, 2)
     assert (xl.train_clip_layer(1), xl.prompt_clip_layer(3), sd1.prompt_clip_layer(2)) == (2, 2, 2)
     assert family_from_flags(v2=True, v_parameterization=True) is sd2v and family_from_flags(default="sd1") is sd1
+
+
+def test_cache_progress_lines_report_count_rate_and_time_left_and_stay_quiet_when_quick():
+    from lorakit.train.stages import ProgressLines
+
+    lines: list[str] = []
+    every_call = ProgressLines(lines.append, "latents", every=0.0)
+    every_call(2, 8)
+    every_call(8, 8)
+    assert lines[0].startswith("  latents: 2/8 done (") and "s each, about" in lines[0] and "s left)" in lines[0]
+    assert lines[1].startswith("  latents: 8/8 done (") and "left" not in lines[1]
+    quiet: list[str] = []
+    quick = ProgressLines(quiet.append, "captions", every=60.0)
+    quick(1, 2)
+    quick(2, 2)
+    assert quiet == []  # a cache filled in under a minute: the caller's own summary line is enough

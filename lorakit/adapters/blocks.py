@@ -86,11 +86,31 @@ class BlockScheme:
         return [i for i in range(self.count) if self.name_of(i) == name]
 
 
+_RE_FLUX = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_")
+
+
+@dataclass(frozen=True)
+class FluxScheme(BlockScheme):
+    """FLUX.1: D00..D18 (double-stream blocks), then S00..S37 (single-stream); no down/mid/up sides."""
+
+    double: int = 19
+
+    def index(self, lora_name: str) -> int:
+        m = _RE_FLUX.match(lora_name)
+        if not m:
+            return -1
+        return int(m.group(2)) + (0 if m.group(1) == "double" else self.double)
+
+    def name_of(self, index: int) -> str:
+        return f"D{index:02d}" if index < self.double else f"S{index - self.double:02d}"
+
+
 SD_SCHEME = BlockScheme(count=25, side=12, mid=1, sai_names=False)
 SDXL_SCHEME = BlockScheme(count=23, side=9, mid=3, sai_names=True)
+FLUX_SCHEME = FluxScheme(count=57, side=0, mid=0, sai_names=False)
 
 
-SCHEMES = {"diffusers-25": SD_SCHEME, "sai-23": SDXL_SCHEME}  # by Family.block_scheme
+SCHEMES = {"diffusers-25": SD_SCHEME, "sai-23": SDXL_SCHEME, "flux-57": FLUX_SCHEME}  # by Family.block_scheme
 
 
 def scheme_for(family) -> BlockScheme:
@@ -121,10 +141,12 @@ _SAI_IN = re.compile(r"input_blocks_(\d+)(?:_|$)")
 _SAI_OUT = re.compile(r"output_blocks_(\d+)(?:_|$)")
 _DOWN = re.compile(r"down_blocks_(\d+)_(resnets|attentions|downsamplers)_(\d+)(?:_|$)")
 _UP = re.compile(r"up_blocks_(\d+)_(resnets|attentions|upsamplers)_(\d+)(?:_|$)")
+_DIT = re.compile(r"(double|single)_blocks_(\d+)(?:_|$)")  # FLUX.1
 
 
 def block_of_lora_name(name: str) -> str | None:
-    """Block of a LoRA module name or key: "BASE", "IN00".."IN11", "M00", "OUT00".."OUT11".
+    """Block of a LoRA module name or key: "BASE", "IN00".."IN11", "M00", "OUT00".."OUT11" (FLUX: "D00".."D18",
+    "S00".."S37").
 
     Works on kohya names (``lora_unet_down_blocks_1_attentions_0_...`` = input_blocks_4_1 = IN04, SDXL
     ``lora_unet_input_blocks_4_1_...``), full keys with ``.lora_down.weight`` and dotted diffusers/PEFT names.
@@ -159,6 +181,9 @@ def block_of_lora_name(name: str) -> str | None:
         return f"OUT{3 * i + 2:02d}" if kind == "upsamplers" else f"OUT{3 * i + j:02d}"
     if n.startswith("conv_in"):
         return "IN00"
+    m = _DIT.match(n)
+    if m:  # FLUX: D00..D18, S00..S37
+        return f"{m.group(1)[0].upper()}{int(m.group(2)):02d}"
     return None
 
 
@@ -249,6 +274,9 @@ def block_lr_weights(scheme: BlockScheme, down: str | None, mid: str | None, up:
     Short lists are filled with 1, long ones cut (sd-scripts); factors <= zero_threshold become 0."""
     if down is None and mid is None and up is None:
         return None
+    if not scheme.side:
+        raise UserError("network_args down_lr_weight / mid_lr_weight / up_lr_weight: this model has no down/mid/up "
+                        "UNet sides (FLUX's blocks are D00-D18 and S00-S37); use block_dims or blocks instead.")
 
     def side(field, spec):
         if spec is None:

@@ -27,9 +27,10 @@ from lorakit.models.detect import lora_metadata_families
 from lorakit.models.dtypes import DTYPES
 from lorakit.models.families import FAMILIES, families_of_width
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")  # te3: sd-scripts' FLUX T5
 SDXL_UNET_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
                       "lora_unet_time_embed_", "lora_unet_label_emb_", "lora_unet_out_")
+FLUX_UNET_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
 PRECISIONS = DTYPES
 
 
@@ -194,6 +195,10 @@ def to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | 
         raise UserError(f"{source}: {exc}") from None
     if style == "kohya":
         return dict(tensors)
+    from lorakit.adapters.flux_lora import diffusers_flux_to_bfl, is_diffusers_flux_lora
+
+    if is_diffusers_flux_lora(tensors):  # diffusers' / ai-toolkit's FLUX names: onto BFL's fused layers first
+        tensors = diffusers_flux_to_bfl(tensors, _peft_alphas(metadata or {}).get("unet"))
     return peft_to_kohya(tensors, metadata or {}, family)
 
 
@@ -214,8 +219,12 @@ def detect_family(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | 
     keys = list(sd)
     cands = set(FAMILIES)
     reasons = []
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any(k.startswith(SDXL_UNET_PREFIXES) for k in keys):
-        cands = {n for n, f in FAMILIES.items() if len(f.text_encoders) > 1 or not f.lora_unet_diffusers_names}
+    if any(k.startswith(FLUX_UNET_PREFIXES) for k in keys) or any(k.startswith("lora_te3_") for k in keys):
+        cands = {n for n, f in FAMILIES.items() if f.denoiser == "flux"}
+        reasons.append("keys use FLUX names (double_blocks/single_blocks, lora_te3_ T5)")
+    elif any(k.startswith(("lora_te1_", "lora_te2_") + SDXL_UNET_PREFIXES) for k in keys):
+        cands = {n for n, f in FAMILIES.items()
+                 if f.denoiser == "unet" and (len(f.text_encoders) > 1 or not f.lora_unet_diffusers_names)}
         reasons.append("keys use lora_te1_/lora_te2_ or SAI UNet names (SDXL)")
     elif any(k.startswith("lora_te_") for k in keys):
         cands = {n for n, f in FAMILIES.items() if f.lora_te_prefixes == ("lora_te",)}
@@ -341,7 +350,9 @@ def build_metadata(family, output_name: str, title: str | None = None, resolutio
         "modelspec.title": title or output_name,
         "modelspec.resolution": res,
         "modelspec.date": datetime.datetime.fromtimestamp(int(ts)).isoformat(),
-        "modelspec.prediction_type": "v" if family.prediction_type.startswith("v") else "epsilon",
+        # FLUX LoRAs state no prediction type (sd-scripts writes none for flow models)
+        **({"modelspec.prediction_type": family.modelspec_prediction_type} if family.modelspec_prediction_type
+           else {}),
         "modelspec.implementation_version": _impl_version(),
     }
     if sd_model_name:

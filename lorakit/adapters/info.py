@@ -13,7 +13,8 @@ from lorakit.adapters.file import best_family, detect_family, read_lora_file, to
 from lorakit.adapters.network import group_by_module
 from lorakit.models.families import FAMILIES
 
-BLOCK_ORDER = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)] + ["OTHER"]
+BLOCK_ORDER = (["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+               + [f"D{i:02d}" for i in range(19)] + [f"S{i:02d}" for i in range(38)] + ["OTHER"])  # D/S: FLUX
 
 
 def _algo_of(w: dict) -> str:

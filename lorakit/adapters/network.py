@@ -25,7 +25,8 @@ from lorakit.adapters.loha import LoHaModule
 from lorakit.adapters.lokr import LoKrModule
 from lorakit.adapters.lora import DyLoRAModule, LoRAModule
 from lorakit.adapters.others import FullModule, IA3Module, NormModule, OFTModule
-from lorakit.adapters.targets import (PRESETS, Target, check_preset, module_map, te_targets, unet_targets)
+from lorakit.adapters.targets import (PRESETS, Target, check_preset, family_classes, module_map, te_targets,
+                                      unet_targets)
 from lorakit.errors import UserError
 
 TRAINABLE_ALGOS = {"lora": LoRAModule, "locon": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule,
@@ -53,6 +54,8 @@ KNOWN_ARGS = {
     "disable_conv_cp": "LyCORIS legacy (false = use_tucker)", "factor": "LoKr factor",
     "decompose_both": "LoKr: low-rank W1 too", "full_matrix": "LoKr: full W2",
     "blocks": "readable block selection, e.g. IN04-IN07,OUT03-OUT06,TE",
+    "train_t5xxl": "FLUX: LoRA on the T5-XXL encoder too (lora_te3_; CLIP-L's lora_te1_ train by default)",
+    "train_blocks": "FLUX: all (default), double or single: which transformer blocks get LoRA",
     "train_norm": "not supported for training", "rs_lora": "not supported", "use_scalar": "ignored",
     "bypass_mode": "ignored (always unmerged while training)", "rank_dropout_scale": "ignored",
 }
@@ -92,6 +95,8 @@ class NetworkConfig:
     select_te: bool = True
     loraplus_unet: float | None = None
     loraplus_te: float | None = None
+    train_t5xxl: bool = False  # FLUX: T5 gets LoRA modules too
+    train_blocks: str = "all"  # FLUX: "all", "double" or "single" blocks
     args: dict = field(default_factory=dict)
 
 
@@ -208,10 +213,27 @@ def parse_network_args(family, network_module: str, network_dim: int | None, net
     cfg.block_lr_weight = lr_w
     if args.get("blocks"):
         cfg.selected_blocks, cfg.select_te = parse_block_selector(str(args["blocks"]), scheme)
+    _dit_args(cfg, args, family)
     ratio = num("loraplus_lr_ratio")
     cfg.loraplus_unet = num("loraplus_unet_lr_ratio") or ratio
     cfg.loraplus_te = num("loraplus_text_encoder_lr_ratio") or ratio
     return cfg
+
+
+_TRAIN_BLOCKS = {"all": ("DoubleStreamBlock", "SingleStreamBlock"), "double": ("DoubleStreamBlock",),
+                 "single": ("SingleStreamBlock",)}
+
+
+def _dit_args(cfg: NetworkConfig, args: dict, family) -> None:
+    """sd-scripts' FLUX network args (train_t5xxl, train_blocks); refused for families without those parts."""
+    flux_args = [k for k in ("train_t5xxl", "train_blocks") if k in args]
+    if flux_args and family.lora_block_classes != _TRAIN_BLOCKS["all"]:
+        raise UserError(f"network_args {', '.join(flux_args)}: only FLUX.1 models have T5 / double and single blocks; "
+                        f"this model is {family.title}.")
+    cfg.train_t5xxl = _bool(args.get("train_t5xxl", False))
+    cfg.train_blocks = str(args.get("train_blocks", "all")).strip().lower()
+    if cfg.train_blocks not in _TRAIN_BLOCKS:
+        raise UserError(f"network_args train_blocks={args['train_blocks']!r}: use all, double or single.")
 
 
 class Network(nn.Module):
@@ -351,8 +373,8 @@ class Network(nn.Module):
         te_lrs = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else None
 
         def te_lr_for(name: str) -> float:
-            if te_lrs is not None:
-                idx = 1 if name.startswith("lora_te2_") else 0
+            if te_lrs is not None:  # one rate per encoder, in the family's order (FLUX: CLIP-L, T5)
+                idx = next((i for i, p in enumerate(self.family.lora_te_prefixes) if name.startswith(p + "_")), 0)
                 v = te_lrs[min(idx, len(te_lrs) - 1)]
                 return default_lr if v is None else float(v)
             return default_lr if text_encoder_lr is None else float(text_encoder_lr)
@@ -448,9 +470,11 @@ def create_network(bundle, network_module: str = "networks.lora", network_dim: i
     scheme = scheme_for(family)
     cls = TRAINABLE_ALGOS[cfg.algo]
     conv_on = preset.enable_conv and (cfg.conv_dim is not None or cfg.conv_block_dims is not None)
-    classes = preset.unet_classes
+    classes = family_classes(family, preset.unet_classes)
     if cfg.preset == "kohya" and conv_on:
         classes = classes + ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+    if cfg.train_blocks != "all":
+        classes = tuple(c for c in classes if c in _TRAIN_BLOCKS[cfg.train_blocks])
     adapters: list[base.AdapterModule] = []
 
     def make(t: Target, dim: int, alpha: float):
@@ -465,7 +489,7 @@ def create_network(bundle, network_module: str = "networks.lora", network_dim: i
         return a
 
     if train_text_encoder and cfg.select_te and preset.te_modules:
-        for t in te_targets(bundle.text_encoders, family, preset.te_modules):
+        for t in te_targets(bundle.text_encoders, family, preset.te_modules, optional=cfg.train_t5xxl):
             adapters.append(make(t, cfg.dim, cfg.alpha))
     if train_unet:
         for t in unet_targets(bundle.unet, family, classes, conv=conv_on, extra_names=preset.unet_names):

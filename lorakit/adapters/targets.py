@@ -19,6 +19,10 @@ TE_MODULES = {"self_attn.q_proj": "self_attn_q_proj", "self_attn.k_proj": "self_
               "self_attn.v_proj": "self_attn_v_proj", "self_attn.out_proj": "self_attn_out_proj",
               "mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2"}
 TE_ATTN_ONLY = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+# T5 (FLUX's second encoder): sd-scripts' targets T5Attention and T5DenseGatedActDense, per encoder block
+T5_MODULES = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",
+              "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1",
+              "layer.1.DenseReluDense.wo")
 
 UNET_TRANSFORMER = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -66,6 +70,20 @@ def te_lora_name(prefix: str, layer: int, module_path: str) -> str:
     return f"{prefix}_text_model_encoder_layers_{layer}_{TE_MODULES[module_path]}"
 
 
+def t5_lora_name(prefix: str, block: int, module_path: str) -> str:
+    """kohya's name of a T5 layer: its T5EncoderModel module path (lora_te3_encoder_block_0_layer_0_SelfAttention_q)."""
+    return f"{prefix}_encoder_block_{block}_{module_path.replace('.', '_')}"
+
+
+def family_classes(family, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """A preset's UNet containers for this family: the transformer container becomes the family's own
+    (FLUX: DoubleStreamBlock, SingleStreamBlock, as sd-scripts' networks.lora_flux targets)."""
+    out: list[str] = []
+    for c in classes:
+        out.extend(family.lora_block_classes if c in UNET_TRANSFORMER else (c,))
+    return tuple(out)
+
+
 def _clip_layers(te):
     from lorakit.models.bundle import clip_layers
 
@@ -102,12 +120,19 @@ def unet_targets(unet: nn.Module, family, classes: tuple[str, ...], conv: bool =
 
 
 def te_targets(text_encoders: list, family, modules: tuple[str, ...] = tuple(TE_MODULES),
-               all_layers: bool = False) -> list[Target]:
+               all_layers: bool = False, optional: bool = False) -> list[Target]:
+    """Text-encoder layers: CLIP's `modules` of the first te_lora_layer_count layers (every layer with all_layers),
+    and T5's attention and FF layers; encoders trained only on request (FLUX's T5) need `optional` or all_layers."""
     out = []
     counts = family.te_lora_layer_count
-    for idx, (prefix, te) in enumerate(zip(family.lora_te_prefixes, text_encoders)):
-        if te is None:
+    for idx, (spec, te) in enumerate(zip(family.text_encoders, text_encoders)):
+        if te is None or not (spec.lora_by_default or optional or all_layers):
             continue
+        if spec.kind == "t5":
+            if modules:
+                out.extend(_t5_targets(te, spec.lora_prefix, idx))
+            continue
+        prefix = spec.lora_prefix
         layers = _clip_layers(te)
         n = len(layers) if all_layers else min(counts[idx], len(layers))
         for i in range(n):
@@ -115,6 +140,11 @@ def te_targets(text_encoders: list, family, modules: tuple[str, ...] = tuple(TE_
                 child = layers[i].get_submodule(path)
                 out.append(Target(te_lora_name(prefix, i, path), child, "linear", idx))
     return out
+
+
+def _t5_targets(te, prefix: str, index: int) -> list[Target]:
+    return [Target(t5_lora_name(prefix, i, path), block.get_submodule(path), "linear", index)
+            for i, block in enumerate(te.encoder.block) for path in T5_MODULES]
 
 
 def module_map(bundle) -> dict[str, Target]:
@@ -139,6 +169,9 @@ def module_map(bundle) -> dict[str, Target]:
         out.setdefault(alias, Target(ln or alias, module, kind, None))
     for t in te_targets(bundle.text_encoders, family, all_layers=True):
         out[t.lora_name] = t
+        spec = family.text_encoders[t.te_index]
+        for alias in spec.lora_aliases:  # OneTrainer's FLUX T5 prefix, read as sd-scripts' (ComfyUI does the same)
+            out.setdefault(alias + t.lora_name[len(spec.lora_prefix):], t)
     return out
 
 

@@ -13,6 +13,13 @@ import argparse
 import sys
 
 
+def _bar(args) -> bool:
+    """A progress bar in a terminal only: in a log file tqdm's redraws would run together into one line."""
+    from lorakit.utils.terminal import want_bar
+
+    return want_bar(args.no_progress)
+
+
 def register(subparsers) -> None:
     _register_tag(subparsers)
     _register_tags(subparsers)
@@ -108,7 +115,7 @@ def run_tag(args) -> int:
         args.dir, args.model_dir, opts,
         caption_extension=args.caption_extension, recursive=args.recursive, batch_size=args.batch_size,
         workers=args.workers, overwrite=args.overwrite, append=args.append_tags,
-        providers=[s.strip() for s in args.providers.split(",") if s.strip()], progress=not args.no_progress,
+        providers=[s.strip() for s in args.providers.split(",") if s.strip()], progress=_bar(args),
     )
     if args.frequency_tags and rep.frequency:
         print("Tag frequencies:")
@@ -269,7 +276,7 @@ def run_resize(args) -> int:
 
     rep = resize_folder(
         args.dir, args.max_resolution, out=args.out, step=args.bucket_reso_steps, workers=args.workers,
-        recursive=args.recursive, jpeg_quality=args.jpeg_quality, progress=not args.no_progress,
+        recursive=args.recursive, jpeg_quality=args.jpeg_quality, progress=_bar(args),
     )
     for err in rep.failed:
         print(f"lorakit: warning: {err}", file=sys.stderr)
@@ -305,7 +312,7 @@ def run_dedupe(args) -> int:
     from lorakit.tools.image_prep import dedupe_folder
 
     rep = dedupe_folder(args.dir, threshold=args.threshold, move_to=args.move_to, recursive=args.recursive,
-                        workers=args.workers, progress=not args.no_progress)
+                        workers=args.workers, progress=_bar(args))
     from lorakit.tools.tag_edit import dataset_root
 
     root = dataset_root(args.dir)

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--reg", action="store_true", help="also use 75 class regularization images (reg/1_bear)")
     p.add_argument("--eval_seeds", type=int, default=8, help="samples per metric prompt (default 8)")
     p.add_argument("--no_eval", action="store_true", help="skip the grid and the metrics")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bar, a step line now and then (the default when the output is not a terminal)")
     p.set_defaults(func=run)
 
 
@@ -81,7 +82,9 @@ def run(args) -> int:
     # then trains the same LoRA bit for bit.
     argv += ["--num_threads", "1"]
     opts = O.resolve(argv)
-    result = train(opts, progress=not args.no_progress)
+    from lorakit.utils.terminal import want_bar
+
+    result = train(opts, progress=want_bar(args.no_progress))
     if result.interrupted:
         print(f"interrupted at step {result.global_step}: LoRA {result.final_lora}")
         if result.states:
@@ -107,16 +110,18 @@ def run(args) -> int:
 
     bundle = load_bundle(base, family="sd1", dtype="fp32")
     lora = Path(result.final_lora)
+    print("\ndrawing the before/after grid ...", flush=True)  # a minute or two of silence otherwise
     grid = before_after_grid(bundle, lora.parent, lora.stem, out / "before_after.png")
     print(f"before/after grid: {grid}  (rows: prompts; left: base model, right: with the LoRA; same seeds)")
     print("one cell as a command line:")
     print(f"  lorakit generate --model {shlex.quote(str(base))} --lora_dir {shlex.quote(str(lora.parent))} "
           f"--prompt {shlex.quote(f'usu bear, forest <lora:{lora.stem}:1>')} --sampler DDIM --steps 20 "
           f"--cfg_scale 5 --width 64 --height 64 --seed {GRID_SEEDS[0]}")
+    print(f"\nmeasuring quality: samples of the metric prompts ({args.eval_seeds} seeds each) with and without the "
+          "LoRA, read by the toy-world classifier ...", flush=True)
     evaluator = QualityEvaluator(settings=QualitySettings(seeds=args.eval_seeds), bundle=bundle)
     report = evaluator.evaluate(lora)
     write_report_json(report, out / "quality.json")
-    print()
     print(f"quality ({report.n_images} samples read by the toy-world classifier; {out / 'quality.json'}):")
     print(f"  fidelity       {report.fidelity:.2f}  (base model {report.base_fidelity:.2f}): 'usu bear' prompts "
           "drawn as the new character")

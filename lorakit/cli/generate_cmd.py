@@ -13,6 +13,11 @@ def _common(p, grid: bool = False) -> None:
     p.add_argument("--v2", action="store_true", help="SD2.x model (normally detected)")
     p.add_argument("--v_parameterization", action="store_true", help="SD2.x 768-v model (v-prediction)")
     p.add_argument("--sdxl", action="store_true", help="SDXL model (normally detected)")
+    p.add_argument("--clip_l", help="FLUX.1: the CLIP-L text encoder file, for a transformer-only --model")
+    p.add_argument("--t5xxl", help="FLUX.1: the T5-XXL text encoder file")
+    p.add_argument("--ae", help="FLUX.1: the autoencoder file (ae.safetensors)")
+    p.add_argument("--tokenizer_cache_dir", help="FLUX.1: folder with T5's tokenizer (DIR/google_t5-v1_1-xxl, as "
+                                                 "sd-scripts keeps it) for single-file models")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="model precision (default fp16 on GPU, fp32 on CPU)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: cuda when available)")
     p.add_argument("--no_hash", action="store_true", help="do not hash the checkpoint for the 'Model hash' field")
@@ -26,8 +31,11 @@ def _common(p, grid: bool = False) -> None:
     p.add_argument("--width", type=int, help="default: the model's native size")
     p.add_argument("--height", type=int, help="default: the model's native size")
     p.add_argument("--seed", type=int, default=-1, help="-1: random")
-    p.add_argument("--cfg_scale", type=float, default=7.0)
-    p.add_argument("--sampler", default="Euler a", help="A1111 name: Euler a, Euler, DPM++ 2M Karras, DDIM, UniPC, ...")
+    p.add_argument("--cfg_scale", type=float, help="classifier-free guidance scale (default 7; FLUX.1: 1)")
+    p.add_argument("--distilled_cfg_scale", type=float, default=3.5,
+                   help="FLUX.1-dev: the distilled guidance value (Forge's Distilled CFG Scale; default 3.5)")
+    p.add_argument("--sampler", help="A1111 name: Euler a (default), Euler, DPM++ 2M Karras, DDIM, UniPC, ... "
+                                     "(FLUX.1: Euler, the default there)")
     p.add_argument("--schedule_type", help="A1111 schedule type: Karras, Exponential, ... (optional)")
     p.add_argument("--clip_skip", type=int, help="A1111 clip skip (1 = last layer; default: the model family's)")
     p.add_argument("--emphasis", default="Original", help="Original, No norm, Ignore or None")
@@ -92,7 +100,15 @@ class _Models:
         dev, dtype = self.device_dtype()
         print(f"loading {path} ...", file=sys.stderr)
         bundle = load_bundle(path, vae=a.vae, dtype=dtype, v2=a.v2, v_parameterization=a.v_parameterization,
-                             sdxl=a.sdxl)
+                             sdxl=a.sdxl, clip_l=a.clip_l, t5xxl=a.t5xxl, ae=a.ae)
+        if a.tokenizer_cache_dir:
+            from lorakit.models.component_files import set_t5_tokenizer
+            from lorakit.models.tokenizer import t5_tokenizer_from_cache
+
+            if not any(spec.kind == "t5" for spec in bundle.family.text_encoders):
+                raise _user(f"--tokenizer_cache_dir: {bundle.family.title} has no T5 encoder (its CLIP tokenizers "
+                            "are bundled); remove the flag.")
+            set_t5_tokenizer(bundle, t5_tokenizer_from_cache(a.tokenizer_cache_dir))
         from lorakit.utils.finite import check_model_finite
 
         check_model_finite(bundle, path)  # a NaN weight gives black images, not an error
@@ -130,9 +146,12 @@ def _settings(args, family, prompt_required: bool = True):
 
     if args.prompt is None and prompt_required:
         raise _user("Give --prompt (or --from_png / --prompt_file).")
+    flow = family.objective == "flow"  # FLUX.1: Euler along the flow, no classifier-free guidance by default
     return GenerationSettings(
-        prompt=args.prompt or "", negative_prompt=args.negative_prompt or "", steps=args.steps, sampler=args.sampler,
-        schedule_type=args.schedule_type, cfg_scale=args.cfg_scale, seed=args.seed,
+        prompt=args.prompt or "", negative_prompt=args.negative_prompt or "", steps=args.steps,
+        sampler=args.sampler or ("Euler" if flow else "Euler a"), schedule_type=args.schedule_type,
+        cfg_scale=args.cfg_scale if args.cfg_scale is not None else (1.0 if flow else 7.0), seed=args.seed,
+        distilled_cfg_scale=args.distilled_cfg_scale,
         width=args.width or family.resolution, height=args.height or family.resolution, clip_skip=args.clip_skip,
         batch_size=getattr(args, "batch_size", 1), n_iter=getattr(args, "n_iter", 1),
         hires_scale=(args.hr_scale or 2.0) if args.hires_fix else args.hr_scale, hires_steps=args.hr_steps,
@@ -141,8 +160,17 @@ def _settings(args, family, prompt_required: bool = True):
 
 
 def _progress_bar(total_hint: str = ""):
+    """`cells 3/12` redrawn in place in a terminal; in a log file or pipe (where a carriage return glues the counts
+    into one line) a line at about every tenth of the work and at the end."""
+    from lorakit.utils.terminal import want_bar
+
+    tty = want_bar(False)
+
     def show(done, total):
-        print(f"\r{total_hint}{done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        if tty:
+            print(f"\r{total_hint}{done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"{total_hint}{done}/{total}", file=sys.stderr, flush=True)
 
     return show
 
@@ -232,7 +260,7 @@ def cmd_grid(args) -> int:
         key = ckpt or args.model
         if key not in cache:
             cache.clear()  # one model in memory at a time
-            cache[key] = models.generator(key)
+            cache[key] = models.generator(ckpt)  # None: --model (an error names that flag, not the axis)
         return cache[key]
 
     first = get_generator(None if not ckpt_axis else axes[[a.name for a in axes].index("Checkpoint name")].values[0])

@@ -11,18 +11,22 @@ def _load_flags(p) -> None:
     p.add_argument("--v2", action="store_true", help="SD2.x model (detected from keys; accepted for sd-scripts habits)")
     p.add_argument("--v_parameterization", action="store_true", help="SD2.x 768-v model (v-prediction)")
     p.add_argument("--sdxl", action="store_true", help="SDXL model (detected from keys; accepted for compatibility)")
+    p.add_argument("--clip_l", help="FLUX: the CLIP-L text encoder file (clip_l.safetensors)")
+    p.add_argument("--t5xxl", help="FLUX: the T5-XXL text encoder file (t5xxl_fp16.safetensors)")
+    p.add_argument("--ae", help="FLUX: the autoencoder file (ae.safetensors)")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint, diffusers folder or family (sd1, sd2, sd2-v, sdxl)")
-    p.add_argument("model", help="checkpoint file, diffusers folder, or a family name: sd1, sd2, sd2-v, sdxl")
+    p = sub.add_parser("info", help="describe a checkpoint, diffusers folder or family (sd1, sd2, sd2-v, sdxl, flux-dev...)")
+    p.add_argument("model", help="checkpoint file, diffusers folder, or a family name: sd1, sd2, sd2-v, sdxl, sdxl-v, "
+                   "flux-dev, flux-schnell")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--no_hash", action="store_true", help="skip the sha256 of the whole file")
     _load_flags(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tiny", help="write a tiny random model of a family (same key names as the real one)")
-    p.add_argument("--family", default="sd1", help="sd1, sd2, sd2-v or sdxl (default sd1)")
+    p.add_argument("--family", default="sd1", help="sd1, sd2, sd2-v, sdxl, sdxl-v, flux-dev or flux-schnell (default sd1)")
     p.add_argument("--out", required=True, help="output .safetensors file or diffusers folder")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)
@@ -36,7 +40,8 @@ def register(sub) -> None:
 
 
 def _load_kwargs(args) -> dict:
-    return dict(vae=args.vae, v2=args.v2, v_parameterization=args.v_parameterization, sdxl=args.sdxl)
+    return dict(vae=args.vae, v2=args.v2, v_parameterization=args.v_parameterization, sdxl=args.sdxl,
+                clip_l=args.clip_l, t5xxl=args.t5xxl, ae=args.ae)
 
 
 def cmd_info(args) -> int:

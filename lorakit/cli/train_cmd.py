@@ -23,9 +23,9 @@ def register(subparsers) -> None:
     O.add_options(p)
     p.add_argument("--no_progress", action="store_true", default=argparse.SUPPRESS,
                    help="no progress bar: log lines only, with a step line (loss, lr, it/s, time left) every "
-                        "--log_every_n_steps steps")
+                        "--log_every_n_steps steps (the default when the output is not a terminal, e.g. a log file)")
     p.add_argument("--log_every_n_steps", type=int, default=argparse.SUPPRESS, metavar="N",
-                   help="with --no_progress: a step line every N steps (default: about 20 lines a run, at least "
+                   help="without a progress bar: a step line every N steps (default: about 20 lines a run, at least "
                         "every 100 steps)")
     p.set_defaults(func=run)
 
@@ -52,7 +52,9 @@ def run(args) -> int:
         from lorakit.errors import UserError
 
         raise UserError(f"--log_every_n_steps {every}: give a number of steps of at least 1.")
-    result = train(opts, progress=not getattr(args, "no_progress", False), log_every=every)
+    from lorakit.utils.terminal import want_bar
+
+    result = train(opts, progress=want_bar(getattr(args, "no_progress", False)), log_every=every)
     if opts.estimate_memory:
         return 0  # the prediction was printed; nothing was trained
     # the run's summary (time, loss, every file written) was logged by train()

@@ -83,11 +83,16 @@ def _clip_skip(ckpts, job: EvalJob) -> Optional[int]:
 
 
 def check_thresholds(job: EvalJob) -> None:
+    from lorakit.eval.sampling import SampleSettings
+
     if job.seeds < 1:
         raise UserError(f"--seeds must be at least 1 (got {job.seeds}).")
     if not 0 < job.core_share <= 1 or not 0 < job.match_share <= 1:
         raise UserError(f"--core_share {job.core_share} / --match_share {job.match_share}: shares (of the training "
                         "images / of the core tags) between 0 and 1.")
+    # the sampling values given: the defaults (resolution from the LoRA's metadata) are valid by construction
+    SampleSettings(steps=job.steps, width=job.width or 64, height=job.height or 64,
+                   batch_size=job.batch_size or 1).check()
     if job.max_drift <= 0 or not 0 <= job.max_copy_rate <= 1 or job.copy_distance < 0 or job.min_diversity < 0:
         raise UserError("--max_drift must be positive, --max_copy_rate between 0 and 1, --copy_distance and "
                         "--min_diversity at least 0.")

@@ -101,27 +101,19 @@ def _first_tag_trigger(captions: list[list[str]]) -> str | None:
 def find_concept(images: list[TrainingImage], tagger, *, trigger: str | None = None,
                  class_prompt: str | None = None, core_tags: Sequence[str] | None = None, core_share: float = 0.75,
                  scene_tags: int | Sequence[str] = 3, unrelated_prompts: Sequence[str] | None = None,
-                 n_unrelated: int = 2,
-                 image_tags: list[set[str]] | None = None) -> Concept:
-    """Read the concept from the training images (`image_tags`: the tagger's reading of them, when already known)."""
+                 n_unrelated: int = 2, image_tags: list[set[str]] | None = None,
+                 flags: dict[str, str] | None = None) -> Concept:
+    """Read the concept from the training images (`image_tags`: the tagger's reading of them, when already known).
+    `flags`: what errors tell the caller's user: "core_tags" the flag's name (training: --eval_core_tags), "trigger"
+    how to give the trigger."""
     from lorakit.tools.image_prep import phash_image
     from lorakit.utils.images import load_rgb
 
+    flag = {"trigger": 'Pass --trigger "your trigger".', "core_tags": "--core_tags", **(flags or {})}
     notes: list[str] = []
     captions = [split_list(im.caption.split("\n")[0]) if im.caption else [] for im in images]
-    if not trigger:
-        trigger = _first_tag_trigger(captions)
-        if trigger:
-            notes.append(f"trigger {trigger!r}: the first tag of most captions")
-        else:
-            tokens = Counter(im.class_tokens for im in images if im.class_tokens)
-            if not tokens:
-                raise UserError("eval cannot tell the trigger: the captions do not share a first tag and the image "
-                                "folders have no class tokens (`N_trigger class`). Pass --trigger \"your trigger\".")
-            trigger = tokens.most_common(1)[0][0]
-            notes.append(f"trigger {trigger!r}: the folder's class tokens")
+    trigger = trigger or _find_trigger(images, captions, flag["trigger"], notes)
     norm_trigger = normalize_tag(trigger)
-    vocab = tagger.vocabulary
     if image_tags is None:
         from lorakit.eval.taggers import tag_paths
 
@@ -129,40 +121,60 @@ def find_concept(images: list[TrainingImage], tagger, *, trigger: str | None = N
     per_image = [({normalize_tag(t) for t in caps} | read) - {norm_trigger} for caps, read in zip(captions, image_tags)]
     counts = Counter(t for tags in per_image for t in tags)
     share = {t: n / len(images) for t, n in counts.items()}
-    if core_tags:
-        core = [normalize_tag(t) for t in core_tags]
-        unknown = [t for t in core if t not in vocab]
-        if unknown:
-            raise UserError(f"--core_tags {', '.join(unknown)}: the tagger ({tagger.name}) never outputs these, so "
-                            "no sample could show them; use tags from its selected_tags.csv.")
-    else:
-        core = sorted((t for t, s in share.items() if s >= core_share and t in vocab), key=lambda t: (-share[t], t))
-        if not core:
-            raise UserError(f"no tag is present in {core_share:.0%} of the {len(images)} training images (captions or "
-                            f"the tagger's reading), so eval cannot tell what the LoRA should draw. Pass --core_tags "
-                            "\"tag1, tag2\" (tags the tagger outputs, e.g. hair and eye colours, outfit).")
-        notes.append(f"core tags: in at least {core_share:.0%} of the training images")
+    core = _core_tags(share, tagger, core_tags, core_share, len(images), flag["core_tags"], notes)
     caption_counts = Counter(normalize_tag(t) for caps in captions for t in set(caps))
-    if isinstance(scene_tags, int):
+    if isinstance(scene_tags, int):  # the most frequent caption tags the tagger can read
         scene = [t for t, _ in sorted(caption_counts.items(), key=lambda kv: (-kv[1], kv[0]))
-                 if t in vocab and t not in core and t != norm_trigger][:scene_tags]
+                 if t in tagger.vocabulary and t not in core and t != norm_trigger][:scene_tags]
     else:
-        scene = [normalize_tag(t) for t in scene_tags]
-        unknown = [t for t in scene if t not in vocab]
-        if unknown:
-            raise UserError(f"--scene_tags {', '.join(unknown)}: the tagger ({tagger.name}) never outputs these, so "
-                            "adherence to them cannot be read; use tags from its selected_tags.csv.")
+        scene = _known_tags(scene_tags, tagger, "--scene_tags", "adherence to them cannot be read")
     if class_prompt is None:
         words = trigger.split()
-        if len(words) > 1:
-            class_prompt = " ".join(words[1:])
-        else:
-            rest = [t for t, _ in caption_counts.most_common() if t != norm_trigger]
-            class_prompt = prompt_tag(rest[0] if rest else (core[0] if core else ""))
+        rest = [t for t, _ in caption_counts.most_common() if t != norm_trigger] + core + [""]
+        class_prompt = " ".join(words[1:]) if len(words) > 1 else prompt_tag(rest[0])
     unrelated = list(unrelated_prompts) if unrelated_prompts else list(tagger.default_unrelated_prompts[:n_unrelated])
     hashes = np.array([phash_image(load_rgb(im.path)) for im in images], dtype=np.uint64)
     return Concept(trigger=trigger, class_prompt=class_prompt, core_tags=core, scene_tags=scene,
                    unrelated_prompts=unrelated, images=images, hashes=hashes, tag_share=share, notes=notes)
+
+
+def _find_trigger(images: list[TrainingImage], captions: list[list[str]], hint: str, notes: list[str]) -> str:
+    trigger = _first_tag_trigger(captions)
+    if trigger:
+        notes.append(f"trigger {trigger!r}: the first tag of most captions")
+        return trigger
+    tokens = Counter(im.class_tokens for im in images if im.class_tokens)
+    if not tokens:
+        raise UserError("eval cannot tell the trigger: the captions do not share a first tag and the image folders "
+                        f"have no class tokens (`N_trigger class`). {hint}")
+    trigger = tokens.most_common(1)[0][0]
+    notes.append(f"trigger {trigger!r}: the folder's class tokens")
+    return trigger
+
+
+def _core_tags(share: dict[str, float], tagger, given: Sequence[str] | None, core_share: float, n_images: int,
+               flag: str, notes: list[str]) -> list[str]:
+    """The given core tags (each one the tagger can output), else the tags in `core_share` of the images."""
+    if given:
+        return _known_tags(given, tagger, flag, "no sample could show them")
+    core = sorted((t for t, s in share.items() if s >= core_share and t in tagger.vocabulary),
+                  key=lambda t: (-share[t], t))
+    if not core:
+        raise UserError(f"no tag is present in {core_share:.0%} of the {n_images} training images (captions or the "
+                        f"tagger's reading), so eval cannot tell what the LoRA should draw. Pass {flag} \"tag1, "
+                        "tag2\" (tags the tagger outputs, e.g. hair and eye colours, outfit).")
+    notes.append(f"core tags: in at least {core_share:.0%} of the training images")
+    return core
+
+
+def _known_tags(tags: Sequence[str], tagger, flag: str, why: str) -> list[str]:
+    """Tags given by the user, normalised; one the tagger never outputs could never be counted."""
+    out = [normalize_tag(t) for t in tags]
+    unknown = [t for t in out if t not in tagger.vocabulary]
+    if unknown:
+        raise UserError(f"{flag} {', '.join(unknown)}: the tagger ({tagger.name}) never outputs these, so {why}; "
+                        "use tags it outputs (a WD14 tagger's are in its selected_tags.csv).")
+    return out
 
 
 @dataclass(frozen=True)

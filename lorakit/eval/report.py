@@ -81,7 +81,8 @@ def chart(result: dict, width: int = 720, height: int = 320):
     font = ImageFont.load_default()
     left, right, top, bottom = 44, 150, 26, 36
     x0, x1, y0, y1 = left, width - right, top, height - bottom
-    d.text((left, 6), f"eval of {len(rows)} checkpoints ({result['samples_per_model']} samples each)",
+    verdict = "" if result.get("recommended") or not rows else "; none within the thresholds (see the Pareto set)"
+    d.text((left, 6), f"eval of {len(rows)} checkpoints ({result['samples_per_model']} samples each){verdict}",
            fill=(30, 30, 30), font=font)
     d.rectangle([x0, y0, x1, y1], outline=(90, 90, 90))
     if not rows:

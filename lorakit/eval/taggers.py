@@ -107,18 +107,35 @@ def _attrs(**kw) -> dict:
     return a
 
 
-def load_tagger(kind: str = "wd14", model_dir: str | Path | None = None, threshold: float = 0.35) -> TaggerAdapter:
-    """`kind` "wd14" (needs `model_dir`) or "toy" (the toy world's classifier)."""
+WHERE_TO_GET = ("WD14 taggers are published by SmilingWolf on Hugging Face (e.g. wd-v1-4-moat-tagger-v2, "
+                "wd-swinv2-tagger-v3): put their model.onnx and selected_tags.csv in a folder (lorakit never "
+                "downloads models)")
+
+
+def load_tagger(kind: str = "wd14", model_dir: str | Path | None = None, threshold: float = 0.35,
+                flag: str = "--tagger_dir") -> TaggerAdapter:
+    """`kind` "wd14" (needs `model_dir`) or "toy" (the toy world's classifier). `flag`: the option that gave
+    `model_dir`, named in errors (`lorakit train` calls it --eval_tagger)."""
     if kind == "toy":
         return ToyClassifierAdapter()
     if kind != "wd14":
         raise UserError(f"--tagger {kind!r} is not known; use wd14 (with --tagger_dir) or toy.")
     if not model_dir:
-        from lorakit.tools.tagger import WHERE_TO_GET
+        raise UserError(f"eval reads every sample with a WD14 tagger: pass {flag} FOLDER (model.onnx + "
+                        f"selected_tags.csv), or --tagger toy for the toy world's classifier. {WHERE_TO_GET}.")
+    return WD14Adapter(check_tagger_dir(model_dir, flag), threshold=threshold)
 
-        raise UserError("eval reads every sample with a WD14 tagger: pass --tagger_dir FOLDER (model.onnx + "
-                        f"selected_tags.csv), or --tagger toy for the toy world's classifier. {WHERE_TO_GET}")
-    return WD14Adapter(model_dir, threshold=threshold)
+
+def check_tagger_dir(model_dir: str | Path, flag: str) -> Path:
+    """A WD14 folder's two files are there (checked here so the message names this command's flag: the tagger
+    tool's own errors name its --model_dir)."""
+    folder = Path(model_dir)
+    missing = [n for n in ("model.onnx", "selected_tags.csv") if not (folder / n).is_file()]
+    if not folder.is_dir() or missing:
+        what = "is not a folder" if not folder.is_dir() else f"has no {' and no '.join(missing)}"
+        raise UserError(f"{flag} {folder} {what}; eval needs a WD14 tagger folder (model.onnx + "
+                        f"selected_tags.csv). {WHERE_TO_GET}.")
+    return folder
 
 
 def tag_paths(tagger: TaggerAdapter, paths: Sequence[Path], chunk: int = 64) -> list[set[str]]:

@@ -34,6 +34,18 @@ def _options(record: dict):
     return O.normalize(argparse.Namespace(**values))
 
 
+def check_inputs(eval_tagger: str | None) -> None:
+    """The trainer's preflight, before the model loads, when --eval_every_n_epochs/_steps is on: the tagger."""
+    from lorakit.eval.taggers import check_tagger_dir
+
+    if not eval_tagger:
+        raise UserError("--eval_every_n_epochs/--eval_every_n_steps read every sample with a tagger: pass "
+                        "--eval_tagger FOLDER (a WD14 tagger: model.onnx + selected_tags.csv), or --eval_tagger "
+                        "toy for the toy world's classifier.")
+    if eval_tagger != "toy":
+        check_tagger_dir(eval_tagger, "--eval_tagger")
+
+
 def attach(loop, ckpt) -> Optional["TrainingEval"]:
     """Hook the evaluation into the Checkpointer's saves when --eval_every_n_epochs/_steps asks for it."""
     record = getattr(ckpt, "options_record", None) or {}
@@ -63,14 +75,15 @@ class TrainingEval:
         from lorakit.eval.concept import find_concept, split_list, training_images
         from lorakit.eval.taggers import load_tagger
 
-        if not self.o.eval_tagger:
-            raise UserError("--eval_every_n_epochs/--eval_every_n_steps read every sample with a tagger: pass "
-                            "--eval_tagger FOLDER (a WD14 tagger: model.onnx + selected_tags.csv), or --eval_tagger "
-                            "toy for the toy world's classifier.")
+        check_inputs(self.o.eval_tagger)
         kind = "toy" if self.o.eval_tagger == "toy" else "wd14"
-        self.tagger = load_tagger(kind, None if kind == "toy" else self.o.eval_tagger)
+        self.tagger = load_tagger(kind, None if kind == "toy" else self.o.eval_tagger, flag="--eval_tagger")
         images = training_images(self.o.train_data_dir, self.o.dataset_config, self.o.caption_extension)
-        self.concept = find_concept(images, self.tagger, core_tags=split_list(self.o.eval_core_tags) or None)
+        # the trigger comes from the data alone here (no flag of `lorakit train` names it)
+        flags = {"core_tags": "--eval_core_tags", "trigger": "Start every caption with the trigger, or name the "
+                 "image folders `N_trigger class` (or set class_tokens in --dataset_config)."}
+        self.concept = find_concept(images, self.tagger, core_tags=split_list(self.o.eval_core_tags) or None,
+                                    flags=flags)
         c = self.concept
         self.run.log(f"eval: trigger {c.trigger!r}, class prompt {c.class_prompt!r}, core tags "
                      f"{', '.join(c.core_tags)}; scene tags {', '.join(c.scene_tags) or '-'}")

@@ -20,8 +20,8 @@ from lorakit.generate.extra_networks import parse_extra_networks
 from lorakit.generate.xyz_values import (AxisType, apply_prompt_sr, find_axis, fix_seeds, format_label, loop_order,
                                          parse_axis_values)
 
-__all__ = ["GridAxis", "GridResult", "make_axis", "apply_axis_value", "set_lora_tag", "run_grid", "draw_grid",
-           "combine_subgrids"]
+__all__ = ["GridAxis", "GridResult", "make_axis", "run_save_labels", "apply_axis_value", "set_lora_tag", "run_grid",
+           "draw_grid", "combine_subgrids"]
 
 _GLOB_CHARS = "*?["
 _TAG_RE = re.compile(r"<(\w+):([^>]+)>")  # the extra-network tag shape A1111 uses
@@ -84,7 +84,26 @@ def make_axis(name: str | None, values_text: str | None, library=None) -> GridAx
     if t.name == "Prompt S/R" and len(values) < 1:
         raise UserError("Prompt S/R needs the text to search for as its first value.")
     labels = [format_label(t, f"{v[0]}x{v[1]}" if t.name == "Size" else v) for v in values]
+    if t.name == "LoRA file":
+        labels = run_save_labels(values) or labels
     return GridAxis(t, values, labels)
+
+
+def run_save_labels(stems: list[str]) -> list[str] | None:
+    """Labels for the saves of one training run (`name-000005`, `name-step00000500`, `name`): "name: epoch 5",
+    "name: step 500", "name: final". In a narrow column the shared "name: " becomes the axis title (draw_grid), so
+    each cell reads "epoch 5" instead of a file name broken into digit rows. None when the files are not one run's."""
+    parts = []
+    for stem in stems:
+        m = _SUFFIX.match(stem)
+        if m and m.group("base"):
+            what = f"step {int(m.group('step'))}" if m.group("step") else f"epoch {int(m.group('epoch'))}"
+            parts.append((m.group("base"), what))
+        else:
+            parts.append((stem, "final"))
+    if len({base for base, _ in parts}) != 1 or len({what for _, what in parts}) != len(parts):
+        return None
+    return [f"{base}: {what}" for base, what in parts]
 
 
 _SUFFIX = re.compile(r"^(?P<base>.*?)-(?:step(?P<step>\d+)|(?P<epoch>\d+))$")

@@ -57,6 +57,7 @@ class GenerationSettings:
     denoising_strength: float | None = None  # img2img / hires; default 0.75 img2img, 0.7 hires (A1111)
     init_image: object = None  # img2img: a PIL image or a path
     emphasis: str = "Original"
+    distilled_cfg_scale: float = 3.5  # FLUX.1-dev's guidance value (Forge's "Distilled CFG Scale")
 
 
 @dataclass
@@ -156,6 +157,8 @@ class Generator:
         _validate(s, fam)
         if s.seed is None or int(s.seed) < 0:
             s.seed = random_seed()
+        if fam.objective == "flow":
+            return self._flow_call(s, progress, decode)
         clean, neg_clean, tags = split_prompt_tags(s.prompt, s.negative_prompt)
         applied = self._set_loras(tags, s.seed)
         encoder = self._encoder(s.clip_skip, s.emphasis)
@@ -184,6 +187,34 @@ class Generator:
         result.latents = torch.cat(all_latents)
         return result
 
+    def _flow_call(self, s: GenerationSettings, progress, decode: bool) -> GenerationResult:
+        """FLUX.1: Euler along the flow with dev's distilled guidance (no negative prompt, no second pass)."""
+        from lorakit.generate.flux_sampling import euler_flow, flux_timesteps, flux_velocity
+        from lorakit.models.conditioning import encode_t5_clip
+        from lorakit.models.flux import pack_latents, unpack_latents
+
+        _check_flow_settings(s, self.bundle.family)
+        clean, _neg, tags = split_prompt_tags(s.prompt, s.negative_prompt)
+        applied = self._set_loras(tags, s.seed)
+        hidden, pooled = encode_t5_clip(self.bundle, [clean], self.bundle.family.t5_max_length, False)
+        c, h, w = self._latent_shape(s.width, s.height)
+        shift = bool(self.bundle.configs["scheduler"].get("use_dynamic_shifting"))  # dev: yes; schnell: no
+        times = flux_timesteps(s.steps, (h // 2) * (w // 2), shift)
+        result = GenerationResult()
+        for it in range(s.n_iter):
+            seeds = [int(s.seed) + it * s.batch_size + i for i in range(s.batch_size)]
+            velocity = flux_velocity(self.bundle, hidden.expand(len(seeds), -1, -1),
+                                     pooled.expand(len(seeds), -1), s.distilled_cfg_scale, h, w, self.device)
+            noise = self._noise((c, h, w), seeds).to(self.device)
+            latents = unpack_latents(euler_flow(velocity, pack_latents(noise), times, progress), h, w)
+            result.latents = latents if result.latents is None else torch.cat([result.latents, latents])
+            for seed, img in zip(seeds, self.decode(latents) if decode else [None] * len(seeds)):
+                if decode:
+                    result.images.append(img)
+                result.seeds.append(seed)
+                result.infotexts.append(self.infotext(s, seed, applied.hashes))
+        return result
+
     def infotext(self, s: GenerationSettings, seed: int, lora_hashes: dict) -> str:
         fam = self.bundle.family
         clip = s.clip_skip if s.clip_skip is not None else fam.default_clip_skip
@@ -204,6 +235,8 @@ class Generator:
             p.hires_upscaler = s.hires_upscaler
         if s.emphasis != "Original":
             p.extra["Emphasis"] = s.emphasis
+        if fam.guidance_embed:
+            p.extra["Distilled CFG Scale"] = f"{s.distilled_cfg_scale:g}"
         return format_infotext(p)
 
     # ---- pieces --------------------------------------------------------------------------------------------------
@@ -215,7 +248,7 @@ class Generator:
 
     def _latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         f = 2 ** (len(self.bundle.vae.config.block_out_channels) - 1)
-        return self.bundle.unet.config.in_channels, height // f, width // f
+        return self.bundle.vae.config.latent_channels, height // f, width // f
 
     def _scheduler(self, s: GenerationSettings):
         from lorakit.generate.samplers import make_scheduler
@@ -313,7 +346,9 @@ class Generator:
         try:
             images = []
             for lat in latents:  # one at a time: decoding is the memory peak
-                x = vae.decode((lat[None].float() / self.bundle.latent_scale).to(self.device)).sample
+                z = lat[None].float() / self.bundle.latent_scale
+                shift = self.bundle.latent_shift  # FLUX's AE: z = latents / 0.3611 + 0.1159
+                x = vae.decode((z + shift if shift else z).to(self.device)).sample
                 x = ((x[0].float() + 1) / 2).clamp(0, 1)
                 arr = (x.permute(1, 2, 0).cpu().numpy() * 255.0).astype("uint8")
                 images.append(Image.fromarray(arr))
@@ -349,6 +384,24 @@ class Generator:
             if vdtype != torch.float32:
                 vae.to(vdtype)
         return lat.float() * self.bundle.latent_scale
+
+
+def _check_flow_settings(s: GenerationSettings, family) -> None:
+    """What FLUX.1 sampling does not do (yet): classifier-free guidance with a negative prompt, other samplers,
+    img2img and highres fix. Each is refused by name rather than ignored."""
+    if s.width % 16 or s.height % 16:
+        raise UserError(f"--width/--height {s.width}x{s.height}: {family.short_title} needs multiples of 16 (the AE's "
+                        "8x downscale, then 2x2 latent patches).")
+    asked = [flag for flag, on in (("--negative_prompt", bool(s.negative_prompt.strip())),
+                                   (f"--cfg_scale {s.cfg_scale:g} (FLUX samples with 1; dev's guidance is "
+                                    "--distilled_cfg_scale)", s.cfg_scale != 1),
+                                   (f"--sampler {s.sampler}", s.sampler.lower() != "euler"),
+                                   ("--init_image", s.init_image is not None),
+                                   ("highres fix", s.hires_scale is not None))
+             if on]
+    if asked:
+        raise UserError(f"{family.title} generation is the flow-matching Euler sampler with distilled guidance; "
+                        f"not supported with it: {'; '.join(asked)}.")
 
 
 def _img2img_timesteps(sched, steps: int, strength: float, exact: bool, device):
@@ -393,13 +446,17 @@ def generate_samples(bundle, prompts, outdir: str | Path, *, prefix: str = "", s
     outdir = Path(outdir)
     written = []
     gen = Generator(bundle, lora_dir=lora_dir, device=device)
+    # sd-scripts' FLUX previews: no CFG unless --l asks (scale 1), dev's guidance from --g (3.5), the flow's Euler
+    flow = bundle.family.objective == "flow"
+    defaults = {**SD_SCRIPTS_DEFAULTS, **({"scale": 1.0, "guidance_scale": 3.5} if flow else {})}
     try:
         for sp in prompts:
-            sp = sp.with_defaults(**SD_SCRIPTS_DEFAULTS)
+            sp = sp.with_defaults(**defaults)
             s = GenerationSettings(prompt=sp.prompt, negative_prompt=sp.negative_prompt or "", steps=sp.steps,
                                    width=sp.width, height=sp.height, cfg_scale=sp.scale,
-                                   seed=sp.seed if sp.seed is not None else -1, sampler=sp.sampler or sampler,
-                                   clip_skip=clip_skip)
+                                   seed=sp.seed if sp.seed is not None else -1,
+                                   sampler=sp.sampler or ("Euler" if flow else sampler), clip_skip=clip_skip,
+                                   distilled_cfg_scale=sp.guidance_scale if flow else 3.5)
             r = gen(s)
             path = outdir / f"{prefix}{sp.index:02d}-{r.seeds[0]}.png"
             save_png_with_infotext(r.images[0], path, r.infotexts[0])

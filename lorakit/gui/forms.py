@@ -49,6 +49,8 @@ OUTPUT_PATHS = ("output_dir", "logging_dir", "console_log_file")
 # every path option is resolved and must lie under the GUI's roots (also those not listed above, e.g. vae)
 PATH_FIELDS = tuple(dict.fromkeys(INPUT_PATHS + OUTPUT_PATHS + tuple(
     o.name for o in O.OPTIONS if o.cli and o.type == "path" and o.name not in NOT_FIELDS)))
+# options that take a path or a keyword: the path form is held to the roots like PATH_FIELDS
+PATH_OR_KEYWORD = {"eval_tagger": ("toy",)}
 
 
 @dataclass(frozen=True)
@@ -191,8 +193,8 @@ def prepare(values: dict[str, Any], roots=None) -> tuple[dict[str, Any], argpars
             errors[name] = f"required: {what}."
     if not any(k in given for k in ("train_data_dir", "dataset_config", "in_json")) and "train_data_dir" not in errors:
         errors["train_data_dir"] = "required: the folder of `N_name` image subfolders (or set dataset_config)."
-    for name in PATH_FIELDS:
-        if name not in given:
+    for name in PATH_FIELDS + tuple(PATH_OR_KEYWORD):
+        if name not in given or given[name] in PATH_OR_KEYWORD.get(name, ()):
             continue
         paths = given[name] if isinstance(given[name], list) else [given[name]]
         resolved = []
@@ -216,6 +218,14 @@ def prepare(values: dict[str, Any], roots=None) -> tuple[dict[str, Any], argpars
             check_output_name(given["output_name"])
         except UserError as exc:
             errors["output_name"] = str(exc)
+    if given.get("log_prefix") is not None:
+        from lorakit.train.preflight import check_file_name
+
+        try:  # the TensorBoard folder's name inside logging_dir
+            check_file_name("--log_prefix", given["log_prefix"], "it names a folder inside --logging_dir",
+                            "--logging_dir")
+        except UserError as exc:
+            errors["log_prefix"] = str(exc)
     if roots is not None and not errors:
         # a folder or TOML inside the roots may still lead outside: symlinks below it, image_dir entries, JSON keys
         errors.update(roots.check_dataset(given.get("train_data_dir"), given.get("reg_data_dir"),

@@ -40,6 +40,11 @@ class ModelBundle:
         return float(self.configs.get("vae", self.family.config("vae"))["scaling_factor"])
 
     @property
+    def latent_shift(self) -> float:
+        """Subtracted before scaling (FLUX's AE: 0.1159; SD VAEs have none): latents = (z - shift) * scale."""
+        return float(self.configs.get("vae", self.family.config("vae")).get("shift_factor") or 0.0)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
@@ -59,7 +64,12 @@ def clip_layers(text_encoder) -> list:
     return list(inner.encoder.layers)
 
 
-def build_unet(config: dict):
+def build_unet(config: dict, denoiser: str = "unet"):
+    """The family's denoiser (Family.denoiser): a diffusers UNet, or FLUX's transformer in BFL layout."""
+    if denoiser == "flux":
+        from lorakit.models.flux import FluxTransformer
+
+        return FluxTransformer.from_config(config)
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_config(config)
@@ -71,7 +81,9 @@ def build_vae(config: dict):
     return AutoencoderKL.from_config(config)
 
 
-def build_text_encoder(config: dict, with_projection: bool):
+def build_text_encoder(config: dict, with_projection: bool, kind: str = "clip"):
+    if kind == "t5":
+        return build_t5_encoder(config)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(**config)
@@ -79,7 +91,28 @@ def build_text_encoder(config: dict, with_projection: bool):
     return cls(cfg)
 
 
+def build_t5_encoder(config: dict):
+    """transformers T5EncoderModel with its input embedding untied from `shared` when the config says so: T5-XXL
+    files (t5xxl_fp16.safetensors, diffusers' text_encoder_2) store both tensors, and the encoder reads only
+    encoder.embed_tokens (4,893,906,944 parameters in all)."""
+    from torch import nn
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(**{k: v for k, v in config.items() if not k.startswith("_")})
+    model = T5EncoderModel(cfg)
+    if config.get("tie_word_embeddings") is False:  # read from our dict: transformers' T5Config may reset it
+        embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        embed.weight = nn.Parameter(model.shared.weight.detach().clone())  # the same values, as in the real model
+        model.encoder.embed_tokens = embed
+    return model
+
+
 def build_noise_scheduler(config: dict, prediction_type: str):
+    """The training/sampling schedule the config names: FLUX's flow-matching Euler scheduler, else DDPM."""
+    if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     from diffusers import DDPMScheduler
 
     cfg = {k: v for k, v in config.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
@@ -93,7 +126,7 @@ def build_bundle(family: Family, configs: dict[str, dict] | None = None, device:
                  dtype: torch.dtype | None = None) -> ModelBundle:
     """Modules built from configs (the family's full-size ones unless given). device="meta" allocates no weights;
     device="empty" puts parameters on meta but keeps real buffers (CLIP's position_ids), ready for assigned weights."""
-    from lorakit.models.tokenizer import make_clip_tokenizer
+    from lorakit.models.tokenizer import make_tokenizer
 
     configs = {**{name: family.config(name) for name in _config_names(family)}, **(configs or {})}
     if str(device) == "meta":
@@ -109,13 +142,13 @@ def build_bundle(family: Family, configs: dict[str, dict] | None = None, device:
         torch.set_default_dtype(dtype)  # build directly in the target dtype: no fp32 copy first
     try:
         with ctx:
-            unet = build_unet(configs["unet"]) if "unet" in components else None
+            unet = build_unet(configs["unet"], family.denoiser) if "unet" in components else None
             vae = build_vae(configs["vae"]) if "vae" in components else None
-            tes = [build_text_encoder(configs[s.config_name], s.with_projection) if "text_encoders" in components else None
-                   for s in family.text_encoders]
+            tes = [build_text_encoder(configs[s.config_name], s.with_projection, s.kind)
+                   if "text_encoders" in components else None for s in family.text_encoders]
     finally:
         torch.set_default_dtype(old_dtype)
-    tokenizers = [make_clip_tokenizer(s.pad_token) for s in family.text_encoders]
+    tokenizers = [make_tokenizer(s, configs[s.config_name]) for s in family.text_encoders]
     scheduler = build_noise_scheduler(configs["scheduler"], prediction_type or family.prediction_type)
     bundle = ModelBundle(family, unet, vae, tes, tokenizers, scheduler, configs)
     if str(device) not in ("meta", "empty", "cpu"):

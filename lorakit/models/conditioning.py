@@ -139,3 +139,27 @@ def added_cond_kwargs(family, pooled: torch.Tensor | None, original_size, crop_t
         raise ValueError(f"{family.title} needs the pooled text embedding")
     time_ids = size_time_ids(original_size, crop_top_left, target_size, dtype=dtype, device=device)
     return {"added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}}
+
+
+# ---- FLUX.1: CLIP-L's pooled vector and T5's token features ------------------------------------------------------
+def t5_ids(bundle: ModelBundle, captions: list[str], max_length: int,
+           tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [B, max_length] of T5's tokenizer (the bundle's unless given): EOS-terminated, padded or
+    cut to max_length."""
+    tok = tokenizer if tokenizer is not None else bundle.tokenizers[1]
+    enc = tok(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask.bool()
+
+
+def encode_t5_clip(bundle: ModelBundle, captions: list[str], t5_max_length: int, t5_mask: bool, t5_tokenizer=None):
+    """FLUX captions -> (T5 features [B, t5_max_length, D], CLIP-L pooled [B, P]) as sd-scripts encodes them: CLIP-L
+    over 77 tokens (its pooled output only), T5 over t5_max_length tokens; with `t5_mask` (--apply_t5_attn_mask) T5
+    attends to the caption's tokens only (the transformer then masks the padding too: `t5_ids`' mask)."""
+    clip, t5 = bundle.text_encoders
+    clip_ids = bundle.tokenizers[0](captions, padding="max_length", truncation=True, max_length=WINDOW,
+                                    return_tensors="pt").input_ids
+    pooled = clip(clip_ids.to(next(clip.parameters()).device)).pooler_output
+    ids, mask = t5_ids(bundle, captions, t5_max_length, t5_tokenizer)
+    device = next(t5.parameters()).device
+    hidden = t5(ids.to(device), attention_mask=mask.to(device) if t5_mask else None).last_hidden_state
+    return hidden, pooled

@@ -26,8 +26,12 @@ def detect_ldm_family(path, keys: set[str], shape_of, metadata: dict[str, str],
     files whose keys, metadata and flags leave epsilon vs v-prediction open (the caller may probe the UNet)."""
     if any(k.startswith(U + "joint_blocks.") for k in keys):
         raise _refuse(path, "a Stable Diffusion 3 checkpoint", "Use an SD1.x, SD2.x or SDXL base model.")
-    if any(k.startswith(("double_blocks.", U + "double_blocks.")) for k in keys):
-        raise _refuse(path, "a FLUX checkpoint", "Use an SD1.x, SD2.x or SDXL base model.")
+    flux = flux_family_of(keys)
+    if flux is not None:
+        if any(k.endswith(".scale_weight") for k in keys):
+            raise _refuse(path, "a scaled-fp8 FLUX file (ComfyUI's fp8_scaled: weights stored with per-tensor scales)",
+                          "Use the plain fp8_e4m3fn, bf16 or fp16 release of the model.")
+        return flux, True
     conv_in = shape_of(U + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in[1] != 4:
         kind = {9: "an inpainting model (9 UNet input channels)", 8: "an instruct-pix2pix model (8 input channels)"}
@@ -62,6 +66,20 @@ def detect_ldm_family(path, keys: set[str], shape_of, metadata: dict[str, str],
         "matches (expected keys such as model.diffusion_model.input_blocks.* with cond_stage_model.* or "
         "conditioner.embedders.*). If it is a LoRA, use `lorakit lora info`; if it is a diffusers model, pass its folder."
     )
+
+
+def flux_family_of(keys) -> Family | None:
+    """FLUX.1 dev or schnell from a file's keys: BFL layout (bare or under ComfyUI's model.diffusion_model.) or
+    diffusers' transformer; dev is the one with a guidance embedding."""
+    keys = list(keys)
+    bfl = any(k.startswith(("double_blocks.", U + "double_blocks.")) for k in keys)
+    if bfl:
+        return FAMILIES["flux-dev" if any(k.startswith(("guidance_in.", U + "guidance_in.")) for k in keys)
+                        else "flux-schnell"]
+    if any(k.startswith("single_transformer_blocks.") for k in keys):
+        return FAMILIES["flux-dev" if any(k.startswith("time_text_embed.guidance_embedder.") for k in keys)
+                        else "flux-schnell"]
+    return None
 
 
 def _declared_prediction(metadata: dict[str, str]) -> str | None:
@@ -114,6 +132,11 @@ def lora_metadata_families(md) -> tuple[set[str] | None, str]:
     (None, "") when it says nothing. SD 2.x without a prediction type leaves epsilon and v open."""
     v = str(md.get("ss_base_model_version", ""))
     arch = str(md.get("modelspec.architecture", ""))
+    if arch.startswith(("flux-1-dev", "flux-1-schnell")):
+        which = "dev" if arch.startswith("flux-1-dev") else "schnell"
+        return {f"flux-{which}"}, f"metadata says FLUX.1-{which}"
+    if v == "flux1" or arch.startswith("flux-1"):
+        return {"flux-dev", "flux-schnell"}, "metadata says FLUX.1"
     if v.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
         if str(md.get("modelspec.prediction_type", "")).lower() in ("v", "v_prediction"):
             return {"sdxl-v"}, "metadata says SDXL v-prediction"

@@ -1,4 +1,5 @@
-"""Model families: everything that differs between SD1.x, SD2.x and SDXL (epsilon or v-prediction), described once.
+"""Model families: everything that differs between SD1.x, SD2.x, SDXL (epsilon or v-prediction) and FLUX.1 (dev,
+schnell), described once.
 
 Code asks the family (`get_family(name)`) instead of branching on `if sdxl` — configs, checkpoint layout, latent
 scale, prediction type, text encoders, clip-skip rule, LoRA naming style and block layout all live here.
@@ -24,6 +25,9 @@ class TextEncoderSpec:
     lora_prefix: str  # kohya module-name prefix
     lora_layers: int | None = None  # CLIP layers that get LoRA modules (None: all)
     final_norm_on_skip: bool = True  # clip skip: apply final_layer_norm to the chosen hidden state
+    kind: str = "clip"  # "clip" (transformers CLIP text model) or "t5" (T5EncoderModel; LoRA on its attention and FF)
+    lora_aliases: tuple[str, ...] = ()  # other trainers' prefixes read as this one (OneTrainer's FLUX T5: lora_te2)
+    lora_by_default: bool = True  # trained unless asked otherwise (FLUX's T5 only with network_args train_t5xxl=True)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,14 @@ class Family:
     config_dir: str = field(default="")
     unet_ldm_prefix: str = "model.diffusion_model."
     vae_ldm_prefix: str = "first_stage_model."
+    # what differs between the UNet families and the DiT ones (FLUX.1); the defaults are the UNet families'
+    denoiser: str = "unet"  # "unet": diffusers UNet2DConditionModel; "flux": models.flux.FluxTransformer (BFL layout)
+    objective: str = "ddpm"  # training objective: "ddpm" (noise schedule, epsilon/v) or "flow" (rectified flow)
+    conditioning: str = "clip"  # text path: "clip" (CLIP hidden states, 77-token windows) or "clip-pooled+t5"
+    lora_block_classes: tuple[str, ...] = ("Transformer2DModel",)  # containers sd-scripts' networks.lora targets
+    split_files: bool = False  # files usually hold the denoiser alone (BFL: no key prefix); encoders and AE come apart
+    t5_max_length: int = 0  # T5 tokens when --t5xxl_max_token_length is not given (dev 512, schnell 256)
+    guidance_embed: bool = False  # the denoiser takes a distilled-guidance value (FLUX.1-dev)
 
     @property
     def lora_te_prefixes(self) -> tuple[str, ...]:
@@ -62,7 +74,11 @@ class Family:
 
     @property
     def te_lora_layer_count(self) -> tuple[int, ...]:
-        return tuple(te.lora_layers or self.config(te.config_name)["num_hidden_layers"] for te in self.text_encoders)
+        def layers(te: TextEncoderSpec) -> int:
+            cfg = self.config(te.config_name)
+            return te.lora_layers or cfg.get("num_hidden_layers") or cfg["num_layers"]  # CLIP's or T5's name
+
+        return tuple(layers(te) for te in self.text_encoders)
 
     @property
     def latent_scale(self) -> float:
@@ -70,13 +86,20 @@ class Family:
 
     @property
     def context_width(self) -> int:
-        """Cross-attention width of the full-size UNet (the text encoders' hidden sizes added up)."""
-        return int(self.config("unet")["cross_attention_dim"])
+        """Width of the text context the full-size denoiser reads (UNet cross-attention: the CLIP widths added up;
+        FLUX: T5's width)."""
+        cfg = self.config("unet")
+        return int(cfg.get("cross_attention_dim") or cfg["context_in_dim"])
 
     @property
     def lora_unet_diffusers_names(self) -> bool:
         """kohya UNet module names follow diffusers paths (False: SAI/LDM paths, which need the config to map)."""
         return self.lora_unet_style == "diffusers"
+
+    @property
+    def native_denoiser_paths(self) -> bool:
+        """Our denoiser's module paths are the names its files and LoRAs use (FLUX: BFL's layout)."""
+        return self.lora_unet_style == "native"
 
     def shares_weights_with(self, other: "Family") -> bool:
         """Same architecture and weights (a LoRA of one applies to the other)."""
@@ -100,12 +123,18 @@ class Family:
         return dict(_read_config(self.config_dir or self.name, component))
 
     def unet_lora_path(self, diffusers_module_name: str) -> str:
-        """The dotted module path kohya LoRA names use for a UNet module (SDXL: the SAI/LDM path)."""
-        if self.lora_unet_diffusers_names:
+        """The dotted module path kohya LoRA names use for a UNet module (SDXL: the SAI/LDM path; FLUX: our module
+        path, which is BFL's)."""
+        if self.lora_unet_diffusers_names or self.native_denoiser_paths:
             return diffusers_module_name
         from lorakit.models.keymaps import unet_path_to_ldm
 
         return unet_path_to_ldm(diffusers_module_name, self.config("unet"))
+
+    @property
+    def modelspec_prediction_type(self) -> str | None:
+        """ModelSpec's prediction type ("epsilon", "v"); None for flow models, whose files state none."""
+        return {"epsilon": "epsilon", "v_prediction": "v"}.get(self.prediction_type)
 
     def lora_modelspec_architecture(self) -> str:
         return self.modelspec_architecture + "/lora"
@@ -150,6 +179,26 @@ _SDXL = dict(base_model_version="sdxl_base_v1-0", modelspec_architecture="stable
              train_block_count=23, block_scheme="sai-23", weight_group="sdxl", vae_fp16_safe=False,
              latent_cache_suffix="sdxl", diffusers_pipeline="StableDiffusionXLPipeline", is_v2=False)
 
+# FLUX.1: CLIP-L gives only its pooled vector, T5-XXL the token features. sd-scripts names their LoRA modules
+# lora_te1_ and lora_te3_ ("ComfyUI compatible"); ComfyUI also maps OneTrainer's lora_te2_ to T5.
+_CLIP_L_FLUX = TextEncoderSpec(
+    config_name="text_encoder", ldm_prefix="text_encoders.clip_l.transformer.text_model.", ldm_style="hf",
+    with_projection=False, pad_token="<|endoftext|>", lora_prefix="lora_te1",
+)
+_T5XXL_FLUX = TextEncoderSpec(
+    config_name="text_encoder_2", ldm_prefix="text_encoders.t5xxl.transformer.", ldm_style="hf", with_projection=False,
+    pad_token="<pad>", lora_prefix="lora_te3", kind="t5", lora_aliases=("lora_te2",), lora_by_default=False,
+)
+_BFL = "https://github.com/black-forest-labs/flux"
+_FLUX = dict(
+    prediction_type="flow", resolution=1024, text_encoders=(_CLIP_L_FLUX, _T5XXL_FLUX), lora_unet_style="native",
+    default_clip_skip=1, clip_skip_fixed=True, bucket_step=16, size_conditioning=False, train_block_count=57,
+    block_scheme="flux-57", vae_fp16_safe=False, latent_cache_suffix="flux", diffusers_pipeline="FluxPipeline",
+    is_v2=False, modelspec_implementation=_BFL, vae_ldm_prefix="vae.",
+    denoiser="flux", objective="flow", conditioning="clip-pooled+t5",
+    lora_block_classes=("DoubleStreamBlock", "SingleStreamBlock"), split_files=True,
+)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -165,12 +214,21 @@ FAMILIES: dict[str, Family] = {
         Family(name="sdxl", title="Stable Diffusion XL base", short_title="SDXL", prediction_type="epsilon", **_SDXL),
         Family(name="sdxl-v", title="Stable Diffusion XL (v-prediction)", short_title="SDXL (v-prediction)",
                prediction_type="v_prediction", config_dir="sdxl", **_SDXL),
+        # dev and schnell share the block structure, but dev's guidance embedding makes their weights differ
+        Family(name="flux-dev", title="FLUX.1 [dev]", short_title="FLUX.1-dev", base_model_version="flux1",
+               modelspec_architecture="flux-1-dev", weight_group="flux-dev", t5_max_length=512, guidance_embed=True,
+               **_FLUX),
+        Family(name="flux-schnell", title="FLUX.1 [schnell]", short_title="FLUX.1-schnell",
+               base_model_version="flux1", modelspec_architecture="flux-1-schnell", weight_group="flux-schnell",
+               t5_max_length=256, **_FLUX),
     )
 }
 
 ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "v1": "sd1", "sd21": "sd2", "sd2.1": "sd2", "v2": "sd2", "sd2v": "sd2-v",
            "sd2-768": "sd2-v", "xl": "sdxl", "sdxl-base": "sdxl", "sdxlv": "sdxl-v", "sdxl-vpred": "sdxl-v",
-           "xl-v": "sdxl-v"}
+           "xl-v": "sdxl-v", "flux": "flux-dev", "flux1": "flux-dev", "flux-1-dev": "flux-dev", "flux1-dev": "flux-dev",
+           "dev": "flux-dev", "schnell": "flux-schnell", "flux1-schnell": "flux-schnell",
+           "flux-1-schnell": "flux-schnell"}
 
 
 def get_family(name: str) -> Family:

@@ -17,10 +17,12 @@ def describe_bundle(bundle: ModelBundle) -> dict:
     return {
         "family": fam.name,
         "title": fam.title,
-        "prediction_type": bundle.noise_scheduler.config.prediction_type,
+        # a flow model's scheduler has no prediction type: the family's ("flow") stands there
+        "prediction_type": bundle.noise_scheduler.config.get("prediction_type", fam.prediction_type),
         "base_model_version": fam.base_model_version,
         "resolution": fam.resolution,
         "latent_scale": bundle.latent_scale,
+        "latent_shift": bundle.latent_shift,
         "default_clip_skip": fam.default_clip_skip,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "parameters": params,
@@ -47,7 +49,11 @@ def describe_file(path: str, hashes: bool = True, **load_kwargs) -> dict:
     info["source"] = str(path)
     problems = []
     if bundle.info.get("vae_missing"):
-        problems.append("no VAE inside the file: pass --vae for training and generation")
+        flag = "--ae" if bundle.family.split_files else "--vae"
+        problems.append(f"no VAE inside the file: pass {flag} for training and generation")
+    flags = {spec.config_name: flag for spec, flag in zip(bundle.family.text_encoders, ("--clip_l", "--t5xxl"))}
+    for name in bundle.info.get("text_encoders_missing", []):
+        problems.append(f"no {name} inside the file: pass {flags[name]} for training and generation")
     if bundle.info.get("ignored_keys"):
         problems.append(f"{bundle.info['ignored_keys']} tensors not used (e.g. {', '.join(bundle.info['ignored_examples'][:3])})")
     if bundle.info.get("prediction_probed"):
@@ -71,6 +77,8 @@ def format_info(info: dict) -> str:
     lines = [f"{info['source']}", f"  family:          {info['family']} ({info['title']})",
              f"  prediction type: {info['prediction_type']}", f"  resolution:      {info['resolution']}",
              f"  latent scale:    {info['latent_scale']}", f"  dtype:           {info['dtype']}"]
+    if info.get("latent_shift"):
+        lines.insert(5, f"  latent shift:    {info['latent_shift']}")
     if info.get("file_dtypes"):
         lines.append(f"  file dtypes:     {', '.join(info['file_dtypes'])}")
     lines.append("  parameters:")

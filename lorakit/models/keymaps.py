@@ -130,7 +130,8 @@ def build_rules(family, component_keys: dict[str, list[str]]) -> list[TensorRule
     rules: list[TensorRule] = []
     unet_cfg, vae_cfg = family.config("unet"), family.config("vae")
     for key in component_keys.get("unet", []):
-        rules.append(TensorRule(family.unet_ldm_prefix + unet_path_to_ldm(key, unet_cfg), ("unet." + key,)))
+        file_key = key if family.native_denoiser_paths else unet_path_to_ldm(key, unet_cfg)
+        rules.append(TensorRule(family.unet_ldm_prefix + file_key, ("unet." + key,)))
     for key in component_keys.get("vae", []):
         ldm = vae_key_to_ldm(key, vae_cfg)
         is_attn_weight = re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", ldm) is not None

@@ -38,14 +38,20 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype:
 def load_bundle(path: str | os.PathLike, *, family: str | Family | None = None, vae: str | os.PathLike | None = None,
                 dtype: str | torch.dtype | None = None, v2: bool = False, v_parameterization: bool = False,
                 sdxl: bool = False, components: tuple[str, ...] = ("unet", "vae", "text_encoders"),
-                configs: dict[str, dict] | None = None) -> ModelBundle:
+                configs: dict[str, dict] | None = None, clip_l: str | os.PathLike | None = None,
+                t5xxl: str | os.PathLike | None = None, ae: str | os.PathLike | None = None) -> ModelBundle:
     """Load a checkpoint file or diffusers folder. The family is detected; flags or `family` only settle what keys
     cannot tell (SD2 epsilon vs v-prediction) or confirm it. `configs` overrides module configs for non-standard
-    widths in files that do not carry them (our own files do, in their metadata)."""
+    widths in files that do not carry them (our own files do, in their metadata). FLUX keeps its parts apart:
+    `clip_l`, `t5xxl` and `ae` (sd-scripts' --clip_l, --t5xxl, --ae) load or replace them from their own files."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
     torch_dtype = parse_dtype(dtype)
-    if path.is_dir():
+    from lorakit.models.flux_folder import is_flux_folder, load_flux_folder
+
+    if path.is_dir() and is_flux_folder(path):
+        bundle = load_flux_folder(path, torch_dtype, components)
+    elif path.is_dir():
         bundle = load_diffusers_folder(path, torch_dtype, components)
     else:
         bundle = load_single_file(path, torch_dtype, components, v2=v2, v_parameterization=v_parameterization,
@@ -56,8 +62,13 @@ def load_bundle(path: str | os.PathLike, *, family: str | Family | None = None, 
             raise UserError(f"{path} is a {bundle.family.title} model, not {wanted.title} as requested.")
         if wanted != bundle.family:  # sd2 vs sd2-v: the caller's word settles the prediction type
             bundle = _with_family(bundle, wanted)
-    if vae is not None:
-        load_vae_into(bundle, vae, torch_dtype)
+    if vae is not None or ae is not None:
+        load_vae_into(bundle, ae if ae is not None else vae, torch_dtype)
+    from lorakit.models.component_files import load_text_encoder_into
+
+    for index, te_path in enumerate((clip_l, t5xxl)):
+        if te_path is not None:
+            load_text_encoder_into(bundle, index, te_path, torch_dtype, "--clip_l" if index == 0 else "--t5xxl")
     return bundle
 
 
@@ -106,7 +117,11 @@ class ModelPlan:
 def plan_model(path: str | os.PathLike, *, v2: bool = False, v_parameterization: bool = False,
                sdxl: bool = False) -> ModelPlan:
     """The ModelPlan of a checkpoint file or diffusers folder, for checks that must come before loading."""
+    from lorakit.models.flux_folder import folder_plan, is_flux_folder
+
     path = Path(path)
+    if path.is_dir() and is_flux_folder(path):
+        return ModelPlan(*folder_plan(path))
     if path.is_dir():
         unet_cfg, sched_cfg, te_cfg = _folder_configs(path)
         family = family_from_diffusers_config(unet_cfg, sched_cfg, path, te_cfg)
@@ -133,17 +148,21 @@ def _single_file_plan(src: StateSource, path, v2, v_parameterization, sdxl, conf
 
 def load_single_file(path: Path, dtype: torch.dtype, components=("unet", "vae", "text_encoders"), *, v2=False,
                      v_parameterization=False, sdxl=False, configs: dict | None = None) -> ModelBundle:
+    from lorakit.models.component_files import single_file_view, tie_t5_embeddings
+
     src = StateSource(path)
     keys = set(src.keys())
     family, prediction_known, configs = _single_file_plan(src, path, v2, v_parameterization, sdxl, configs)
+    src = single_file_view(src, family)  # BFL's bare and diffusers' FLUX transformer files under our file names
     bundle = build_bundle(family, configs=configs, device="empty", components=components, dtype=dtype)
     bundle.source = str(path)
     bundle.info.update(
         metadata=src.metadata,
         ema_present=any(k.startswith("model_ema.") for k in keys),
-        file_dtypes=sorted({src.dtype_name(k) for k in keys if k.startswith("model.diffusion_model.")}),
+        file_dtypes=sorted({src.dtype_name(k) for k in src.keys() if k.startswith(family.unet_ldm_prefix)}),
     )
     _assign_from_ldm(bundle, src, dtype, path)
+    tie_t5_embeddings(bundle, src)
     if not prediction_known and bundle.unet is not None:  # an SD2 file that does not say epsilon or v
         if looks_like_v_prediction(bundle.unet):
             bundle = _with_family(bundle, with_prediction(family, "v_prediction"))
@@ -178,9 +197,8 @@ def _assign_from_ldm(bundle: ModelBundle, src: StateSource, dtype: torch.dtype, 
         used.add(rule.ldm)
         src.release(rule.ldm)
     for component, names in missing.items():
-        if component == "vae" and len(names) == len(expected["vae"]):
-            bundle.vae = None  # no VAE inside: the caller must pass --vae for training or generation
-            bundle.info["vae_missing"] = True
+        if len(names) == len(expected[component]) and _may_be_apart(bundle.family, component):
+            _drop_component(bundle, component)  # the caller passes it as its own file (--vae, --clip_l, --t5xxl)
             continue
         if len(names) == len(expected[component]):
             raise UserError(f"{path} has no {component} weights (expected keys like {names[0]}). It may be a partial "
@@ -196,6 +214,22 @@ def _assign_from_ldm(bundle: ModelBundle, src: StateSource, dtype: torch.dtype, 
     ignored = [k for k in src.keys() if k not in used]
     bundle.info["ignored_keys"] = len(ignored)
     bundle.info["ignored_examples"] = ignored[:5]
+
+
+def _may_be_apart(family: Family, component: str) -> bool:
+    """A component a file may lack: the VAE of any family; FLUX's text encoders too (BFL and ComfyUI ship them
+    as separate files)."""
+    return component == "vae" or (family.split_files and component != "unet")
+
+
+def _drop_component(bundle: ModelBundle, component: str) -> None:
+    if component == "vae":
+        bundle.vae = None  # no VAE inside: the caller must pass --vae (FLUX: --ae) for training or generation
+        bundle.info["vae_missing"] = True
+        return
+    index = [s.config_name for s in bundle.family.text_encoders].index(component)
+    bundle.text_encoders[index] = None
+    bundle.info.setdefault("text_encoders_missing", []).append(component)
 
 
 def load_vae_into(bundle: ModelBundle, vae_path, dtype: torch.dtype) -> None:
@@ -222,7 +256,7 @@ def load_vae_into(bundle: ModelBundle, vae_path, dtype: torch.dtype) -> None:
     sd = {}
     for key in ours:
         ldm = vae_key_to_ldm(key, cfg)
-        for candidate in (key, ldm, "first_stage_model." + ldm):
+        for candidate in (key, ldm, bundle.family.vae_ldm_prefix + ldm, "first_stage_model." + ldm):
             if candidate in keys:
                 t = src.get(candidate)
                 if t.ndim == 4 and expected[key].ndim == 2:
@@ -233,7 +267,8 @@ def load_vae_into(bundle: ModelBundle, vae_path, dtype: torch.dtype) -> None:
                 sd[key] = t.to(dtype)
                 break
         else:
-            raise UserError(f"{vae_path} is not a Stable Diffusion VAE: tensor {key} (LDM name {ldm}) is missing.")
+            raise UserError(f"{vae_path} is not a VAE for {bundle.family.short_title}: tensor {key} (LDM name {ldm}) is "
+                            "missing.")
     vae.load_state_dict(sd, assign=True, strict=True)
     bundle.vae = vae.eval().requires_grad_(False)
     bundle.info["vae_source"] = str(vae_path)

@@ -58,7 +58,8 @@ def checkpoint_metadata(bundle: ModelBundle, title: str, extra: dict[str, str] |
         "modelspec.implementation": fam.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{fam.resolution}x{fam.resolution}",
-        "modelspec.prediction_type": "v" if fam.prediction_type == "v_prediction" else "epsilon",
+        # FLUX files state no prediction type (sd-scripts writes none for flow models)
+        **({"modelspec.prediction_type": fam.modelspec_prediction_type} if fam.modelspec_prediction_type else {}),
         "modelspec.date": _dt.datetime.now().replace(microsecond=0).isoformat(),
         "lorakit.family": fam.name,
     }
@@ -93,6 +94,9 @@ def save_diffusers_folder(bundle: ModelBundle, folder: str | os.PathLike, dtype:
     import shutil
 
     folder = Path(folder)
+    if bundle.family.denoiser != "unet":
+        raise UserError(f"writing {bundle.family.title} as a diffusers folder is not supported yet; save it as a single "
+                        ".safetensors file (ComfyUI's layout), which lorakit, ComfyUI and Forge load.")
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"output folder {folder} exists and is not empty; choose a new folder.")
     tmp = folder.with_name(f".{folder.name}.partial")

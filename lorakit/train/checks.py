@@ -33,7 +33,7 @@ def check_options(opts, family) -> list[str]:
     if ema_asks and opts.ema_decay is None:
         raise UserError(f"{', '.join(ema_asks)} set without --ema_decay: no EMA is kept, so they would do nothing. Add "
                         "--ema_decay (e.g. 0.999) or remove them.")
-    notes = []
+    notes = _family_option_notes(opts, family)
     if opts.full_fp16 or opts.full_bf16:
         # Updates of lr * grad (~1e-7 of a weight) vanish when added to half-precision weights: sd-scripts' mode
         # "learns nothing" (seed 000). LoRA weights are tiny, so keep fp32 master copies; the base stays half.
@@ -46,7 +46,8 @@ def check_options(opts, family) -> list[str]:
     if opts.save_model_as in ("ckpt", "pt"):
         notes.append(f"--save_model_as {opts.save_model_as}: LoRA files are written as .safetensors (safe to load; "
                      "every UI reads them).")
-    if family.clip_skip_fixed and opts.clip_skip not in (None, family.default_clip_skip):
+    fixed_layer = family.clip_skip_fixed and family.conditioning == "clip"  # FLUX refuses --clip_skip instead
+    if fixed_layer and opts.clip_skip not in (None, family.default_clip_skip):
         notes.append(f"--clip_skip has no effect on {family.short_title} (it always uses the penultimate layer), "
                      "like sd-scripts.")
     if opts.xformers:
@@ -60,4 +61,47 @@ def check_options(opts, family) -> list[str]:
     for o in O.OPTIONS:
         if not o.effect and o.name in opts._given and o.name != "num_cpu_threads_per_process":
             notes.append(f"--{o.name}: accepted for sd-scripts compatibility, no effect here.")
+    return notes
+
+
+# options of one kind of model only, and why the others cannot honour them
+FLOW_ONLY = ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "guidance_scale",
+             "t5xxl_max_token_length", "apply_t5_attn_mask", "clip_l", "t5xxl", "ae")
+DDPM_ONLY = {
+    "v_parameterization": "FLUX predicts a velocity by construction",
+    "zero_terminal_snr": "a flow model has no beta schedule (sigma = 1 is pure noise already)",
+    "min_snr_gamma": "SNR weighting needs a DDPM schedule", "debiased_estimation_loss": "SNR weighting needs a DDPM "
+    "schedule", "scale_v_pred_loss_like_noise_pred": "it rescales v-prediction losses",
+    "v_pred_like_loss": "it adds a v-prediction term", "noise_offset": "sd-scripts' FLUX training draws plain noise",
+    "adaptive_noise_scale": "it scales --noise_offset", "multires_noise_iterations": "sd-scripts' FLUX training "
+    "draws plain noise", "min_timestep": "noise levels come from --timestep_sampling",
+    "max_timestep": "noise levels come from --timestep_sampling", "clip_skip": "FLUX reads CLIP-L's pooled output",
+    "max_token_length": "CLIP-L reads 77 tokens; T5's length is --t5xxl_max_token_length",
+    "sample_sampler": "FLUX previews use the flow-matching Euler sampler",
+}
+
+
+def _family_option_notes(opts, family) -> list[str]:
+    """Refuse options the family cannot honour (given on the command line or in a config file); notes on FLUX."""
+    given = set(getattr(opts, "_given", ()))
+    flow = family.objective == "flow"
+    if not flow:
+        wrong = [n for n in FLOW_ONLY if n in given]
+        if wrong:
+            raise UserError(f"--{', --'.join(wrong)}: FLUX.1 options, and the model is {family.title}; remove them.")
+        if "tokenizer_cache_dir" in given:  # an sd-scripts habit for offline runs: harmless, say so
+            return [f"--tokenizer_cache_dir: {family.short_title}'s CLIP tokenizers are bundled; it is read only for "
+                    "FLUX's T5."]
+        return []
+    wrong = [n for n in DDPM_ONLY if n in given and getattr(opts, n) not in (None, False, 0)]
+    if wrong:
+        raise UserError(f"--{wrong[0]} has no meaning for {family.title} ({DDPM_ONLY[wrong[0]]})"
+                        + (f"; also --{', --'.join(wrong[1:])}" if wrong[1:] else "") + ". Remove it.")
+    if opts.loss_type in ("huber", "smooth_l1") and opts.huber_schedule != "constant":
+        raise UserError(f"--loss_type {opts.loss_type} on {family.title} needs --huber_schedule constant: the "
+                        f"{opts.huber_schedule} schedule reads a DDPM noise schedule, which a flow model has not.")
+    notes = []
+    if opts.model_prediction_type == "sigma_scaled":
+        notes.append("--model_prediction_type sigma_scaled (sd-scripts' default) compares noisy - sigma x prediction "
+                     "with the velocity target; sd-scripts' FLUX guide recommends --model_prediction_type raw.")
     return notes

@@ -58,10 +58,13 @@ class StepMaths:
     train_te: bool  # encode text with gradients
     device: torch.device
     weight_dtype: torch.dtype
+    objective: Any = None  # a flow model's objective (train.flow.FlowObjective); None: the DDPM loss below
 
 
 def batch_loss(bundle, batch, maths: StepMaths, noise_gen, encode_latents, te_cache) -> torch.Tensor:
     """One batch: latents -> noise -> UNet prediction -> weighted loss (a scalar)."""
+    if maths.objective is not None:
+        return maths.objective.batch_loss(bundle, batch, maths, noise_gen, encode_latents, te_cache)
     device = maths.device
     if batch["latents"] is not None:
         latents = batch["latents"].to(device, torch.float32)

@@ -335,14 +335,15 @@ def _step(opts, run, model, net, shape: StepShape) -> Callable[[], None]:
     te_cache = None
     if opts.cache_text_encoder_outputs:
         with torch.no_grad(), S.autocast(run.device, run.weight_dtype):
-            te_cache = _CachedText(*encode_captions(bundle, ["a"], opts.clip_skip, opts.max_token_length))
+            te_cache = _CachedText(*(model.objective.cached_text_like(bundle) if model.objective is not None
+                                     else encode_captions(bundle, ["a"], opts.clip_skip, opts.max_token_length)))
     # noise is latent-sized whatever its options; multi-resolution noise reads random values (.item()), which fake
     # tensors do not have, so the trace draws plain noise
     noise = replace(S.picked(NoiseOptions, opts), multires_noise_iterations=None, noise_offset_random_strength=False,
                     ip_noise_gamma_random_strength=False)
     maths = StepMaths(model.alphas_cumprod, model.prediction, noise,
                       S.picked(LossOptions, opts), opts.clip_skip, opts.max_token_length, net.train_te, run.device,
-                      run.weight_dtype)
+                      run.weight_dtype, objective=model.objective)
     encode_latents = S.vae_encoder(bundle, torch.Generator(), model.vae_dtype)
     gen = torch.Generator()
 
@@ -360,8 +361,11 @@ def _cache_bytes(opts, family, shape: StepShape, configs: dict) -> int:
     if opts.cache_latents:
         total += shape.n_images * math.prod(latent_shape(configs, shape.height, shape.width)) * 4
     if opts.cache_text_encoder_outputs:
-        width = sum(configs[s.config_name]["hidden_size"] for s in family.text_encoders)
+        width = sum(configs[s.config_name].get("hidden_size") or configs[s.config_name]["d_model"]
+                    for s in family.text_encoders)
         tokens = 2 + 75 * max(1, (opts.max_token_length or 75) // 75)
+        if family.t5_max_length:  # FLUX: T5's tokens (CLIP-L keeps only its pooled vector, counted below)
+            tokens = opts.t5xxl_max_token_length or family.t5_max_length
         total += shape.n_captions * (tokens * width + 1280) * 4
     return total
 

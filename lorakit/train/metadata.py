@@ -37,8 +37,10 @@ def run_metadata(opts, run, data, net, optim, model=None) -> RunMetadata:
         "ss_num_validation_images": str(validation.num_train_images if validation is not None else 0),
         "ss_sd_scripts_commit_hash": lorakit_revision(),
     })
-    if model is not None and float(model.alphas_cumprod[-1]) == 0.0:  # trained on a zero-terminal-SNR schedule
-        md["ss_zero_terminal_snr"] = "True"
+    if model is not None and model.alphas_cumprod is not None and float(model.alphas_cumprod[-1]) == 0.0:
+        md["ss_zero_terminal_snr"] = "True"  # trained on a zero-terminal-SNR schedule
+    if model is not None and model.objective is not None:
+        md.update(flow_metadata(opts))
     if not opts.network_args:
         md.pop("ss_network_args", None)
     for key, path in (("sd_model", opts.pretrained_model_name_or_path), ("vae", opts.vae)):
@@ -48,6 +50,14 @@ def run_metadata(opts, run, data, net, optim, model=None) -> RunMetadata:
                        trigger_phrase=opts.metadata_trigger_phrase, description=opts.metadata_description,
                        author=opts.metadata_author)
     return RunMetadata(md, save_kwargs)
+
+
+def flow_metadata(opts) -> dict[str, str]:
+    """The keys sd-scripts' flux_train_network.py adds for a FLUX run."""
+    return {"ss_apply_t5_attn_mask": str(bool(opts.apply_t5_attn_mask)), "ss_guidance_scale": str(opts.guidance_scale),
+            "ss_timestep_sampling": str(opts.timestep_sampling), "ss_sigmoid_scale": str(opts.sigmoid_scale),
+            "ss_model_prediction_type": str(opts.model_prediction_type),
+            "ss_discrete_flow_shift": str(opts.discrete_flow_shift)}
 
 
 def dataset_metadata(group, from_config: bool) -> dict[str, str]:

@@ -58,6 +58,8 @@ def check_values(opts) -> None:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other; pick one "
                         "(or neither to train both).")
     check_output_name(_get(opts, "output_name"))
+    check_file_name("--log_prefix", _get(opts, "log_prefix"), "the TensorBoard folder is --logging_dir/<log_prefix><time>",
+                    "--logging_dir")
 
 
 def _check_learning_rates(opts) -> None:
@@ -106,16 +108,25 @@ def _check_resolution(opts) -> None:
 
 def check_output_name(name: str | None) -> None:
     """--output_name is a file stem inside --output_dir, never a path."""
+    check_file_name("--output_name", name, "the LoRA is saved as --output_dir/<output_name>.safetensors",
+                    "--output_dir")
+    if name is None:
+        return
+    if len(name.encode("utf-8")) > 200:
+        raise UserError(f"--output_name is {len(name.encode('utf-8'))} bytes long; file systems allow about 255 "
+                        "with the suffixes lorakit adds. Use a shorter name.")
+
+
+def check_file_name(flag: str, name: str | None, where: str, folder_flag: str) -> None:
+    """A name that becomes part of a file name inside a chosen folder: "../x" or "/abs/x" would write outside it
+    (and outside the GUI's roots)."""
     if name is None:
         return
     bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
            or os.path.isabs(name) or (len(name) > 1 and name[1] == ":"))
     if bad:
-        raise UserError(f"--output_name {name!r} must be a plain file name (no folders, no '..'): the LoRA is saved as "
-                        "--output_dir/<output_name>.safetensors. Put folders into --output_dir instead.")
-    if len(name.encode("utf-8")) > 200:
-        raise UserError(f"--output_name is {len(name.encode('utf-8'))} bytes long; file systems allow about 255 "
-                        "with the suffixes lorakit adds. Use a shorter name.")
+        raise UserError(f"{flag} {name!r} must be a plain file name (no folders, no '..'): {where}. "
+                        f"Put folders into {folder_flag} instead.")
 
 
 # ---- files and folders -------------------------------------------------------------------------------------------
@@ -147,6 +158,10 @@ def check_inputs(opts) -> None:
         from lorakit.generate.sample_prompts import load_sample_prompts
 
         load_sample_prompts(_get(opts, "sample_prompts"))  # its errors name the file and the line
+    if _get(opts, "eval_every_n_epochs") or _get(opts, "eval_every_n_steps"):
+        from lorakit.eval.training import check_inputs as check_eval_inputs
+
+        check_eval_inputs(_get(opts, "eval_tagger"))  # the tagger folder, before minutes of model loading
 
 
 def check_outputs(opts) -> Path:

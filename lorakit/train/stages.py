@@ -163,6 +163,9 @@ class LoadOptions:
     v_parameterization: bool
     sdxl: bool
     mixed_precision: str
+    clip_l: Optional[str]  # FLUX's parts as files of their own
+    t5xxl: Optional[str]
+    ae: Optional[str]
 
 
 def plan_base_model(o: LoadOptions):
@@ -185,8 +188,21 @@ def load_base_model(o: LoadOptions, log: Callable[[str], None]):
         raise UserError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file or a diffusers "
                         "folder).")
     log(f"loading {o.pretrained_model_name_or_path}")
-    return load_bundle(o.pretrained_model_name_or_path, vae=o.vae, v2=o.v2, v_parameterization=o.v_parameterization,
-                       sdxl=o.sdxl, dtype=dtype_named(o.mixed_precision))
+    bundle = load_bundle(o.pretrained_model_name_or_path, vae=o.vae, v2=o.v2, v_parameterization=o.v_parameterization,
+                         sdxl=o.sdxl, dtype=dtype_named(o.mixed_precision), clip_l=o.clip_l, t5xxl=o.t5xxl, ae=o.ae)
+    _check_complete(bundle, o.pretrained_model_name_or_path)
+    return bundle
+
+
+def _check_complete(bundle, path) -> None:
+    """Training needs every part: name the file flag of a part the model file did not hold."""
+    flags = dict(zip([s.config_name for s in bundle.family.text_encoders], ("--clip_l", "--t5xxl")))
+    missing = [flags.get(name, name) for name in bundle.info.get("text_encoders_missing", [])]
+    if bundle.vae is None:
+        missing.append("--ae" if bundle.family.split_files else "--vae")
+    if missing:
+        raise UserError(f"{path} holds no {', '.join(m.lstrip('-') for m in missing)} weights: pass "
+                        f"{' and '.join(m + ' FILE' for m in missing)} (the files kept beside the model).")
 
 
 def report_options(opts, family, run: Run) -> None:
@@ -208,14 +224,26 @@ class ModelOptions:
     no_half_vae: bool
     base_weights: Optional[list]
     base_weights_multiplier: Optional[list]
+    # flow-matching families (FLUX.1): read into train.flow.FlowOptions
+    timestep_sampling: str
+    sigmoid_scale: float
+    discrete_flow_shift: float
+    model_prediction_type: str
+    guidance_scale: float
+    t5xxl_max_token_length: Optional[int]
+    apply_t5_attn_mask: bool
+    ip_noise_gamma: Optional[float]
+    ip_noise_gamma_random_strength: bool
+    tokenizer_cache_dir: Optional[str]
 
 
 @dataclass(frozen=True)
 class Model:
     bundle: Any  # ModelBundle
-    prediction: str  # "epsilon" or "v_prediction"
-    alphas_cumprod: torch.Tensor
+    prediction: str  # "epsilon", "v_prediction" or "flow"
+    alphas_cumprod: Optional[torch.Tensor]  # the DDPM schedule (None for a flow model)
     vae_dtype: torch.dtype
+    objective: Any = None  # train.flow.FlowObjective for flow models; None: the DDPM loss of train.loop
 
     @property
     def family(self):
@@ -231,6 +259,8 @@ def prepare_model(o: ModelOptions, run: Run, bundle) -> Model:
         mult = o.base_weights_multiplier[i] if o.base_weights_multiplier else 1.0
         load_network(bundle, path, multiplier=mult, merge=True)
         run.log(f"merged {path} x {mult} into the model before training")
+    if fam.objective == "flow":
+        return _flow_model(o, run, bundle)
     declared = bool(bundle.noise_scheduler.config.get("rescale_betas_zero_snr"))  # a `ztsnr` checkpoint
     if (o.v_parameterization and fam.prediction_type != "v_prediction") or (o.zero_terminal_snr and not declared):
         # the family's v sibling (SDXL -> SDXL v-pred: its LoRAs say v) and the schedule previews sample with
@@ -253,6 +283,21 @@ def prepare_model(o: ModelOptions, run: Run, bundle) -> Model:
     for name, module in bundle.components().items():
         place(module, run.device, dtypes[name])
     return Model(bundle, prediction, alphas_cumprod, dtypes["vae"])
+
+
+def _flow_model(o: ModelOptions, run: Run, bundle) -> Model:
+    """A rectified-flow model (FLUX.1): no noise schedule; the objective draws sigmas as --timestep_sampling says."""
+    from lorakit.train.flow import FlowObjective, FlowOptions
+
+    objective = FlowObjective(picked(FlowOptions, o), bundle.family)
+    if objective.t5_tokenizer is not None:  # --tokenizer_cache_dir: previews tokenize like training
+        from lorakit.models.component_files import set_t5_tokenizer
+
+        set_t5_tokenizer(bundle, objective.t5_tokenizer)
+    dtypes = component_dtypes(o.no_half_vae, run.weight_dtype, bundle.family)
+    for name, module in bundle.components().items():
+        place(module, run.device, dtypes[name])
+    return Model(bundle, "flow", None, dtypes["vae"], objective)
 
 
 def component_dtypes(no_half_vae: bool, weight_dtype: torch.dtype, family) -> dict[str, torch.dtype]:
@@ -472,35 +517,57 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data) -> Input
         t0 = time.time()
         done = cache_latents(data.group, encode_latents, suffix=fam.latent_cache_suffix,
                              to_disk=o.cache_latents_to_disk, batch_size=o.vae_batch_size,
-                             skip_check=o.skip_cache_check,
+                             skip_check=o.skip_cache_check, progress=ProgressLines(run.log, "latents"),
                              vae_id=f"{fam.name}:{os.path.basename(str(o.vae or o.pretrained_model_name_or_path))}")
         run.log(f"cached latents: {done.get('encoded', 0)} encoded, {done.get('reused', 0)} reused from disk, "
                 f"{done.get('skipped', 0)} skipped ({time.time() - t0:.1f} s)")
     te_cache = None
     if o.cache_text_encoder_outputs:
         def encode_for_cache(caps):
+            if model.objective is not None:  # FLUX: T5 features and CLIP-L's pooled vector, at T5's length
+                return model.objective.encode_text(bundle, caps)
             h, p = encode_captions(bundle, caps, o.clip_skip, o.max_token_length)
             return h if p is None else (h, p)
 
         cache_dir = (run.out_dir / ".te_cache") if o.cache_text_encoder_outputs_to_disk else None
+        text_length = model.objective.t5_length if model.objective is not None else o.max_token_length
         te_cache = TextEncoderCache(encode_for_cache, cache_dir, key_prefix=f"{fam.name}:{o.clip_skip}:"
-                                    f"{o.max_token_length}:{o.pretrained_model_name_or_path}")
+                                    f"{text_length}:{o.pretrained_model_name_or_path}")
         captions = group_static_captions(data.group)
         run.log(f"caching text-encoder outputs of {len(captions)} captions ...")
         with torch.no_grad(), autocast(run.device, run.weight_dtype):
-            te_cache.precompute(captions)
+            te_cache.precompute(captions, progress=ProgressLines(run.log, "captions"))
     return Inputs(encode_latents, te_cache)
 
 
+class ProgressLines:
+    """Progress of a cache being filled, as a log line every `every` seconds (and at the end): caching a large
+    dataset takes minutes, and a silent minute reads as a hang."""
+
+    def __init__(self, log: Callable[[str], None], what: str, every: float = 10.0):
+        self.log, self.what, self.every = log, what, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and (done < total or now - self.start < self.every):
+            return  # quick caches stay quiet; the caller logs the totals
+        self.last = now
+        each = (now - self.start) / max(done, 1)
+        left = f", about {each * (total - done):.0f} s left" if done < total else ""
+        self.log(f"  {self.what}: {done}/{total} done ({each:.2f} s each{left})")
+
+
 def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    scale = bundle.latent_scale
+    scale, shift = bundle.latent_scale, bundle.latent_shift  # FLUX's AE: (z - 0.1159) * 0.3611
     vae = bundle.vae
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         dist = vae.encode(pixels.to(vae.device, dtype)).latent_dist
         eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
-        return ((dist.mean.float() + dist.std.float() * eps) * scale).float()
+        z = dist.mean.float() + dist.std.float() * eps
+        return ((z - shift if shift else z) * scale).float()
 
     return encode
 

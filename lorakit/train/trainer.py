@@ -116,7 +116,8 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     previews = previews_for(pick(EmaOptions, opts), ema, pick(PreviewOptions, opts), run, model.bundle, net.network,
                             optim.optimizer, steplog.emit)
     maths = StepMaths(model.alphas_cumprod, model.prediction, pick(NoiseOptions, opts), pick(LossOptions, opts),
-                      opts.clip_skip, opts.max_token_length, net.train_te, run.device, run.weight_dtype)
+                      opts.clip_skip, opts.max_token_length, net.train_te, run.device, run.weight_dtype,
+                      objective=model.objective)
     vplan = V.plan_validation(pick(V.ValidationOptions, opts), data.validation, run.seed)
     validator = V.Validator(vplan, model, net.network, inputs, maths, run, optim, steplog, multipliers=data.multipliers,
                             ema=ema) if vplan is not None else None

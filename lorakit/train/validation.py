@@ -90,7 +90,8 @@ class Validator:
         self.plan, self.model, self.network, self.inputs, self.maths = plan, model, network, inputs, maths
         self.run, self.optim, self.steplog, self.ema = run, optim, steplog, ema
         self.multipliers = multipliers
-        self.timesteps = validation_timesteps(plan.o.min_timestep, plan.o.max_timestep, len(maths.alphas_cumprod))
+        steps = len(maths.alphas_cumprod) if maths.alphas_cumprod is not None else 1000  # flow: sigma = t / 1000
+        self.timesteps = validation_timesteps(plan.o.min_timestep, plan.o.max_timestep, steps)
         self._latent_gen = torch.Generator()
         self._encode = vae_encoder(model.bundle, self._latent_gen, model.vae_dtype)
         self._latents: dict[int, torch.Tensor] = {}
@@ -153,8 +154,12 @@ class Validator:
                 self.network.set_multiplier(self.multipliers[group.source_indices[batch["dataset_index"]]])
             latents = self._batch_latents(k, batch)
             with autocast(self.maths.device, self.maths.weight_dtype):
-                hidden, pooled = batch_conditioning(self.model.bundle, batch, self.maths, self.inputs.te_cache,
-                                                    grad=False)
+                if self.maths.objective is not None:  # FLUX: (T5 features, pooled, padding mask)
+                    hidden, pooled = self.maths.objective.conditioning(self.model.bundle, batch, self.maths,
+                                                                       self.inputs.te_cache, grad=False), None
+                else:
+                    hidden, pooled = batch_conditioning(self.model.bundle, batch, self.maths, self.inputs.te_cache,
+                                                        grad=False)
                 for j, t in enumerate(self.timesteps):
                     gen = torch.Generator().manual_seed(noise_seed(self.plan.seed, k, j))
                     value = float(self._loss_at(batch, latents, hidden, pooled, t, gen))
@@ -180,6 +185,12 @@ class Validator:
 
         maths = self.maths
         noise = N.randn(latents.shape, gen, latents)
+        if maths.objective is not None:  # a flow model at sigma = t / 1000; `hidden` holds its whole conditioning
+            from lorakit.train.flow import noisy_latents
+
+            sigmas = torch.full((latents.shape[0],), timestep / 1000, device=latents.device)
+            return maths.objective.loss_at(self.model.bundle, batch, maths, latents, hidden, noise, sigmas,
+                                           noisy_latents(latents, noise, sigmas))
         timesteps = torch.full((latents.shape[0],), int(timestep), dtype=torch.long, device=latents.device)
         noisy = N.add_noise(latents, noise, timesteps, maths.alphas_cumprod)
         return predict_loss(self.model.bundle, batch, maths, latents, hidden, pooled, noise, noisy, timesteps)
