@@ -951,6 +951,11 @@ def _(w, d):
     return w.gen_argv(d, "--prompt", "zq", model="stabilityai/stable-diffusion-xl-base-1.0")
 
 
+@case("flag-optimizer-args-bad-value", "--optimizer_args", "d_coef")
+def _(w, d):
+    return w.train_argv(d / "out", "--optimizer_type", "Prodigy", "--learning_rate", "1", "--optimizer_args", "d_coef=x")
+
+
 @case("flag-optimizer-args-unknown-name", "--optimizer_args", "betaz")
 def _(w, d):
     return w.train_argv(d / "out", "--optimizer_args", "betaz=0.9,0.99")

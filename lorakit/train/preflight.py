@@ -353,6 +353,29 @@ def check_optimizer(opts) -> None:
     if unknown:
         raise UserError(f"--optimizer_args: {canon} has no argument {', '.join(unknown)}; it takes "
                         f"{', '.join(takes) or 'none'}.")
+    if kwargs and not cls.__module__.startswith("bitsandbytes"):  # bnb kernels may need a GPU: names checked only
+        _probe_optimizer(opts, canon)
+
+
+def _probe_optimizer(opts, canon: str) -> None:
+    """One step on a 4-element tensor: argument VALUES of the wrong type or range (d_coef=x, betas=1) fail here in
+    milliseconds instead of as a traceback in the first training step."""
+    import torch
+
+    from lorakit.train.optimizers import create_optimizer
+
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.full((4,), 1e-3)
+    lr = _get(opts, "learning_rate", None) or 1e-4
+    args = _get(opts, "optimizer_args")
+    try:
+        create_optimizer(optimizer_name(opts), [{"params": [p]}], lr, args).optimizer.step()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the optimizer raises is reported with the flag
+        raise UserError(f"--optimizer_args {' '.join(args or [])}: {canon} cannot run with these values "
+                        f"({type(exc).__name__}: {exc}). Check each value's type and range in the optimizer's "
+                        "documentation (e.g. d_coef=1.0, betas=0.9,0.999).") from None
 
 
 def check_scheduler(opts) -> None:
