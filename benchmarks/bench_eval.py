@@ -14,7 +14,8 @@ images x 20 repeats, 10 epochs) saving every epoch, and for --check also a delib
 --check prints and stores in --work_dir/check.json:
 - agreement: Spearman's rank correlation between eval's concept recall of the demo run's 10 per-epoch checkpoints and
   the toy classifier's fidelity of the same files (lorakit.toyworld.quality: its own prompts and seeds), for eval's
-  defaults and for eval asked for the toy metric's contexts (--scene_tags "sky, forest, room, night, beach, hat");
+  defaults (scene tags: the demo captions' backgrounds, the classifier's declared contexts; the reason is stored)
+  and for eval asked for the toy metric's contexts (--scene_tags "sky, forest, room, night, beach, hat");
   also the recall of the toy metric's character tags alone, and the toy fidelity against itself on other seeds (the
   most any independent measurement can agree);
 - memorisation: eval's copy rate and flags on the over-trained run's checkpoints vs the demo run's;
@@ -65,19 +66,32 @@ def eval_argv(run: Path, seeds: int, extra=()) -> list[str]:
 
 
 def run_eval(run: Path, seeds: int, outdir: Path, extra=(), reuse: bool = False) -> dict:
-    """`lorakit eval` of a run; with `reuse`, an earlier result of the same command line is read instead."""
+    """`lorakit eval` of a run; with `reuse`, an earlier result of the same command line is read instead, if it read
+    the same concept (a change of eval's defaults changes the prompts without changing the command line)."""
     from lorakit.cli.main import main
     from lorakit.eval.report import read_result
 
     argv = eval_argv(run, seeds, ["--outdir", str(outdir), *extra])
     done = outdir / "argv.json"
     if reuse and done.is_file() and json.loads(done.read_text()) == argv:
-        return read_result(outdir / "usu_bear_eval.json")
+        old = read_result(outdir / "usu_bear_eval.json")
+        if _same_concept(old["concept"], run, extra):
+            return old
     rc = main(argv)
     if rc:
         raise SystemExit(f"lorakit eval failed ({rc})")
     done.write_text(json.dumps(argv))
     return read_result(outdir / "usu_bear_eval.json")
+
+
+def _same_concept(old: dict, run: Path, extra) -> bool:
+    """Whether eval would read the same trigger, core and scene tags from the run's data now (a second or two)."""
+    from lorakit.eval.concept import find_concept, split_list, training_images
+    from lorakit.eval.taggers import load_tagger
+
+    scenes = split_list(extra[extra.index("--scene_tags") + 1]) if "--scene_tags" in extra else 3
+    now = find_concept(training_images(run / "dataset" / "train"), load_tagger("toy"), scene_tags=scenes)
+    return all(old.get(k) == getattr(now, k) for k in ("trigger", "core_tags", "scene_tags"))
 
 
 def timing(work: Path) -> dict:
@@ -192,7 +206,8 @@ def check(work: Path, seeds: int, quality_seeds: int) -> dict:
             "spearman_toy_fidelity_vs_itself_other_seeds": round(spearman(
                 fidelity, [reseeded[r["name"]]["fidelity"] for r in rows]), 3),
             "eval_defaults": {"core_tags": res_demo["concept"]["core_tags"],
-                              "scene_tags": res_demo["concept"]["scene_tags"], **_agreement(rows, fidelity)},
+                              "scene_tags": res_demo["concept"]["scene_tags"],
+                              "scene_reason": res_demo["concept"].get("scene_reason"), **_agreement(rows, fidelity)},
             "eval_defaults_vs_toy_fidelity_in_the_same_contexts": {
                 "toy_fidelity": [round(in_eval_contexts[r["name"]]["fidelity"], 4) for r in rows],
                 **_agreement(rows, [in_eval_contexts[r["name"]]["fidelity"] for r in rows])},

@@ -128,6 +128,9 @@ def test_cli_writes_table_chart_sheet(tmp_path, capsys):
     assert sheet.width >= 6 * 128 and sheet.height >= 3 * 128  # 6 prompts x (base + 2 checkpoints)
     assert Image.open(loras / "zq_eval_chart.png").size == (720, 320)
     assert "| **" in (loras / "zq_eval.md").read_text()
+    # which scene tags and why: one line of the log, and in the table's notes
+    why = "the most frequent caption tags that wd14 (tagger) reads, among its scene labels"  # folder "tagger"
+    assert f"scene tags: outdoors ({why})" in out and why in (loras / "zq_eval.md").read_text()
     # errors are one paragraph naming the flag
     assert main(argv[:1] + ["--model", str(model), "--lora_dir", str(loras), "--tagger", "toy"]) == 2
     assert "--train_data_dir" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from lorakit.eval import scores as S  # noqa: E402
 from lorakit.eval.concept import eval_prompts, find_concept, training_images  # noqa: E402
 from lorakit.eval.taggers import WD14Adapter  # noqa: E402
+from lorakit.errors import UserError  # noqa: E402
 
 # name, category (0 general, 4 character, 9 rating), constant, wB, wG, wR
 TAGS = [
@@ -159,3 +160,68 @@ def test_scores_of_known_samples(tagger, tmp_path):
     assert s["nearest_train_distance"] == pytest.approx(sum(near) / 4 / 63)
     assert s["diversity"] == pytest.approx((bits(hashes[0], hashes[1]) + bits(hashes[2], hashes[3])) / 2 / 63)
     assert 0 < s["diversity"] < 1
+
+
+# ---- default scene tags: caption tags the tagger reads, its scene labels first ---------------------------------------
+def test_wd14_scene_labels_are_the_candidates_in_its_csv(tagger):
+    # of the documented setting tags only "outdoors" is in the tiny tagger's selected_tags.csv
+    assert tagger.scene_labels == ("outdoors",)
+    assert set(WD14Adapter.SCENE_CANDIDATES) - {"outdoors"} and not (set(WD14Adapter.SCENE_CANDIDATES) - {
+        "outdoors"}) & tagger.vocabulary
+
+
+@pytest.mark.parametrize("counts, n, scene, why", [
+    # "smile" and "looking at viewer" are the most frequent but the tagger never outputs them; "outdoors" is a scene
+    # label, so it comes before the more frequent readable "blue theme"
+    ({"smile": 5, "looking at viewer": 5, "blue theme": 3, "green theme": 2, "outdoors": 1, "1girl": 5}, 3,
+     ["outdoors", "blue theme", "green theme"], "scene labels first"),
+    ({"smile": 5, "blue theme": 3, "outdoors": 1}, 1, ["outdoors"], "among its scene labels"),
+    ({"smile": 5, "green theme": 2, "blue theme": 2}, 3, ["blue theme", "green theme"],
+     "none of its scene labels is in the captions"),
+    # no caption tag readable: the tagger's own scene labels
+    ({"smile": 5, "solo": 4, "zqx girl": 5}, 3, ["outdoors"], "own scene labels: no caption tag"),
+    ({"zqx girl": 5}, 3, ["outdoors"], "the captions hold only the trigger"),
+    # readable, but only the core tag: one context in the data, the trigger alone
+    ({"smile": 5, "1girl": 5, "zqx girl": 5}, 3, [], "reads is a core tag"),
+    ({"smile": 5}, 0, [], "--scene_tags 0"),
+])
+def test_default_scene_tags(tagger, counts, n, scene, why):
+    from collections import Counter
+
+    from lorakit.eval.concept import choose_scene_tags
+
+    got, reason = choose_scene_tags(Counter(counts), tagger, n, ["1girl"], "zqx girl")
+    assert got == scene and why in reason
+    assert (tagger.name in reason) == (n > 0)  # the reason names the tagger whose reading chose the tags
+
+
+def test_default_scene_tags_without_scene_labels(tagger):
+    """An adapter that declares no scene labels (or whose only one is a core tag) gets the readable caption tags, or
+    none with the reason."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from lorakit.eval.concept import choose_scene_tags
+
+    bare = SimpleNamespace(name="bare", vocabulary=tagger.vocabulary)
+    assert choose_scene_tags(Counter({"smile": 3, "outdoors": 1, "blue theme": 2}), bare, 3, [], "zq")[0] == [
+        "blue theme", "outdoors"]
+    scene, why = choose_scene_tags(Counter({"smile": 3}), bare, 3, [], "zq")
+    assert scene == [] and "declares no scene labels" in why
+    scene, why = choose_scene_tags(Counter({"smile": 3}), tagger, 3, ["outdoors"], "zq")
+    assert scene == [] and "no scene label besides the core tags" in why
+    with pytest.raises(UserError, match="--scene_tags -1"):
+        choose_scene_tags(Counter({"smile": 3}), tagger, -1, [], "zq")
+
+
+def test_concept_falls_back_to_scene_labels_when_no_caption_tag_is_readable(tagger, tmp_path):
+    sub = tmp_path / "train" / "3_zqx girl"
+    sub.mkdir(parents=True)
+    for name, color, seed in (("a", RED, 1), ("b", RED, 2), ("c", MAGENTA, 3)):
+        Image.fromarray(image(color, seed)).save(sub / f"{name}.png")
+        (sub / f"{name}.txt").write_text("zqx girl, smile, looking at viewer\n", encoding="utf-8")
+    c = find_concept(training_images(tmp_path / "train"), tagger)
+    assert c.core_tags == ["1girl", "red theme", "zq chan"] and c.scene_tags == ["outdoors"]
+    assert c.as_dict()["scene_reason"] == c.scene_reason and "own scene labels" in c.scene_reason
+    given = find_concept(training_images(tmp_path / "train"), tagger, scene_tags=["Blue_Theme"])
+    assert given.scene_tags == ["blue theme"] and given.scene_reason == "given with --scene_tags"

@@ -10,6 +10,7 @@ from PIL import Image
 from lorakit.eval import scores as S
 from lorakit.eval.concept import eval_prompts, find_concept, training_images
 from lorakit.eval.taggers import ToyClassifierAdapter
+from lorakit.toyworld.world import BACKGROUNDS, POSITIONS, SIZES
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +32,11 @@ def test_toy_concept_and_recall(tmp_path):
     assert c.trigger == "usu bear" and c.class_prompt == "bear"
     assert set(c.core_tags) == {"bear", "black fur", "crescent marking", "red scarf"}
     assert c.unrelated_prompts == ["cat, sky", "rabbit, forest"]
+    # the classifier reads size and position too ("small", "right": more frequent in these captions than any one
+    # background), but its declared contexts are backgrounds and props, and those come first
+    assert set(tagger.scene_labels) <= tagger.vocabulary and not set(tagger.scene_labels) & {*SIZES, *POSITIONS}
+    assert len(c.scene_tags) == 3 and set(c.scene_tags) <= set(BACKGROUNDS), c.scene_reason
+    assert "among its scene labels" in c.scene_reason
     assert [p.kind for p in eval_prompts(c)] == ["trigger"] * (1 + len(c.scene_tags)) + ["class", "class",
                                                                                           "unrelated", "unrelated"]
     # the training images show the whole character; the class's pretraining bears never do (brown, no crescent)

@@ -72,8 +72,10 @@ def test_eval_every_n_epochs_from_toml_and_gui_form(tmp_path):
     assert [r["name"] for r in res["rows"]] == ["base model", "last-000001", "last"]
     assert [r["epoch"] for r in res["rows"][1:]] == [1, 2]
     assert (out / "last-000001.safetensors").is_file() and Path(result.final_lora) == out / "last.safetensors"
-    # prompts: the trigger ("tag1"/"tag2" are not tagger tags: no scene prompt), the class, two unrelated; 1 seed
-    assert res["concept"]["core_tags"] == ["1girl"] and res["samples_per_model"] == 4
+    # prompts: the trigger and the class, alone and with the tagger's own scene label ("tag1"/"tag2" are not tagger
+    # tags), and two unrelated; 1 seed
+    assert res["concept"]["core_tags"] == ["1girl"] and res["concept"]["scene_tags"] == ["outdoors"]
+    assert "own scene labels" in res["concept"]["scene_reason"] and res["samples_per_model"] == 6
     assert res["settings"]["steps"] == 2 and res["settings"]["cfg_scale"] == 4.0  # the prompt file's --s / --l
     assert (out / "last_eval_chart.png").is_file() and (out / "last_eval_sheet.png").is_file()
 

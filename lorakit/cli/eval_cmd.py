@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     g.add_argument("--class_prompt", help='the class without the trigger (default: the trigger minus its first word, '
                    'e.g. "usu bear" -> "bear", else the most frequent caption tag)')
     g.add_argument("--scene_tags", default="3", help='trigger prompts with each of these tags ("outdoors, night"), '
-                   "or with each of the N most frequent caption tags (a number; default 3)")
+                   "or with N tags chosen (a number; default 3): the most frequent caption tags the tagger reads, "
+                   "its scene labels (settings, props) first, else its own scene labels; the log says which and why")
     g.add_argument("--unrelated_prompts", help='prompts the LoRA should leave alone, separated by "|" (default: two '
                    "the tagger knows)")
     g = p.add_argument_group("sampling")

@@ -127,8 +127,8 @@ def run_eval(job: EvalJob, log: Callable[[str], None] = print,
                            core_tags=job.core_tags or None, core_share=job.core_share, scene_tags=job.scene_tags,
                            unrelated_prompts=job.unrelated_prompts or None)
     log(f"concept: trigger {concept.trigger!r}, class prompt {concept.class_prompt!r}, core tags "
-        f"{', '.join(concept.core_tags)}; scene tags {', '.join(concept.scene_tags) or '-'} ({len(images)} training "
-        f"images, read by {tagger.name})")
+        f"{', '.join(concept.core_tags)} ({len(images)} training images, read by {tagger.name})")
+    log(f"scene tags: {', '.join(concept.scene_tags) or '-'} ({concept.scene_reason})")
 
     if bundle is None:
         from lorakit.models.loading import load_bundle

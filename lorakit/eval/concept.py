@@ -8,10 +8,14 @@
   a tag when its caption has it or the tagger reads it on the image. The tagger's reading matters: DreamBooth-style
   captions leave the identity out ("usu bear, forest" for a black bear with a crescent), yet the images show it.
   Only tags the tagger can output are kept (a score cannot count what the tagger never says);
-- scene tags: `--scene_tags a,b`, else the N most frequent caption tags the tagger can read that are neither core nor
-  the trigger ("small", "forest", "waving"): prompts "trigger, scene tag" test that the LoRA still follows the rest
-  of the prompt. Which contexts are tested changes which checkpoint draws the concept best (a LoRA may hold the
-  identity in one context and lose it in another), so name the contexts you care about when you know them.
+- scene tags: `--scene_tags a,b`, else N caption tags the tagger can read that are neither core nor the trigger,
+  most frequent first, those among the tagger's declared contexts (`scene_labels`: settings and props, e.g. "forest",
+  "outdoors") before the rest ("small", "waving"); when no caption tag is readable, the tagger's first N contexts
+  (none when the readable ones are all core: the trigger alone then).
+  Prompts "trigger, scene tag" test that the LoRA still follows the rest of the prompt. Which contexts are tested
+  changes which checkpoint draws the concept best (a LoRA may hold the identity in one context and lose it in
+  another): a setting is what users compose a character with, a layout tag ("small", "right") rarely is. Name the
+  contexts you care about when you know them. `Concept.scene_reason` says which rule chose them.
 
 The training images' perceptual hashes are kept for the memorisation score.
 """
@@ -47,11 +51,12 @@ class Concept:
     hashes: np.ndarray  # uint64 perceptual hash per training image
     tag_share: dict[str, float] = field(default_factory=dict)  # tag -> share of training images that have it
     notes: list[str] = field(default_factory=list)
+    scene_reason: str = ""  # why these scene tags (one line for the log and the JSON)
 
     def as_dict(self) -> dict:
         return {"trigger": self.trigger, "class_prompt": self.class_prompt, "core_tags": self.core_tags,
-                "scene_tags": self.scene_tags, "unrelated_prompts": self.unrelated_prompts,
-                "train_images": len(self.images), "notes": self.notes,
+                "scene_tags": self.scene_tags, "scene_reason": self.scene_reason,
+                "unrelated_prompts": self.unrelated_prompts, "train_images": len(self.images), "notes": self.notes,
                 "tag_share": {k: round(v, 4) for k, v in sorted(self.tag_share.items(), key=lambda kv: -kv[1])[:40]}}
 
 
@@ -123,11 +128,11 @@ def find_concept(images: list[TrainingImage], tagger, *, trigger: str | None = N
     share = {t: n / len(images) for t, n in counts.items()}
     core = _core_tags(share, tagger, core_tags, core_share, len(images), flag["core_tags"], notes)
     caption_counts = Counter(normalize_tag(t) for caps in captions for t in set(caps))
-    if isinstance(scene_tags, int):  # the most frequent caption tags the tagger can read
-        scene = [t for t, _ in sorted(caption_counts.items(), key=lambda kv: (-kv[1], kv[0]))
-                 if t in tagger.vocabulary and t not in core and t != norm_trigger][:scene_tags]
+    if isinstance(scene_tags, int):
+        scene, scene_reason = choose_scene_tags(caption_counts, tagger, scene_tags, core, norm_trigger)
     else:
         scene = _known_tags(scene_tags, tagger, "--scene_tags", "adherence to them cannot be read")
+        scene_reason = "given with --scene_tags"
     if class_prompt is None:
         words = trigger.split()
         rest = [t for t, _ in caption_counts.most_common() if t != norm_trigger] + core + [""]
@@ -135,7 +140,39 @@ def find_concept(images: list[TrainingImage], tagger, *, trigger: str | None = N
     unrelated = list(unrelated_prompts) if unrelated_prompts else list(tagger.default_unrelated_prompts[:n_unrelated])
     hashes = np.array([phash_image(load_rgb(im.path)) for im in images], dtype=np.uint64)
     return Concept(trigger=trigger, class_prompt=class_prompt, core_tags=core, scene_tags=scene,
-                   unrelated_prompts=unrelated, images=images, hashes=hashes, tag_share=share, notes=notes)
+                   unrelated_prompts=unrelated, images=images, hashes=hashes, tag_share=share, notes=notes,
+                   scene_reason=scene_reason)
+
+
+def choose_scene_tags(caption_counts: Counter, tagger, n: int, core: Sequence[str],
+                      trigger: str) -> tuple[list[str], str]:
+    """The default scene tags and why: `n` readable caption tags besides the core tags, most frequent first, the
+    tagger's declared contexts first; else, when no caption tag is readable at all, its first `n` contexts."""
+    if n < 0:
+        raise UserError(f"--scene_tags {n}: give a number of scene tags (0 or more) or the tags themselves "
+                        '("outdoors, night").')
+    if n == 0:
+        return [], "none asked for (--scene_tags 0)"
+    declared = getattr(tagger, "scene_labels", ())  # optional: an adapter may declare none
+    contexts = [t for t in declared if t in tagger.vocabulary and t not in core]
+    ranked = [t for t, _ in sorted(caption_counts.items(), key=lambda kv: (-kv[1], kv[0])) if t != trigger]
+    readable = [t for t in ranked if t in tagger.vocabulary and t not in core]
+    if readable:
+        settings = [t for t in readable if t in contexts]
+        scene = (settings + [t for t in readable if t not in contexts])[:n]
+        which = ("among its scene labels" if len(settings) >= len(scene) else "its scene labels first" if settings
+                 else "none of its scene labels is in the captions")
+        return scene, f"the most frequent caption tags that {tagger.name} reads, {which}"
+    if any(t in tagger.vocabulary for t in ranked):
+        # readable captions whose every tag is a core tag: the data shows one context (one image repeated, say),
+        # so the trigger alone is the test; prompts for contexts it never had would also dilute the copy rate
+        return [], f"none: every caption tag that {tagger.name} reads is a core tag"
+    # captions the tagger cannot read (DreamBooth-style, prose) say nothing about contexts: try the tagger's own
+    why = "no caption tag besides the trigger is one it reads" if ranked else "the captions hold only the trigger"
+    if contexts:
+        return contexts[:n], f"{tagger.name}'s own scene labels: {why}"
+    left = "declares no scene labels" if not declared else "has no scene label besides the core tags"
+    return [], f"none: {why}, and {tagger.name} {left}"
 
 
 def _find_trigger(images: list[TrainingImage], captions: list[list[str]], hint: str, notes: list[str]) -> str:

@@ -66,7 +66,8 @@ def table_markdown(result: dict) -> str:
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     c = result["concept"]
     lines += ["", f"trigger `{c['trigger']}`, class prompt `{c['class_prompt']}`, core tags: "
-              f"{', '.join(c['core_tags'])}; scene tags: {', '.join(c['scene_tags']) or '-'}",
+              f"{', '.join(c['core_tags'])}; scene tags: {', '.join(c['scene_tags']) or '-'}"
+              + (f" ({c['scene_reason']})" if c.get("scene_reason") else ""),  # results written before it lack it
               f"recommended: {result['why']}", f"Pareto set: {', '.join(result['pareto']) or '-'}"]
     return "\n".join(lines) + "\n"
 

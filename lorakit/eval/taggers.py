@@ -1,6 +1,7 @@
 """What the evaluation reads samples with: a tagger adapter maps images to sets of tags.
 
-Two adapters share one small interface (`tag(images) -> [set of tags]`, `vocabulary`, `default_unrelated_prompts`):
+Two adapters share one small interface (`tag(images) -> [set of tags]`, `vocabulary`, `default_unrelated_prompts`,
+and optionally `scene_labels`: the contexts it reads, which eval's default scene tags prefer):
 
 - `WD14Adapter`: a WD14-family ONNX tagger folder (model.onnx + selected_tags.csv), the one users caption with
   (lorakit.tools.tagger does the preprocessing and thresholds);
@@ -26,6 +27,10 @@ class TaggerAdapter(Protocol):
     name: str
     vocabulary: frozenset[str]  # every tag it can output, normalised
     default_unrelated_prompts: tuple[str, ...]
+    # optional: contexts it reads (settings, props), normalised and in `vocabulary`, most general first. Eval tests
+    # "trigger, <scene>" with the frequent caption tags among these before other caption tags, and with the first of
+    # these when no caption tag is readable (`lorakit.eval.concept.choose_scene_tags`)
+    scene_labels: tuple[str, ...]
 
     def tag(self, images) -> list[set[str]]:
         """uint8 RGB images (N, H, W, 3) or a list of PIL images -> one set of normalised tags per image."""
@@ -45,6 +50,12 @@ class WD14Adapter:
     default_unrelated_prompts = ("scenery, no humans, mountain, sky, cloud", "food, fruit, still life, no humans",
                                  "1boy, solo, short hair, suit", "cat, no humans, grass")
 
+    # common Danbooru setting tags: prompts "trigger, <one of these>" test whether the LoRA still follows the setting
+    # asked for. Only those in the tagger's selected_tags.csv are declared (a tagger that never outputs "room" cannot
+    # tell whether a sample shows one); general enough that most characters can be drawn in them
+    SCENE_CANDIDATES = ("outdoors", "indoors", "sky", "night", "day", "forest", "beach", "city", "street", "room",
+                        "bedroom", "classroom", "water", "snow", "simple background", "white background")
+
     def __init__(self, model_dir: str | Path, threshold: float = 0.35, character_threshold: float | None = None,
                  batch_size: int = 16):
         from lorakit.tools.tagger import TaggerOptions, WD14Tagger
@@ -56,6 +67,7 @@ class WD14Adapter:
         self.batch_size = batch_size
         self.vocabulary = frozenset(normalize_tag(n) for n, c in zip(self.labels.names, self.labels.categories)
                                     if c in (0, 4))
+        self.scene_labels = tuple(t for t in self.SCENE_CANDIDATES if t in self.vocabulary)
         self.name = f"wd14 ({Path(model_dir).name})"
 
     def tag(self, images) -> list[set[str]]:
@@ -91,6 +103,11 @@ class ToyClassifierAdapter:
         vocab.update(f"{s} scarf" for s in HEADS["scarf"] if s != "none")
         vocab.update(("crescent marking", "hat", "glasses", "blush", "surprised"))
         self.vocabulary = frozenset(normalize_tag(t) for t in vocab)
+        # its contexts: the backgrounds, then what a character can wear (the toy metric composes the trigger with
+        # backgrounds and a hat). Position, size, pose and expression are read too, but they describe the figure,
+        # not where it is or what it has on
+        self.scene_labels = tuple(normalize_tag(t) for t in (*HEADS["background"], "hat", "glasses",
+                                                             *(f"{s} scarf" for s in HEADS["scarf"] if s != "none")))
 
     def tag(self, images) -> list[set[str]]:
         pred = self.classifier.predict(images if isinstance(images, np.ndarray) else [_pil(im) for im in images])

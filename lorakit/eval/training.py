@@ -86,7 +86,7 @@ class TrainingEval:
                                     flags=flags)
         c = self.concept
         self.run.log(f"eval: trigger {c.trigger!r}, class prompt {c.class_prompt!r}, core tags "
-                     f"{', '.join(c.core_tags)}; scene tags {', '.join(c.scene_tags) or '-'}")
+                     f"{', '.join(c.core_tags)}; scene tags {', '.join(c.scene_tags) or '-'} ({c.scene_reason})")
 
     def _settings(self):
         from lorakit import options as O
