@@ -357,6 +357,15 @@ OPTIONS: list[Option] = [
        "sd-scripts' default).", G_LOSS, choices=("raw", "additive", "sigma_scaled")),
     _o("guidance_scale", "float", 3.5, "FLUX.1-dev: the distilled-guidance value the transformer is given while "
        "training (sd-scripts' FLUX guide uses 1.0).", G_LOSS),
+    _o("weighting_scheme", "str", "uniform", "FLUX.1: SD3's weighting schemes as sd-scripts applies them: "
+       "logit_normal or mode shape the draws of --timestep_sampling sigma; sigma_sqrt or cosmap weight the loss of "
+       "--model_prediction_type sigma_scaled; uniform/none: neither.", G_NOISE,
+       choices=("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")),
+    _o("logit_mean", "float", 0.0, "FLUX.1: mean of the normal draw of --weighting_scheme logit_normal.", G_NOISE),
+    _o("logit_std", "float", 1.0, "FLUX.1: std of the normal draw of --weighting_scheme logit_normal.", G_NOISE,
+       check="(0,)"),
+    _o("mode_scale", "float", 1.29, "FLUX.1: scale s of --weighting_scheme mode (u -> 1 - u - s (cos^2(pi u/2) - 1 "
+       "+ u)).", G_NOISE),
     _o("min_timestep", "int", None, "Smallest timestep sampled (0-999, default 0).", G_NOISE, check="[0,999]"),
     _o("max_timestep", "int", None, "Largest timestep sampled, exclusive (1-1000, default 1000).", G_NOISE,
        check="[1,1000]"),
@@ -369,6 +378,12 @@ OPTIONS: list[Option] = [
     _o("fp8_base", "bool", False, "Store the frozen base model in fp8 (needs a GPU with fp8 support).", G_PREC,
        metadata_key="ss_fp8_base"),
     _o("fp8_base_unet", "bool", False, "fp8 for the UNet only.", G_PREC, metadata_key="ss_fp8_base_unet"),
+    _o("blocks_to_swap", "int", None, "FLUX.1: keep N of the transformer's blocks in CPU memory and move them to "
+       "the device in turn during forward and backward (sd-scripts' split: N // 2 double and 2 (N - N // 2) single "
+       "blocks; at most 35). Each N keeps about 0.58 GiB of bf16 weights (0.29 in fp8) off the device, at the "
+       "cost of speed; --fp8_base --blocks_to_swap 18 with cached text-encoder outputs predicts about 10 GiB at 1024 "
+       "px.",
+       G_PREC, check="[0,)"),
     _o("gradient_checkpointing", "bool", False, "Recompute activations in backward to save memory.", G_PREC,
        metadata_key="ss_gradient_checkpointing"),
     _o("estimate_memory", "bool", False, "Print the predicted peak memory of a training step (weights, network, "

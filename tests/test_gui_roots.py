@@ -217,9 +217,13 @@ def test_lora_and_model_pickers(app):
     assert kind == "error" and "LoRA file" in out and "outside" in out
     # a prompt naming the linked LoRA cannot load it: the library does not see it
     args = [str(root / "tiny.safetensors"), str(root / "loras"), "zq <lora:linked:1>", "", "Euler a", 1, 7.0, 1, 64, 64,
-            1, 0, str(root / "gen")]
+            1, 0, str(root / "gen"), "", "", "", "", 3.5]  # the last five: FLUX.1's clip_l, t5xxl, ae, tokenizer
     kind, out = call(url, "on_generate", *args)
     assert kind == "error" and "'linked' was not found" in out, out
+    flux_args = list(args)
+    flux_args[13] = str(app["outside"] / "secret_lora.safetensors")  # a FLUX.1 part file outside the roots
+    kind, out = call(url, "on_generate", *flux_args)
+    assert kind == "error" and "CLIP-L file" in out and "outside" in out, out
     args[0] = str(root / "out_link" / "secret_lora.safetensors")
     kind, out = call(url, "on_generate", *args)
     assert kind == "error" and "model" in out and "outside" in out

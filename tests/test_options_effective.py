@@ -266,7 +266,14 @@ def _runs(reads, tmp: Path):
                         "0", "--t5xxl_max_token_length", "8", "--apply_t5_attn_mask", "--timestep_sampling",
                         "shift", "--sigmoid_scale", "1.5", "--discrete_flow_shift", "3.1582",
                         "--model_prediction_type", "raw", "--guidance_scale", "1.0", "--tokenizer_cache_dir",
-                        str(flux["tokenizers"])], predict_memory=False)
+                        str(flux["tokenizers"]), "--blocks_to_swap", "2"], predict_memory=False)
+    _train(reads, tmp, ["--pretrained_model_name_or_path", str(flux["model"]), "--clip_l", str(flux["clip_l"]),
+                        "--t5xxl", str(flux["t5xxl"]), "--ae", str(flux["ae"]), "--train_data_dir",
+                        data["train_data_dir"], "--output_dir", str(tmp / "o7"), "--resolution", "64",
+                        "--network_dim", "2", "--seed", "1", "--max_train_steps", "1", "--max_data_loader_n_workers",
+                        "0", "--t5xxl_max_token_length", "8", "--tokenizer_cache_dir", str(flux["tokenizers"]),
+                        "--timestep_sampling", "sigma", "--weighting_scheme", "logit_normal", "--logit_mean", "0.1",
+                        "--logit_std", "1.2"], predict_memory=False)
     for flag in ("--weighted_captions", "--full_fp16"):
         with pytest.raises(UserError):
             _train(reads, tmp, common + ["--train_data_dir", data["train_data_dir"], "--output_dir",

@@ -82,8 +82,12 @@ class LoRAModule(AdapterModule):
             raise ValueError(f"{self.lora_name}.{key}: shape {tuple(got.shape)} does not fit the model layer "
                              f"{tuple(self.shape)} (expected {tuple(want.shape)})")
 
+    def up_weight(self) -> torch.Tensor:
+        """The up factor as it acts (SplitLoRAModule keeps only its diagonal blocks)."""
+        return self.lora_up.weight
+
     def delta_weight(self) -> torch.Tensor:
-        up = self.lora_up.weight.float().flatten(1)
+        up = self.up_weight().float().flatten(1)
         if self.tucker:
             down = self.lora_down.weight.float().flatten(1)
             d = torch.einsum("ijkl,oi,jn->onkl", self.lora_mid.weight.float(), up, down)
@@ -113,7 +117,7 @@ class LoRAModule(AdapterModule):
         if self.is_conv or self.tucker or type(org) is not nn.Linear or (self.training and (
                 self.dropout or self.rank_dropout or self.module_dropout)):
             return None
-        return LoRALinear.apply(x, org.weight, org.bias, self.lora_down.weight, self.lora_up.weight,
+        return LoRALinear.apply(x, org.weight, org.bias, self.lora_down.weight, self.up_weight(),
                                 self.scale * self.multiplier * self.module_weight)
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -141,7 +145,7 @@ class LoRAModule(AdapterModule):
                 lx = lx * mask.to(lx.dtype)
                 scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
         # the scale goes into the (out x r) up weight, not over the (tokens x out) output
-        up = self.lora_up.weight * (scale * self.multiplier * self.module_weight)
+        up = self.up_weight() * (scale * self.multiplier * self.module_weight)
         return self._low_rank_op(lx, up.to(dt), self.lora_up)
 
     @staticmethod
@@ -149,6 +153,63 @@ class LoRAModule(AdapterModule):
         if isinstance(layer, nn.Conv2d):
             return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)
         return F.linear(x, weight)
+
+
+class SplitLoRAModule(LoRAModule):
+    """sd-scripts' FLUX `split_qkv`: one LoRA of rank r per part of a fused layer (q, k, v of `img_attn.qkv`; q, k,
+    v and the MLP input of a single block's `linear1`), each part with its own down (r, in) and up (part, r).
+
+    Stored as what sd-scripts saves (networks/lora_flux.py, LoRANetwork.state_dict): one LoRA of rank k r whose down
+    is the parts' downs stacked and whose up is block-diagonal, so every loader reads it as a plain LoRA. The up's
+    off-diagonal blocks never act (the forward keeps only the diagonal blocks, so they get no gradient and are saved
+    as zeros). One difference, on purpose: sd-scripts trains each part at alpha / r but saves the module's alpha
+    unchanged, so loaders, dividing by the file's rank k r, apply a third (a quarter for linear1) of what was trained
+    (sd-scripts issue #2204). Here the file's alpha is k alpha, and the file acts as trained."""
+
+    def __init__(self, lora_name: str, org_module: nn.Module, parts: tuple[int, ...], multiplier: float = 1.0,
+                 lora_dim: int = 4, alpha: float | None = 1.0, **kw):
+        if kw.get("weight_decompose") or kw.get("use_tucker"):
+            raise ValueError("split_qkv is plain LoRA only (no DoRA, no Tucker)")
+        if sum(parts) != org_module.out_features:
+            raise ValueError(f"{lora_name}: parts {parts} do not add up to {org_module.out_features} outputs")
+        k, r = len(parts), int(lora_dim)
+        super().__init__(lora_name, org_module, multiplier, k * r, k * alpha_or_rank(alpha, r), **kw)
+        self.parts, self.part_rank = tuple(parts), r
+        self._register_state_dict_hook(_save_diagonal_up)  # runs after the children (lora_up) wrote theirs
+
+    def up_weight(self) -> torch.Tensor:
+        up, rows, r = self.lora_up.weight, 0, self.part_rank
+        blocks = []
+        for j, p in enumerate(self.parts):
+            blocks.append(up[rows:rows + p, j * r:(j + 1) * r])
+            rows += p
+        return torch.block_diag(*blocks)
+
+    def delta_backward(self, g: torch.Tensor):
+        (up, g_up), down_pair = super().delta_backward(g)
+        keep = torch.block_diag(*[torch.ones(p, self.part_rank, dtype=torch.bool, device=g.device) for p in self.parts])
+        return [(up, g_up * keep), down_pair]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        up = state_dict.get(prefix + "lora_up.weight")
+        if up is not None and tuple(up.shape) == tuple(self.lora_up.weight.shape):
+            rows, r, off = 0, self.part_rank, up.clone()
+            for j, p in enumerate(self.parts):
+                off[rows:rows + p, j * r:(j + 1) * r] = 0
+                rows += p
+            if off.abs().max() > 0:
+                from lorakit.errors import UserError
+
+                raise UserError(f"{self.lora_name}: these weights are one LoRA over the whole fused layer (its up is "
+                                "not block-diagonal), not split_qkv's LoRA per part; load them without "
+                                "network_args split_qkv=True.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _save_diagonal_up(module: SplitLoRAModule, state_dict, prefix, _local_metadata):
+    """The up as it acts: the off-diagonal blocks saved as exact zeros."""
+    up = module.up_weight()
+    state_dict[prefix + "lora_up.weight"] = up.detach()
 
 
 class LoRALinear(torch.autograd.Function):

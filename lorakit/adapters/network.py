@@ -21,9 +21,10 @@ from torch import nn
 
 from lorakit.adapters import base
 from lorakit.adapters.blocks import (BlockScheme, block_lr_weights, lbw_block_of, parse_block_selector, scheme_for)
+from lorakit.adapters.dit_args import IN_LAYERS, DitArgs, parse_dit_args, split_parts
 from lorakit.adapters.loha import LoHaModule
 from lorakit.adapters.lokr import LoKrModule
-from lorakit.adapters.lora import DyLoRAModule, LoRAModule
+from lorakit.adapters.lora import DyLoRAModule, LoRAModule, SplitLoRAModule
 from lorakit.adapters.others import FullModule, IA3Module, NormModule, OFTModule
 from lorakit.adapters.targets import (PRESETS, Target, check_preset, family_classes, module_map, te_targets,
                                       unet_targets)
@@ -56,6 +57,15 @@ KNOWN_ARGS = {
     "blocks": "readable block selection, e.g. IN04-IN07,OUT03-OUT06,TE",
     "train_t5xxl": "FLUX: LoRA on the T5-XXL encoder too (lora_te3_; CLIP-L's lora_te1_ train by default)",
     "train_blocks": "FLUX: all (default), double or single: which transformer blocks get LoRA",
+    "train_double_block_indices": "FLUX: double blocks that get LoRA: all, none or e.g. 0,2-5",
+    "train_single_block_indices": "FLUX: single blocks that get LoRA: all, none or e.g. 10-37",
+    "split_qkv": "FLUX: one LoRA per q/k/v part of the fused qkv / linear1 layers (saved fused, as sd-scripts)",
+    "img_attn_dim": "FLUX: rank of the double blocks' image attention (0: none)",
+    "txt_attn_dim": "FLUX: rank of the double blocks' text attention", "img_mlp_dim": "FLUX: rank of the image MLP",
+    "txt_mlp_dim": "FLUX: rank of the text MLP", "img_mod_dim": "FLUX: rank of the image modulation",
+    "txt_mod_dim": "FLUX: rank of the text modulation", "single_dim": "FLUX: rank of the single blocks' linear1/2",
+    "single_mod_dim": "FLUX: rank of the single blocks' modulation",
+    "in_dims": "FLUX: LoRA ranks on the embedders [img, time, vector, guidance, txt], e.g. [4,0,0,0,4]",
     "train_norm": "not supported for training", "rs_lora": "not supported", "use_scalar": "ignored",
     "bypass_mode": "ignored (always unmerged while training)", "rank_dropout_scale": "ignored",
 }
@@ -97,6 +107,7 @@ class NetworkConfig:
     loraplus_te: float | None = None
     train_t5xxl: bool = False  # FLUX: T5 gets LoRA modules too
     train_blocks: str = "all"  # FLUX: "all", "double" or "single" blocks
+    dit: DitArgs = field(default_factory=DitArgs)  # FLUX: block indices, per-kind ranks, in_dims, split_qkv
     args: dict = field(default_factory=dict)
 
 
@@ -234,6 +245,10 @@ def _dit_args(cfg: NetworkConfig, args: dict, family) -> None:
     cfg.train_blocks = str(args.get("train_blocks", "all")).strip().lower()
     if cfg.train_blocks not in _TRAIN_BLOCKS:
         raise UserError(f"network_args train_blocks={args['train_blocks']!r}: use all, double or single.")
+    cfg.dit = parse_dit_args(args, family, cfg.algo)
+    if cfg.dit.type_dims and cfg.block_dims is not None:
+        raise UserError("network_args: per-kind ranks (img_attn_dim, single_dim...) and block_dims / *_lr_weight "
+                        "both set ranks; use one of them.")
 
 
 class Network(nn.Module):
@@ -483,8 +498,9 @@ def create_network(bundle, network_module: str = "networks.lora", network_dim: i
                   module_dropout=cfg.module_dropout, use_tucker=cfg.use_tucker, weight_decompose=cfg.dora,
                   wd_on_out=cfg.wd_on_out, factor=cfg.factor, decompose_both=cfg.decompose_both,
                   full_matrix=cfg.full_matrix, unit=cfg.unit)
+        parts = split_parts(family, t.lora_name, t.module.weight.shape[1]) if cfg.dit.split_qkv else None
         with torch.device(dev):
-            a = cls(t.lora_name, t.module, **kw)
+            a = SplitLoRAModule(t.lora_name, t.module, parts, **kw) if parts else cls(t.lora_name, t.module, **kw)
         a.wd_detach_norm = cfg.dora_detach_norm
         return a
 
@@ -507,15 +523,34 @@ def create_network(bundle, network_module: str = "networks.lora", network_dim: i
                 dim, alpha = cfg.conv_dim, cfg.conv_alpha
             else:
                 continue
+            dim = cfg.dit.dim(t.lora_name, dim)
             if not dim:
                 continue
             adapters.append(make(t, dim, alpha))
+        adapters += [make(t, d, cfg.alpha) for t, d in _in_layer_targets(bundle.unet, family, cfg.dit.in_dims)]
     if not adapters:
         raise UserError("network_args select no layer at all (every block has rank 0 or is left out); "
                         "check blocks / block_dims / *_lr_weight and train_unet / train_text_encoder.")
     net = Network(family, adapters, cfg)
     net.multiplier = multiplier
     return net
+
+
+def _in_layer_targets(unet, family, in_dims) -> list[tuple[Target, int]]:
+    """network_args in_dims: LoRA targets on the denoiser's input embedders, with their ranks (0: none; a layer the
+    model lacks, like schnell's guidance embedder, none)."""
+    from lorakit.adapters.targets import unet_lora_name
+
+    if not in_dims:
+        return []
+    modules = dict(unet.named_modules())
+    out = []
+    for paths, dim in zip(IN_LAYERS, in_dims):
+        for path in paths:
+            if dim and isinstance(modules.get(path), nn.Linear):
+                name = unet_lora_name(family, path)
+                out.append((Target(name, modules[path], "linear", None), dim))
+    return out
 
 
 # ---- building from a file -----------------------------------------------------------------------------------------

@@ -101,6 +101,9 @@ class _Models:
         print(f"loading {path} ...", file=sys.stderr)
         bundle = load_bundle(path, vae=a.vae, dtype=dtype, v2=a.v2, v_parameterization=a.v_parameterization,
                              sdxl=a.sdxl, clip_l=a.clip_l, t5xxl=a.t5xxl, ae=a.ae)
+        from lorakit.models.component_files import check_complete
+
+        check_complete(bundle, path)
         if a.tokenizer_cache_dir:
             from lorakit.models.component_files import set_t5_tokenizer
             from lorakit.models.tokenizer import t5_tokenizer_from_cache

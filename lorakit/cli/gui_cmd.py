@@ -53,11 +53,11 @@ def run(args) -> int:
     # reads and writes local files): start it quietly and say where it runs instead
     demo, ctx, url = launch(roots=args.root, jobs_dir=args.jobs_dir, listen=args.listen, port=args.port, auth=auth,
                             outputs=args.outputs, block=False, quiet=True)
-    print(f"lorakit gui: open {url} in a browser (Ctrl-C to stop; running training jobs keep going and are shown "
-          "again by the next `lorakit gui`).", flush=True)
     import time
 
-    try:
+    try:  # the announcement is inside: a Ctrl-C right after it must still stop the server threads, not hang the exit
+        print(f"lorakit gui: open {url} in a browser (Ctrl-C to stop; running training jobs keep going and are shown "
+              "again by the next `lorakit gui`).", flush=True)
         while getattr(demo, "is_running", True):
             time.sleep(0.5)
     except KeyboardInterrupt:

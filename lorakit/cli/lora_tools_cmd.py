@@ -121,7 +121,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("filter", help="keep, drop or scale blocks of a LoRA",
                               description="Write a new LoRA with only some blocks (--keep), without some (--drop), "
                                           "or with blocks scaled (--scale). Blocks: TE (or BASE), IN00..IN11, MID "
-                                          "(M00), OUT00..OUT11, ranges like IN04-IN07 or OUT03-06.")
+                                          "(M00), OUT00..OUT11, ranges like IN04-IN07 or OUT03-06; FLUX.1: D00..D18 "
+                                          "(double blocks), S00..S37 (single blocks).")
     p.add_argument("lora", help="input LoRA")
     p.add_argument("--keep", default=None, help='blocks to keep, e.g. "IN04-IN07,OUT03-OUT06" (others are dropped)')
     p.add_argument("--drop", default=None, help='blocks to drop, e.g. "TE,MID"')

@@ -47,6 +47,9 @@ BLOCKS_26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02
 BLOCKS_17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)]
 BLOCKS_12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)]
 BLOCKS_20 = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
+# FLUX.1: 19 double-stream and 38 single-stream blocks (as `lorakit lora info` names them); selectors and block weights
+# (`lora filter`, `lora merge --block_weights`) name them D00..D18, S00..S37
+BLOCKS_FLUX = ["BASE"] + [f"D{i:02d}" for i in range(19)] + [f"S{i:02d}" for i in range(38)]
 VECTOR_BLOCKS: dict[int, list[str]] = {12: BLOCKS_12, 17: BLOCKS_17, 20: BLOCKS_20, 26: BLOCKS_26}
 
 DEFAULT_PRESETS: dict[str, str] = {
@@ -200,12 +203,13 @@ def _one_block(token: str, text: str) -> str:
         return "BASE"
     if t in ("M", "MID", "M0", "M00", "MID00"):
         return "M00"
-    m = re.fullmatch(r"(IN|OUT)(\d{1,2})", t)
-    if m and int(m.group(2)) <= 11:
+    m = re.fullmatch(r"(IN|OUT|D|S)(\d{1,2})", t)
+    if m and f"{m.group(1)}{int(m.group(2)):02d}" in BLOCKS_26 + BLOCKS_FLUX:
         return f"{m.group(1)}{int(m.group(2)):02d}"
     raise UserError(
         f"Block selector {text!r}: {token!r} is not a block. Valid blocks: BASE (or TE), IN00..IN11, "
-        "M00 (or MID), OUT00..OUT11; ranges like IN04-IN07 or OUT03-06, separated by commas."
+        "M00 (or MID), OUT00..OUT11 (FLUX.1: D00..D18, S00..S37); ranges like IN04-IN07, OUT03-06 or D00-D09, "
+        "separated by commas."
     )
 
 
@@ -222,13 +226,16 @@ def parse_block_selector(text: str) -> set[str]:
         if "-" in tok:
             a, _, b = tok.partition("-")
             first = _one_block(a, text)
-            if b.strip().isdigit() and first.startswith(("IN", "OUT")):
+            if b.strip().isdigit() and first.startswith(("IN", "OUT", "D", "S")):
                 b = first.rstrip("0123456789") + b.strip()  # "IN04-07" means IN04-IN07
             last = _one_block(b, text)
-            i, j = BLOCKS_26.index(first), BLOCKS_26.index(last)
+            order = BLOCKS_FLUX if {first, last} - set(BLOCKS_26) else BLOCKS_26
+            if {first, last} - set(order):
+                raise UserError(f"Block selector {text!r}: {tok!r} mixes FLUX.1 blocks (D.., S..) with IN/MID/OUT.")
+            i, j = order.index(first), order.index(last)
             if i > j:
                 i, j = j, i
-            result.update(BLOCKS_26[i : j + 1])
+            result.update(order[i : j + 1])
         else:
             result.add(_one_block(tok, text))
     return result

@@ -31,6 +31,11 @@ BASIC_SECTIONS: list[tuple[str, list[str]]] = [
         "cache_latents", "caption_extension", "shuffle_caption", "keep_tokens", "clip_skip", "network_train_unet_only",
         "gradient_checkpointing", "sample_prompts", "sample_every_n_epochs", "sample_sampler", "logging_dir"]),
 ]
+# shown under the source model once it is detected as FLUX.1 (flux_section_visible), hidden for SD models
+FLUX_SECTION = ("FLUX.1", ["clip_l", "t5xxl", "ae", "tokenizer_cache_dir", "t5xxl_max_token_length",
+                           "apply_t5_attn_mask", "timestep_sampling", "discrete_flow_shift", "model_prediction_type",
+                           "guidance_scale", "weighting_scheme", "blocks_to_swap"])
+BASIC_SECTIONS.insert(1, FLUX_SECTION)
 BASIC_NAMES: list[str] = [n for _, names in BASIC_SECTIONS for n in names]
 
 # Suggestions for free-text options (custom values stay allowed).
@@ -298,3 +303,29 @@ def load_preset(path) -> dict[str, Any]:
 __all__ = ["Field", "BASIC_SECTIONS", "BASIC_NAMES", "NOT_FIELDS", "form_fields", "default_values", "form_to_given",
            "given_to_values", "prepare", "validate", "field_of_message", "command_args", "command_line", "save_preset",
            "load_preset"]
+
+
+def detected_family(model_path: str | None, roots, v2: bool = False, v_parameterization: bool = False,
+                    sdxl: bool = False):
+    """(family or None, a line for the form) from the header of a model path inside the GUI's roots (no weights
+    read)."""
+    from lorakit.errors import UserError
+    from lorakit.models.loading import plan_model
+
+    if not model_path or not str(model_path).strip():
+        return None, ""
+    try:
+        path = roots.check(str(model_path).strip(), "base model")
+        if not path.exists():
+            return None, "Model: not found yet (the family is read from the file once it exists)."
+        plan = plan_model(path, v2=v2, v_parameterization=v_parameterization, sdxl=sdxl)
+    except UserError as e:
+        return None, f"Model: {e}"
+    fam = plan.family
+    extra = " The FLUX.1 section below applies." if fam.objective == "flow" else ""
+    return fam, f"Model: **{fam.title}** (detected from the file).{extra}"
+
+
+def flux_section_visible(family) -> bool:
+    """The FLUX.1 options mean something for this model (its flags are refused on SD models)."""
+    return family is not None and family.objective == "flow"

@@ -5,6 +5,7 @@ metadata, and X/Y/Z grids over epoch snapshots, weights and LBW presets. Uses th
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import UserError
@@ -22,18 +23,24 @@ class GeneratorCache:
         self.key = None
         self.gen = None
 
-    def get(self, model: Path, lora_dir: Path | None):
+    def get(self, model: Path, lora_dir: Path | None, flux_files: "FluxFiles | None" = None):
         import torch
 
         from lorakit.generate.lora_loading import LoraLibrary
         from lorakit.generate.pipeline import Generator
         from lorakit.models.loading import load_bundle
 
-        key = (str(model), str(lora_dir), model.stat().st_mtime)
+        ff = flux_files or FluxFiles()
+        key = (str(model), str(lora_dir), model.stat().st_mtime, ff)
         if self.key != key:
             self.close()
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-            bundle = load_bundle(str(model), dtype="fp16" if dev == "cuda" else "fp32")
+            bundle = load_bundle(str(model), dtype="fp16" if dev == "cuda" else "fp32", clip_l=ff.clip_l,
+                                 t5xxl=ff.t5xxl, ae=ff.ae)
+            from lorakit.models.component_files import check_complete
+
+            check_complete(bundle, model)  # a transformer-only FLUX file names the part fields to fill
+            ff.apply_tokenizer(bundle)
             from lorakit.utils.finite import check_model_finite
 
             check_model_finite(bundle, model)
@@ -50,6 +57,35 @@ class GeneratorCache:
         if self.gen is not None:
             self.gen.close()
         self.gen, self.key = None, None
+
+
+@dataclass(frozen=True)
+class FluxFiles:
+    """FLUX.1's parts kept as files of their own (for a transformer-only model file), as `lorakit generate` takes
+    them: --clip_l, --t5xxl, --ae and --tokenizer_cache_dir (T5's tokenizer for a full-size T5)."""
+
+    clip_l: str | None = None
+    t5xxl: str | None = None
+    ae: str | None = None
+    tokenizer_dir: str | None = None
+
+    def apply_tokenizer(self, bundle) -> None:
+        if not self.tokenizer_dir:
+            return
+        from lorakit.models.component_files import set_t5_tokenizer
+        from lorakit.models.tokenizer import t5_tokenizer_from_cache
+
+        if not bundle.family.t5_max_length:
+            raise UserError(f"T5 tokenizer folder: {bundle.family.title} has no T5 encoder; clear the field.")
+        set_t5_tokenizer(bundle, t5_tokenizer_from_cache(self.tokenizer_dir))
+
+
+def family_defaults(family) -> dict:
+    """Sampler settings that suit the model (FLUX.1: its Euler flow sampler at CFG 1 with dev's distilled guidance,
+    schnell in 4 steps; the others: A1111's Euler a at CFG 7)."""
+    if family.objective == "flow":
+        return {"sampler": "Euler", "cfg": 1.0, "steps": 20 if family.guidance_embed else 4, "flux": True}
+    return {"sampler": "Euler a", "cfg": 7.0, "steps": 20, "flux": False}
 
 
 def _model_hash(path: Path) -> str | None:
@@ -115,6 +151,13 @@ def build(gr, ctx: Context) -> dict:
         with gr.Column(scale=3):
             lora_md = gr.Markdown("", elem_id="gen-lora-card")
         lora_img = gr.Image(label="Preview", type="filepath", interactive=False, height=160, scale=1)
+    family_md = gr.Markdown("", elem_id="gen-family")
+    with gr.Row(visible=False) as flux_row:
+        clip_l = gr.Textbox(label="FLUX.1 CLIP-L file (for a transformer-only model)", elem_id="gen-clip-l")
+        t5xxl = gr.Textbox(label="FLUX.1 T5-XXL file", elem_id="gen-t5xxl")
+        ae = gr.Textbox(label="FLUX.1 AE file", elem_id="gen-ae")
+        tok_dir = gr.Textbox(label="T5 tokenizer folder (--tokenizer_cache_dir)", elem_id="gen-t5-tokenizer")
+        distilled = gr.Number(label="Distilled CFG scale (FLUX.1-dev)", value=3.5, elem_id="gen-distilled-cfg")
     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt")
     negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
     with gr.Row():
@@ -179,16 +222,37 @@ def build(gr, ctx: Context) -> dict:
         tag = f"<lora:{Path(name).stem}:{weight:g}>"
         return (text.rstrip() + " " + tag).strip() if text else tag
 
-    def settings(fam, p, n, smp, st, c, sd, w, h, b, cs):
+    def settings(fam, p, n, smp, st, c, sd, w, h, b, cs, dg=3.5):
         from lorakit.generate.pipeline import GenerationSettings
 
         return GenerationSettings(prompt=p or "", negative_prompt=n or "", steps=int(st), sampler=smp,
                                   cfg_scale=float(c), seed=int(sd if sd is not None else -1),
                                   width=int(w) or fam.resolution, height=int(h) or fam.resolution,
-                                  clip_skip=int(cs) or None, batch_size=max(1, int(b or 1)))
+                                  clip_skip=int(cs) or None, batch_size=max(1, int(b or 1)),
+                                  distilled_cfg_scale=float(dg if dg is not None else 3.5))
+
+    def flux_files(cl, t5, a, tok):
+        def opt(text, what, kind="file"):
+            return str(ctx.path(text, what, kind=kind)) if text and str(text).strip() else None
+
+        return FluxFiles(opt(cl, "CLIP-L file"), opt(t5, "T5-XXL file"), opt(a, "AE file"),
+                         opt(tok, "T5 tokenizer folder", kind="dir"))
 
     @handler
-    def on_generate(m, ld, p, n, smp, st, c, sd, w, h, b, cs, out):
+    def on_gen_model(m):
+        from lorakit.models.loading import plan_model
+
+        if not m or not m.strip():
+            return "", gr.update(visible=False), gr.update(), gr.update(), gr.update()
+        fam = plan_model(model_path(m)).family
+        d = family_defaults(fam)
+        note = (" Sampling: Euler along the flow, CFG 1, no negative prompt; dev reads the distilled CFG scale."
+                if d["flux"] else "")
+        return (f"Model: **{fam.title}**.{note}", gr.update(visible=d["flux"]), gr.update(value=d["sampler"]),
+                gr.update(value=d["cfg"]), gr.update(value=d["steps"]))
+
+    @handler
+    def on_generate(m, ld, p, n, smp, st, c, sd, w, h, b, cs, out, cl=None, t5=None, a=None, tok=None, dg=3.5):
         from lorakit.generate.pipeline import save_image_unique
 
         if not (p or "").strip():
@@ -196,15 +260,16 @@ def build(gr, ctx: Context) -> dict:
         model_p = model_path(m)
         out_p = ctx.path(out, "output folder", must_exist=False)
         with cache.lock:
-            gen = cache.get(model_p, library_dir(ld))
-            s = settings(gen.bundle.family, p, n, smp, st, c, sd, w, h, b, cs)
+            gen = cache.get(model_p, library_dir(ld), flux_files(cl, t5, a, tok))
+            s = settings(gen.bundle.family, p, n, smp, st, c, sd, w, h, b, cs, dg)
             r = gen(s)
         paths = [str(save_image_unique(img, out_p, sd_, text)) for img, sd_, text in zip(r.images, r.seeds,
                                                                                          r.infotexts)]
         return paths, "\n\n".join(r.infotexts)
 
     @handler
-    def on_grid(m, ld, p, n, smp, st, c, sd, w, h, b, cs, out, xt, xv, yt, yv, zt, zv):
+    def on_grid(m, ld, p, n, smp, st, c, sd, w, h, b, cs, out, xt, xv, yt, yv, zt, zv, cl=None, t5=None, a=None,
+                tok=None, dg=3.5):
         from lorakit.generate.grid import make_axis, run_grid
         from lorakit.generate.pipeline import save_image_unique
 
@@ -212,13 +277,13 @@ def build(gr, ctx: Context) -> dict:
         out_p = ctx.path(out, "output folder", must_exist=False)
         grids = ctx.path(str(Path(out_p).parent / "grids"), "grid folder (beside the output folder)", must_exist=False)
         with cache.lock:
-            gen = cache.get(model_p, library_dir(ld))
+            gen = cache.get(model_p, library_dir(ld), flux_files(cl, t5, a, tok))
             axes_ = [make_axis(t, v, gen.library) for t, v in ((xt, xv), (yt, yv), (zt, zv))]
             if all(a.name == "Nothing" for a in axes_):
                 raise UserError("Choose at least the X axis type and values.")
             if any(a.name == "Checkpoint name" for a in axes_):
                 raise UserError("The Checkpoint axis is available in `lorakit grid`; here the model is fixed.")
-            base = settings(gen.bundle.family, p, n, smp, st, c, sd, w, h, 1, cs)
+            base = settings(gen.bundle.family, p, n, smp, st, c, sd, w, h, 1, cs, dg)
             result = run_grid(lambda ckpt: gen, base, *axes_)
         text = result.infotexts[(0, 0, 0)]
         path = save_image_unique(result.image, grids, "grid", text)
@@ -226,12 +291,14 @@ def build(gr, ctx: Context) -> dict:
 
     gen_inputs = [model, lora_dir, prompt, negative, sampler, steps, cfg, seed, width, height, batch, clip_skip,
                   outdir]
+    flux_inputs = [clip_l, t5xxl, ae, tok_dir, distilled]
+    model.change(on_gen_model, model, [family_md, flux_row, sampler, cfg, steps], show_progress="hidden")
     refresh.click(on_refresh, lora_dir, lora_pick)
     lora_pick.change(on_pick, [lora_dir, lora_pick], [lora_md, lora_img])
     insert.click(on_insert, [prompt, lora_pick, lora_weight], prompt)
-    gen_btn.click(on_generate, gen_inputs, [gallery, infotext])
-    grid_btn.click(on_grid, gen_inputs + axes, [grid_img, infotext])
+    gen_btn.click(on_generate, gen_inputs + flux_inputs, [gallery, infotext])
+    grid_btn.click(on_grid, gen_inputs + axes + flux_inputs, [grid_img, infotext])
     return {"cache": cache}
 
 
-__all__ = ["build", "GeneratorCache", "lora_card", "lora_files", "lora_preview"]
+__all__ = ["build", "GeneratorCache", "FluxFiles", "family_defaults", "lora_card", "lora_files", "lora_preview"]

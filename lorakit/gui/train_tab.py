@@ -52,10 +52,16 @@ def build(gr, ctx: Context) -> dict:
     advanced = gr.Checkbox(label="Show advanced options (every option, grouped)", value=False, elem_id="show-advanced")
     errors_box = gr.Markdown("", elem_id="train-errors")
 
+    family_md = None
+    flux_group = None
     for section, names in forms.BASIC_SECTIONS:
-        with gr.Group():
+        with gr.Group(visible=section != forms.FLUX_SECTION[0]) as group:
             gr.Markdown(f"### {section}")
             comps.update(_grid(gr, [by_name[n] for n in names], _make_field))
+            if section == forms.BASIC_SECTIONS[0][0]:
+                family_md = gr.Markdown("", elem_id="train-family")
+        if section == forms.FLUX_SECTION[0]:
+            flux_group = group
     with gr.Column(visible=False) as adv_col:
         gr.Markdown("### Advanced options")
         for group in O.groups():
@@ -113,6 +119,10 @@ def build(gr, ctx: Context) -> dict:
         return "**Please fix these fields:**\n" + "\n".join(lines)
 
     @handler
+    def on_model(path, v2, v_param, sdxl):
+        fam, line = forms.detected_family(path, ctx.roots, bool(v2), bool(v_param), bool(sdxl))
+        return line, gr.update(visible=forms.flux_section_visible(fam))
+
     def on_check(*args):
         given, ns, errors = forms.prepare(values_of(args), ctx.roots)
         cmd = forms.command_line(given)
@@ -178,6 +188,9 @@ def build(gr, ctx: Context) -> dict:
     reuse_btn.click(on_reuse, job_sel, [errors_box] + inputs)
     stop_btn.click(on_stop, job_sel, None)
     advanced.change(lambda v: gr.update(visible=v), advanced, adv_col)
+    model_inputs = [comps[n] for n in ("pretrained_model_name_or_path", "v2", "v_parameterization", "sdxl")]
+    for c in model_inputs:
+        c.change(on_model, model_inputs, [family_md, flux_group], show_progress="hidden")
     timer.tick(on_tick, [job_sel, seen], panel, show_progress="hidden")
     job_sel.input(lambda j: render_job(gr, ctx, j, {})[:-1], job_sel, panel[:-1], show_progress="hidden")
     return {"load": (on_load_page, [], [job_sel]), "fields": comps, "names": names}

@@ -142,3 +142,15 @@ def set_t5_tokenizer(bundle, tokenizer) -> None:
     for i, spec in enumerate(bundle.family.text_encoders):
         if spec.kind == "t5":
             bundle.tokenizers[i] = tokenizer
+
+
+def check_complete(bundle, path) -> None:
+    """Training and generation need every part: name the file flag of a part the model file did not hold (a BFL
+    transformer-only release needs --clip_l, --t5xxl and --ae beside it)."""
+    flags = dict(zip([s.config_name for s in bundle.family.text_encoders], ("--clip_l", "--t5xxl")))
+    missing = [flags.get(name, name) for name in bundle.info.get("text_encoders_missing", [])]
+    if bundle.vae is None:
+        missing.append("--ae" if bundle.family.split_files else "--vae")
+    if missing:
+        raise UserError(f"{path} holds no {', '.join(m.lstrip('-') for m in missing)} weights: pass "
+                        f"{' and '.join(m + ' FILE' for m in missing)} (the files kept beside the model).")

@@ -25,7 +25,7 @@ def detect_ldm_family(path, keys: set[str], shape_of, metadata: dict[str, str],
     """(family, prediction_known) for a single-file LDM/SAI checkpoint. prediction_known is False only for SD2
     files whose keys, metadata and flags leave epsilon vs v-prediction open (the caller may probe the UNet)."""
     if any(k.startswith(U + "joint_blocks.") for k in keys):
-        raise _refuse(path, "a Stable Diffusion 3 checkpoint", "Use an SD1.x, SD2.x or SDXL base model.")
+        raise _refuse(path, "a Stable Diffusion 3 checkpoint", "Use an SD1.x, SD2.x, SDXL or FLUX.1 base model.")
     flux = flux_family_of(keys)
     if flux is not None:
         if any(k.endswith(".scale_weight") for k in keys):

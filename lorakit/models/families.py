@@ -67,6 +67,15 @@ class Family:
     split_files: bool = False  # files usually hold the denoiser alone (BFL: no key prefix); encoders and AE come apart
     t5_max_length: int = 0  # T5 tokens when --t5xxl_max_token_length is not given (dev 512, schnell 256)
     guidance_embed: bool = False  # the denoiser takes a distilled-guidance value (FLUX.1-dev)
+    # the denoiser's lists of transformer blocks as (module list, config key of its depth): --blocks_to_swap moves
+    # them, network_args train_*_block_indices select in them
+    block_lists: tuple[tuple[str, str], ...] = ()
+    # fused layers sd-scripts' split_qkv gives one LoRA per part: (kohya name suffix, part widths in units of the
+    # layer's input width)
+    lora_split_parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # sd-scripts' FLUX order: the denoiser comes to the device after the caches are filled, and text encoders whose
+    # outputs are cached leave it (T5-XXL alone is 9 GiB in bf16)
+    denoiser_after_caching: bool = False
 
     @property
     def lora_te_prefixes(self) -> tuple[str, ...]:
@@ -197,6 +206,8 @@ _FLUX = dict(
     is_v2=False, modelspec_implementation=_BFL, vae_ldm_prefix="vae.",
     denoiser="flux", objective="flow", conditioning="clip-pooled+t5",
     lora_block_classes=("DoubleStreamBlock", "SingleStreamBlock"), split_files=True,
+    block_lists=(("double_blocks", "depth"), ("single_blocks", "depth_single_blocks")),
+    denoiser_after_caching=True, lora_split_parts=(("_attn_qkv", (1, 1, 1)), ("_linear1", (1, 1, 1, 4))),
 )
 
 FAMILIES: dict[str, Family] = {

@@ -244,6 +244,7 @@ class FluxTransformer(nn.Module):
             SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks))
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
         self.gradient_checkpointing = False
+        self.block_swaps: tuple = ()  # BlockSwap of double_blocks and single_blocks (--blocks_to_swap)
 
     @classmethod
     def from_config(cls, config: dict) -> "FluxTransformer":
@@ -263,10 +264,45 @@ class FluxTransformer(nn.Module):
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
 
+    @property
+    def block_depths(self) -> tuple[int, int]:
+        return self.params.depth, self.params.depth_single_blocks
+
+    def enable_block_swap(self, blocks_to_swap: int, device, observer=None) -> tuple[int, int]:
+        """sd-scripts' --blocks_to_swap: everything but the swapped blocks moves to `device`; the swapped blocks'
+        weights stay in CPU memory and visit the device in turn (models.block_swap). Returns (double, single)
+        blocks swapped. Call after the weights have their training dtype (fp8 included)."""
+        from lorakit.models.block_swap import BlockSwap, swap_counts
+
+        counts = swap_counts(blocks_to_swap, self.block_depths)
+        for name, child in self.named_children():
+            if name not in ("double_blocks", "single_blocks"):
+                child.to(device)
+        lists = (("double", self.double_blocks, counts[0]), ("single", self.single_blocks, counts[1]))
+        self.block_swaps = tuple(
+            BlockSwap(blocks, c, device, observer=(lambda kind, i, n=name: observer(n, kind, i)) if observer else None)
+            for name, blocks, c in lists)
+        return counts
+
     def _run(self, block, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def _run_blocks(self, blocks, swap, stream: tuple, vec, pe, mask) -> tuple:
+        """Each block over the stream (img, txt) or (x,), with block swap's moves around it when enabled."""
+        if swap is not None:
+            swap.begin()
+        for i, block in enumerate(blocks):
+            vec_i = vec
+            if swap is not None:
+                swap.before_forward(i)
+                *stream, vec_i = swap.mark(i, *stream, vec)
+            out = self._run(block, *stream, vec_i, pe, mask)
+            stream = out if isinstance(out, tuple) else (out,)
+            if swap is not None:
+                swap.after_forward(i)
+        return stream
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_mask=None):
         """Velocity [B, L_img, out_channels]. txt_mask [B, L_txt] (True = a real token) hides T5 padding from every
@@ -283,11 +319,9 @@ class FluxTransformer(nn.Module):
         if txt_mask is not None:
             keep_img = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
             mask = torch.cat((txt_mask.to(img.device, torch.bool), keep_img), dim=1)[:, None, None, :]
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe, mask)
-        x = torch.cat((txt, img), 1)
-        for block in self.single_blocks:
-            x = self._run(block, x, vec, pe, mask)
+        swaps = self.block_swaps or (None, None)
+        img, txt = self._run_blocks(self.double_blocks, swaps[0], (img, txt), vec, pe, mask)
+        (x,) = self._run_blocks(self.single_blocks, swaps[1], (torch.cat((txt, img), 1),), vec, pe, mask)
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
 

@@ -37,9 +37,9 @@ def quantile(values: torch.Tensor, q: float) -> float:
 
 def lora_targets(bundle, conv: bool):
     """(text-encoder targets, UNet targets) of sd-scripts networks.lora for this bundle."""
-    from lorakit.adapters.targets import UNET_CONV_BLOCKS, UNET_TRANSFORMER, te_targets, unet_targets
+    from lorakit.adapters.targets import UNET_CONV_BLOCKS, UNET_TRANSFORMER, family_classes, te_targets, unet_targets
 
-    classes = UNET_TRANSFORMER + (UNET_CONV_BLOCKS if conv else ())
+    classes = family_classes(bundle.family, UNET_TRANSFORMER) + (UNET_CONV_BLOCKS if conv else ())
     return te_targets(bundle.text_encoders, bundle.family), unet_targets(bundle.unet, bundle.family, classes, conv=conv)
 
 

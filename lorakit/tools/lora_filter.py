@@ -1,7 +1,8 @@
 """`lorakit lora filter`: keep or drop whole blocks of a LoRA by readable name, or scale blocks, into a new file.
 
 Block names are the LBW ones (lorakit.generate.lbw): BASE or TE (every text-encoder module), IN00..IN11, M00 or MID,
-OUT00..OUT11, ranges such as IN04-IN07 or OUT03-06. For SDXL the numbers are SAI input/output block numbers.
+OUT00..OUT11, ranges such as IN04-IN07 or OUT03-06. For SDXL the numbers are SAI input/output block numbers; FLUX.1's
+blocks are D00..D18 (double-stream) and S00..S37 (single-stream), as `lora info` shows them.
 Modules outside the numbered blocks (time embedding, conv_in/out) are dropped by --keep and kept by --drop.
 Scaling multiplies the output-side factor (lora_up, hada_w1_a, lokr_w1/lokr_w1_a, diff), which scales the delta
 exactly; a factor of 0 removes the module. DoRA, IA3 and OFT modules are not linear in their tensors: they can be
@@ -75,7 +76,7 @@ class FilterReport:
 def _order() -> dict[str, int]:
     from lorakit.generate import lbw
 
-    return {b: i for i, b in enumerate(lbw.BLOCKS_26 + ["OTHER"])}
+    return {b: i for i, b in enumerate(lbw.BLOCKS_26 + lbw.BLOCKS_FLUX[1:] + ["OTHER"])}
 
 
 def filter_state_dict(sd: Mapping[str, torch.Tensor], keep: str | None = None, drop: str | None = None,

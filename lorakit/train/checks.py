@@ -66,7 +66,8 @@ def check_options(opts, family) -> list[str]:
 
 # options of one kind of model only, and why the others cannot honour them
 FLOW_ONLY = ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "guidance_scale",
-             "t5xxl_max_token_length", "apply_t5_attn_mask", "clip_l", "t5xxl", "ae")
+             "t5xxl_max_token_length", "apply_t5_attn_mask", "clip_l", "t5xxl", "ae", "weighting_scheme", "logit_mean",
+             "logit_std", "mode_scale")
 DDPM_ONLY = {
     "v_parameterization": "FLUX predicts a velocity by construction",
     "zero_terminal_snr": "a flow model has no beta schedule (sigma = 1 is pure noise already)",
@@ -100,8 +101,28 @@ def _family_option_notes(opts, family) -> list[str]:
     if opts.loss_type in ("huber", "smooth_l1") and opts.huber_schedule != "constant":
         raise UserError(f"--loss_type {opts.loss_type} on {family.title} needs --huber_schedule constant: the "
                         f"{opts.huber_schedule} schedule reads a DDPM noise schedule, which a flow model has not.")
+    _check_weighting(opts, given)
     notes = []
     if opts.model_prediction_type == "sigma_scaled":
         notes.append("--model_prediction_type sigma_scaled (sd-scripts' default) compares noisy - sigma x prediction "
                      "with the velocity target; sd-scripts' FLUX guide recommends --model_prediction_type raw.")
     return notes
+
+
+def _check_weighting(opts, given: set) -> None:
+    """--weighting_scheme and its parameters act only where sd-scripts applies them: refuse the combinations where
+    they would change nothing."""
+    scheme = opts.weighting_scheme
+    if scheme in ("logit_normal", "mode") and opts.timestep_sampling != "sigma":
+        raise UserError(f"--weighting_scheme {scheme} shapes the draws of --timestep_sampling sigma (as in sd-scripts); "
+                        f"with --timestep_sampling {opts.timestep_sampling} it would change nothing. Use "
+                        "--timestep_sampling sigma or drop --weighting_scheme.")
+    if scheme in ("sigma_sqrt", "cosmap") and opts.model_prediction_type != "sigma_scaled":
+        raise UserError(f"--weighting_scheme {scheme} weights the loss of --model_prediction_type sigma_scaled (as in "
+                        f"sd-scripts); with {opts.model_prediction_type} it would change nothing. Use sigma_scaled "
+                        "or drop --weighting_scheme.")
+    needs = {"logit_mean": "logit_normal", "logit_std": "logit_normal", "mode_scale": "mode"}
+    stray = [n for n, s in needs.items() if n in given and scheme != s]
+    if stray:
+        raise UserError(f"--{stray[0]} is a parameter of --weighting_scheme {needs[stray[0]]}, and the scheme is "
+                        f"{scheme}: add --weighting_scheme {needs[stray[0]]} or remove --{stray[0]}.")

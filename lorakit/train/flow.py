@@ -14,6 +14,12 @@ Timestep sampling (sd-scripts' get_noisy_model_input_and_timesteps), u ~ U(0,1),
     shift       shift(sigmoid(--sigmoid_scale z)) with k = --discrete_flow_shift
     flux_shift  sigmoid(--sigmoid_scale z) moved by FLUX's resolution-dependent shift: mu = 0.5 + (1.15 - 0.5)
                 (n - 256) / (4096 - 256) for n packed image tokens, sigma' = e^mu / (e^mu + 1/sigma - 1)
+--weighting_scheme (sd-scripts' SD3 schemes, diffusers' compute_density_for_timestep_sampling / compute_loss_weighting):
+    logit_normal  sigma sampling draws u = sigmoid(--logit_mean + --logit_std z) instead of u ~ U(0,1)
+    mode          sigma sampling draws u' = 1 - u - s (cos^2(pi u / 2) - 1 + u), s = --mode_scale
+    sigma_sqrt    the loss of each sample is weighted by sigma^-2   } only with --model_prediction_type sigma_scaled,
+    cosmap        ... by 2 / (pi (1 - 2 sigma + 2 sigma^2))            } as sd-scripts applies them
+    uniform/none  neither (the default)
 The transformer reads t = sigma (BFL scales it by 1000 inside) and, for dev, guidance = --guidance_scale.
 Every draw uses the run's noise generator (noise first, then sigmas), so a resumed run draws the same numbers.
 """
@@ -31,6 +37,9 @@ from lorakit.train import losses
 from lorakit.train import noise as N
 
 TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+SAMPLING_SCHEMES = ("logit_normal", "mode")  # shape the sigma sampling's draws
+LOSS_SCHEMES = ("sigma_sqrt", "cosmap")  # weight the loss (sigma_scaled predictions)
 PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -47,6 +56,10 @@ class FlowOptions:
     ip_noise_gamma: Optional[float]
     ip_noise_gamma_random_strength: bool
     tokenizer_cache_dir: Optional[str]  # T5's tokenizer when the model files bring none (sd-scripts' layout)
+    weighting_scheme: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
 
 # ---- pure maths ---------------------------------------------------------------------------------------------------
@@ -64,6 +77,27 @@ def time_shift(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
 
+def density_draws(scheme: str, batch: int, generator, logit_mean: float = 0.0, logit_std: float = 1.0,
+                  mode_scale: float = 1.29) -> torch.Tensor:
+    """u in [0, 1] per sample, distributed as the weighting scheme says (uniform for the others)."""
+    like = torch.empty(0)
+    if scheme == "logit_normal":
+        return torch.sigmoid(logit_mean + logit_std * N.randn((batch,), generator, like))
+    u = N.rand((batch,), generator, like)
+    if scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights of sigma_sqrt and cosmap (None: no weighting)."""
+    if scheme == "sigma_sqrt":
+        return sigmas.float() ** -2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas.float() + 2 * sigmas.float() ** 2))
+    return None
+
+
 def sample_sigmas(o: FlowOptions, batch: int, latent_hw: tuple[int, int],
                   generator: Optional[torch.Generator]) -> torch.Tensor:
     """One sigma in (0, 1] per sample, float32 on the generator's device (see the module docstring)."""
@@ -71,7 +105,8 @@ def sample_sigmas(o: FlowOptions, batch: int, latent_hw: tuple[int, int],
     if o.timestep_sampling == "uniform":
         return N.rand((batch,), generator, like)
     if o.timestep_sampling == "sigma":
-        index = (N.rand((batch,), generator, like) * NUM_TRAIN_TIMESTEPS).long()
+        u = density_draws(o.weighting_scheme, batch, generator, o.logit_mean, o.logit_std, o.mode_scale)
+        index = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
         return shift_sigmas((NUM_TRAIN_TIMESTEPS - index).float() / NUM_TRAIN_TIMESTEPS, o.discrete_flow_shift)
     sig = torch.sigmoid(o.sigmoid_scale * N.randn((batch,), generator, like))
     if o.timestep_sampling == "sigmoid":
@@ -169,7 +204,9 @@ class FlowObjective:
         loss = losses.apply_mask(losses.elementwise_loss(pred, flow_target(latents, noise), lo.loss_type, c),
                                  batch.get("alpha_masks"))
         loss = loss.mean(dim=list(range(1, loss.ndim))) * batch["loss_weights"].to(loss.device, loss.dtype)
-        return loss.mean()
+        weights = loss_weighting(self.o.weighting_scheme, sigmas) if self.o.model_prediction_type == "sigma_scaled" \
+            else None
+        return (loss if weights is None else loss * weights.to(loss.device, loss.dtype)).mean()
 
     def predict(self, bundle, maths, noisy: torch.Tensor, sigmas: torch.Tensor, cond) -> torch.Tensor:
         """The transformer's velocity for latents [B, C, H, W] (packed into 2x2 tokens and back)."""

@@ -304,7 +304,8 @@ def estimate(opts, run, family, configs: dict, shape: StepShape) -> MemoryEstima
         model = S.prepare_model(replace(S.picked(S.ModelOptions, opts), base_weights=None), quiet, bundle)
         net = S.build_network(replace(S.picked(S.NetworkOptions, opts), network_weights=None), quiet, model)
         trainable = [p for p in net.network.parameters() if p.requires_grad]
-        weights = module_bytes(*bundle.components().values())
+        weights = module_bytes(*bundle.components().values()) + _moved_weights(opts, run, family, configs, bundle,
+                                                                                notes)
         step = _step(opts, run, model, net, shape)
         traced = trace(step)
     caches = _cache_bytes(opts, family, shape, configs)
@@ -315,6 +316,31 @@ def estimate(opts, run, family, configs: dict, shape: StepShape) -> MemoryEstima
     return MemoryEstimate(str(run.device.type), weights=weights, trainable=grads, gradients=grads,
                           optimizer=opt_state, activations=traced.peak, caches=caches, runtime=runtime,
                           notes=tuple(notes))
+
+
+def _moved_weights(opts, run, family, configs: dict, bundle, notes: list[str]) -> int:
+    """What stages.place_denoiser changes in the device's weights (negative: bytes that leave it). Block swap and
+    offloading move weights, not activations, so the step is traced without them. On a GPU: cached text encoders
+    leave (FLUX), and --blocks_to_swap keeps its blocks in CPU memory (a block leaves before the next comes: none is
+    in flight on top of the ones the device holds). On the CPU nothing leaves, and block swap adds the copies of the
+    swapped blocks the device holds at once."""
+    from lorakit.models.block_swap import device_bytes_change
+    from lorakit.train.stages import check_blocks_to_swap
+
+    change = 0
+    if family.denoiser_after_caching and opts.cache_text_encoder_outputs and run.device.type != "cpu":
+        change -= module_bytes(*bundle.text_encoders)
+        notes.append(f"text encoders ({gib(module_bytes(*bundle.text_encoders))} GiB) leave the device once their "
+                     "outputs are cached")
+    counts = check_blocks_to_swap(opts.blocks_to_swap, family, configs)
+    if counts and any(counts):
+        lists = [getattr(bundle.unet, name) for name, _key in family.block_lists]
+        swap = device_bytes_change(lists, counts, run.device.type)
+        change += swap
+        notes.append(f"--blocks_to_swap {opts.blocks_to_swap}: {' and '.join(map(str, counts))} blocks "
+                     + (f"({gib(-swap)} GiB) wait in CPU memory" if swap < 0 else
+                        f"take turns, their copies adding {gib(swap)} GiB on the CPU"))
+    return change
 
 
 def _step(opts, run, model, net, shape: StepShape) -> Callable[[], None]:
@@ -403,9 +429,10 @@ class Fix:
     changes_data: bool = False  # batches or buckets change: the datasets are scanned again
 
 
-def candidate_fixes(opts, configs: list) -> list[Fix]:
-    """The memory options not in use yet that could apply to this run, least change to what is learned first."""
-    fixes = []
+def candidate_fixes(opts, configs: list, swap_fix: Fix | None = None) -> list[Fix]:
+    """The memory options not in use yet that could apply to this run, least change to what is learned first
+    (`swap_fix`: the model's --blocks_to_swap, which learns the same, only slower)."""
+    fixes = [swap_fix] if swap_fix is not None and not opts.blocks_to_swap else []
     subsets = [s for c in configs for s in c.subsets]
     if not opts.gradient_checkpointing:
         fixes.append(Fix("--gradient_checkpointing", lambda o, sh: (replace(o, gradient_checkpointing=True), sh)))
@@ -438,6 +465,19 @@ def candidate_fixes(opts, configs: list) -> list[Fix]:
                          lambda o, sh: (replace(o, resolution=f"{w2},{h2}"), replace(sh, width=w2, height=h2)),
                          changes_data=True))
     return fixes
+
+
+def _swap_fix(plan, device: torch.device) -> Fix | None:
+    """--blocks_to_swap with sd-scripts' usual 18 (or the model's most) for a model with block lists to swap, on a
+    GPU (on the CPU the blocks already are in CPU memory: swapping saves nothing)."""
+    from lorakit.models.block_swap import max_blocks_to_swap
+
+    if not plan.family.block_lists or device.type == "cpu":
+        return None
+    unet = (plan.configs or {}).get("unet") or plan.family.config("unet")
+    n = min(18, max_blocks_to_swap([int(unet[key]) for _name, key in plan.family.block_lists]))
+    return Fix(f"--blocks_to_swap {n} (slower: blocks take turns on the device)",
+               lambda o, sh: (replace(o, blocks_to_swap=n), sh)) if n else None
 
 
 @dataclass(frozen=True)
@@ -475,7 +515,7 @@ def check_memory(opts, run, plan, data) -> MemoryCheck:
     predict = _predictor(run, plan, shape)
     est = predict(opts, ())
     run.log(est.line() + (f"; budget {gib(budget)} GiB" if budget else ""))
-    fixes = candidate_fixes(opts, data.configs)
+    fixes = candidate_fixes(opts, data.configs, _swap_fix(plan, run.device))
     if opts.estimate_memory:
         alts = tuple((f.flags, predict(opts, (f,))) for f in fixes)
         return MemoryCheck(opts, est, budget, alternatives=alts)

@@ -57,7 +57,9 @@ def flow_metadata(opts) -> dict[str, str]:
     return {"ss_apply_t5_attn_mask": str(bool(opts.apply_t5_attn_mask)), "ss_guidance_scale": str(opts.guidance_scale),
             "ss_timestep_sampling": str(opts.timestep_sampling), "ss_sigmoid_scale": str(opts.sigmoid_scale),
             "ss_model_prediction_type": str(opts.model_prediction_type),
-            "ss_discrete_flow_shift": str(opts.discrete_flow_shift)}
+            "ss_discrete_flow_shift": str(opts.discrete_flow_shift), "ss_weighting_scheme": str(opts.weighting_scheme),
+            "ss_logit_mean": str(opts.logit_mean), "ss_logit_std": str(opts.logit_std),
+            "ss_mode_scale": str(opts.mode_scale)}
 
 
 def dataset_metadata(group, from_config: bool) -> dict[str, str]:

@@ -7,6 +7,7 @@
     load_data -> Data        datasets, batches per epoch, steps and epochs
     build_network -> Net     the adapter network applied to the model (and the model's memory settings)
     prepare_inputs -> Inputs how batches become latents and text conditioning (caches filled here)
+    place_denoiser           FLUX: cached text encoders leave the device, the transformer comes (--blocks_to_swap)
     build_optimizer -> Optim optimizer, learning-rate schedule, loss scaler
     restore -> Start         where the loop starts (a resumed state's weights, optimizer and RNG streams)
 
@@ -182,6 +183,7 @@ def plan_base_model(o: LoadOptions):
 
 def load_base_model(o: LoadOptions, log: Callable[[str], None]):
     """The ModelBundle, loaded straight into the training dtype (no full-precision copy of the frozen model)."""
+    from lorakit.models.component_files import check_complete
     from lorakit.models.loading import load_bundle
 
     if not o.pretrained_model_name_or_path:
@@ -190,19 +192,8 @@ def load_base_model(o: LoadOptions, log: Callable[[str], None]):
     log(f"loading {o.pretrained_model_name_or_path}")
     bundle = load_bundle(o.pretrained_model_name_or_path, vae=o.vae, v2=o.v2, v_parameterization=o.v_parameterization,
                          sdxl=o.sdxl, dtype=dtype_named(o.mixed_precision), clip_l=o.clip_l, t5xxl=o.t5xxl, ae=o.ae)
-    _check_complete(bundle, o.pretrained_model_name_or_path)
+    check_complete(bundle, o.pretrained_model_name_or_path)
     return bundle
-
-
-def _check_complete(bundle, path) -> None:
-    """Training needs every part: name the file flag of a part the model file did not hold."""
-    flags = dict(zip([s.config_name for s in bundle.family.text_encoders], ("--clip_l", "--t5xxl")))
-    missing = [flags.get(name, name) for name in bundle.info.get("text_encoders_missing", [])]
-    if bundle.vae is None:
-        missing.append("--ae" if bundle.family.split_files else "--vae")
-    if missing:
-        raise UserError(f"{path} holds no {', '.join(m.lstrip('-') for m in missing)} weights: pass "
-                        f"{' and '.join(m + ' FILE' for m in missing)} (the files kept beside the model).")
 
 
 def report_options(opts, family, run: Run) -> None:
@@ -235,6 +226,10 @@ class ModelOptions:
     ip_noise_gamma: Optional[float]
     ip_noise_gamma_random_strength: bool
     tokenizer_cache_dir: Optional[str]
+    weighting_scheme: str
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
 
 
 @dataclass(frozen=True)
@@ -296,8 +291,23 @@ def _flow_model(o: ModelOptions, run: Run, bundle) -> Model:
         set_t5_tokenizer(bundle, objective.t5_tokenizer)
     dtypes = component_dtypes(o.no_half_vae, run.weight_dtype, bundle.family)
     for name, module in bundle.components().items():
-        place(module, run.device, dtypes[name])
+        waits = name == "unet" and bundle.family.denoiser_after_caching  # place_denoiser moves it, after caching
+        place(module, next(module.parameters()).device if waits else run.device, dtypes[name])
     return Model(bundle, "flow", None, dtypes["vae"], objective)
+
+
+def check_blocks_to_swap(n: Optional[int], family, configs: Optional[dict]) -> Optional[tuple[int, ...]]:
+    """Blocks of each list --blocks_to_swap n moves (None: not given), or a UserError where it cannot apply."""
+    from lorakit.models.block_swap import swap_counts
+
+    if n is None:
+        return None
+    if not family.block_lists:
+        raise UserError(f"--blocks_to_swap: {family.title}'s UNet has no transformer block lists to swap (sd-scripts "
+                        "offers it for FLUX.1 and SD3); remove it, and use --gradient_checkpointing, --fp8_base or "
+                        "--cache_text_encoder_outputs to save memory.")
+    unet = (configs or {}).get("unet") or family.config("unet")
+    return swap_counts(n, [int(unet[key]) for _name, key in family.block_lists])
 
 
 def component_dtypes(no_half_vae: bool, weight_dtype: torch.dtype, family) -> dict[str, torch.dtype]:
@@ -538,6 +548,35 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data) -> Input
         with torch.no_grad(), autocast(run.device, run.weight_dtype):
             te_cache.precompute(captions, progress=ProgressLines(run.log, "captions"))
     return Inputs(encode_latents, te_cache)
+
+
+# ================================================================================================ denoiser =========
+@dataclass(frozen=True)
+class DenoiserOptions:
+    blocks_to_swap: Optional[int]
+    cache_text_encoder_outputs: bool
+
+
+def place_denoiser(o: DenoiserOptions, run: Run, model: Model) -> Optional[tuple[int, ...]]:
+    """sd-scripts' order for FLUX (family.denoiser_after_caching): once the caches are filled, text encoders whose
+    outputs are cached leave the device (T5-XXL: 9 GiB in bf16), then the transformer comes, its --blocks_to_swap
+    blocks staying in CPU memory (they take turns on the device). Returns the blocks swapped per list, or None."""
+    bundle = model.bundle
+    if model.family.denoiser_after_caching and o.cache_text_encoder_outputs:
+        for te in bundle.text_encoders:
+            place(te, torch.device("cpu"))
+        if run.device.type != "cpu":
+            run.log("text encoders moved to CPU memory: their outputs are cached")
+    if not o.blocks_to_swap:
+        place(bundle.unet, run.device)
+        return None
+    counts = bundle.unet.enable_block_swap(o.blocks_to_swap, run.device)  # weights in their training dtype by now
+    run.log(f"--blocks_to_swap {o.blocks_to_swap}: {counts[0]} double and {counts[1]} single blocks stay in CPU "
+            f"memory and take turns on {run.device}")
+    if run.device.type == "cpu":
+        run.log("note: --blocks_to_swap saves memory on a GPU; training runs on the CPU here, so the blocks take turns "
+                "as they would there but nothing is saved (each visit copies a block's weights).")
+    return counts
 
 
 class ProgressLines:
