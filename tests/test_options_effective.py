@@ -94,7 +94,8 @@ def reads(monkeypatch):
     def picked(cls, opts):
         if cls not in made:
             made[cls] = _recording(cls, r, {f.name: f.name for f in dataclasses.fields(cls) if f.name in by_name})
-        return made[cls](**{f.name: getattr(opts, f.name) for f in dataclasses.fields(cls)})
+        return made[cls](**{f.name: picked(f.metadata["options"], opts) if "options" in f.metadata
+                            else getattr(opts, f.name) for f in dataclasses.fields(cls)})
 
     monkeypatch.setattr(S, "picked", picked)
     monkeypatch.setattr(T, "pick", picked)

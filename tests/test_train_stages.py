@@ -47,7 +47,11 @@ def test_each_stage_reads_only_declared_options():
                 stages.NetworkOptions, stages.InputOptions, stages.OptimizerOptions, checkpointer.SaveOptions,
                 previews.PreviewOptions, steplog.LogOptions, loop.NoiseOptions, loop.LossOptions, loop.LoopOptions]
     for cls in declared:
-        for f in dataclasses.fields(cls):
+        fields = list(dataclasses.fields(cls))
+        while any("options" in f.metadata for f in fields):  # nested option groups (ModelOptions.flow)
+            fields = [g for f in fields for g in (dataclasses.fields(f.metadata["options"]) if "options" in f.metadata
+                                                  else [f])]
+        for f in fields:
             assert f.name in O.OPTIONS_BY_NAME and O.OPTIONS_BY_NAME[f.name].cli, (cls.__name__, f.name)
         picked = stages.picked(cls, O.normalize(O.resolve([])))
         with pytest.raises(dataclasses.FrozenInstanceError):

@@ -35,13 +35,16 @@ from lorakit import options as O
 from lorakit.errors import UserError
 from lorakit.models.dtypes import dtype_named
 from lorakit.train import noise as N
+from lorakit.train.flow import FlowOptions
 
 DEFAULT_OUTPUT_NAME = "last"
 
 
 def picked(cls, opts):
-    """The options a stage declares (the fields of `cls`, named like the options), read from the run's options."""
-    return cls(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(cls)})
+    """The options a stage declares (the fields of `cls`, named like the options), read from the run's options; a
+    field with metadata {"options": OtherOptions} holds that group, picked the same way."""
+    return cls(**{f.name: picked(f.metadata["options"], opts) if "options" in f.metadata else getattr(opts, f.name)
+                  for f in dataclasses.fields(cls)})
 
 
 def autocast(device, dtype):
@@ -215,21 +218,8 @@ class ModelOptions:
     no_half_vae: bool
     base_weights: Optional[list]
     base_weights_multiplier: Optional[list]
-    # flow-matching families (FLUX.1): read into train.flow.FlowOptions
-    timestep_sampling: str
-    sigmoid_scale: float
-    discrete_flow_shift: float
-    model_prediction_type: str
-    guidance_scale: float
-    t5xxl_max_token_length: Optional[int]
-    apply_t5_attn_mask: bool
-    ip_noise_gamma: Optional[float]
-    ip_noise_gamma_random_strength: bool
-    tokenizer_cache_dir: Optional[str]
-    weighting_scheme: str
-    logit_mean: float
-    logit_std: float
-    mode_scale: float
+    # flow-matching families (FLUX.1): the objective's own options, read by picked() like the rest
+    flow: FlowOptions = dataclasses.field(metadata={"options": FlowOptions})
 
 
 @dataclass(frozen=True)
@@ -282,9 +272,9 @@ def prepare_model(o: ModelOptions, run: Run, bundle) -> Model:
 
 def _flow_model(o: ModelOptions, run: Run, bundle) -> Model:
     """A rectified-flow model (FLUX.1): no noise schedule; the objective draws sigmas as --timestep_sampling says."""
-    from lorakit.train.flow import FlowObjective, FlowOptions
+    from lorakit.train.flow import FlowObjective
 
-    objective = FlowObjective(picked(FlowOptions, o), bundle.family)
+    objective = FlowObjective(o.flow, bundle.family)
     if objective.t5_tokenizer is not None:  # --tokenizer_cache_dir: previews tokenize like training
         from lorakit.models.component_files import set_t5_tokenizer
 
