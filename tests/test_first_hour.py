@@ -110,7 +110,10 @@ def test_gui_start_prints_its_url_and_no_share_hint(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "gui", "--port", str(port), "--root", str(tmp_path),
                              "--jobs_dir", str(tmp_path / "jobs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+                            text=True, env=env,
+                            # a suite started in the background (`cmd &` in a script) passes SIGINT on as ignored,
+                            # and Python then installs no Ctrl-C handler: give the GUI the terminal's disposition
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
         end = time.time() + 120
