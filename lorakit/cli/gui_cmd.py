@@ -53,8 +53,12 @@ def run(args) -> int:
     # reads and writes local files): start it quietly and say where it runs instead
     demo, ctx, url = launch(roots=args.root, jobs_dir=args.jobs_dir, listen=args.listen, port=args.port, auth=auth,
                             outputs=args.outputs, block=False, quiet=True)
+    import signal
     import time
 
+    # Ctrl-C stops the server even when this process was started with SIGINT ignored (a background job of a script
+    # passes it on that way, and Python then installs no handler of its own)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:  # the announcement is inside: a Ctrl-C right after it must still stop the server threads, not hang the exit
         print(f"lorakit gui: open {url} in a browser (Ctrl-C to stop; running training jobs keep going and are shown "
               "again by the next `lorakit gui`).", flush=True)
