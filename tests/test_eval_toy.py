@@ -4,21 +4,15 @@ the character the toy world hides behind the trigger, and its recall separates t
 from __future__ import annotations
 
 import pytest
-import torch
 from PIL import Image
 
 from lorakit.eval import scores as S
 from lorakit.eval.concept import eval_prompts, find_concept, training_images
 from lorakit.eval.taggers import ToyClassifierAdapter
 from lorakit.toyworld.world import BACKGROUNDS, POSITIONS, SIZES
+from test_train_common import one_thread  # noqa: F401  (autouse: tiny models run on one thread)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_toy_concept_and_recall(tmp_path):
