@@ -59,6 +59,10 @@ NETWORK_ARGS: list[NetworkArg] = [
                     "reverse_linear, zeros (+base, e.g. cosine+0.1)"),
     NetworkArg("mid_lr_weight", "mid_lr_weight=0.5", note="learning-rate factor of the middle block"),
     NetworkArg("up_lr_weight", "up_lr_weight=cosine", note="learning-rate factor per up block (like down_lr_weight)"),
+    NetworkArg("block_lr_weight", "block_lr_weight=IN00-IN03:0.5;OUT08-OUT11:2",
+               note="one learning-rate factor per block on every family (FLUX.1: D00-D18, S00-S37): the model's "
+                    "block count of numbers, or SELECTOR:factor groups separated by ';' (others keep 1; 0 = no "
+                    "LoRA there)"),
     NetworkArg("block_lr_zero_threshold", "block_lr_zero_threshold=0.1", needs=("down_lr_weight=sine",),
                note="blocks whose factor is at or below this get no LoRA at all"),
     NetworkArg("loraplus_lr_ratio", "loraplus_lr_ratio=16",

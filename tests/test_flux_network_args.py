@@ -187,3 +187,76 @@ def test_split_qkv_trains_from_the_cli(tmp_path):
     assert sd["lora_unet_single_blocks_2_linear2.lora_down.weight"].shape[0] == 4
     up = sd["lora_unet_double_blocks_1_txt_attn_qkv.lora_up.weight"]
     assert up.abs().sum() > 0 and up[:up.shape[0] // 3, 2:].abs().sum() == 0  # trained, still block-diagonal
+
+
+def _lr_of(net, unet_lr=1e-3):
+    """Each module's learning rate from the optimizer groups the trainer builds."""
+    lrs = {}
+    for g in net.trainable_param_groups(unet_lr=unet_lr, default_lr=1e-3):
+        for p in g["params"]:
+            lrs[id(p)] = g["lr"]
+    return {name: lrs[id(next(m.parameters()))] for name, m in net.named_children()}
+
+
+def test_block_lr_weight_groups_scale_flux_blocks(dev):
+    """block_lr_weight on FLUX: named groups scale those blocks' rate, the rest keep 1, factor 0 leaves a block out
+    (as sd-scripts' zero lr weights do) while the embedders outside every block keep theirs."""
+    net = create_network(dev, "networks.lora", 4, 1, {"block_lr_weight": "D00-D02:0.5;S37:2;D05:0",
+                                                      "in_dims": "[2,0,0,0,0]"}, train_text_encoder=False)
+    lrs = _lr_of(net)
+    assert lrs["lora_unet_double_blocks_0_img_attn_qkv"] == pytest.approx(5e-4)
+    assert lrs["lora_unet_double_blocks_2_txt_mlp_2"] == pytest.approx(5e-4)
+    assert lrs["lora_unet_double_blocks_3_txt_mlp_2"] == pytest.approx(1e-3)
+    assert lrs["lora_unet_single_blocks_37_linear1"] == pytest.approx(2e-3)
+    assert lrs["lora_unet_img_in"] == pytest.approx(1e-3)
+    assert not any(n.startswith("lora_unet_double_blocks_5_") for n in lrs)
+    assert len(lrs) == 18 * 10 + 38 * 3 + 1
+    # the same as one number per block (D00..D18, S00..S37), and with per-kind ranks
+    vec = ["0.5"] * 3 + ["1"] * 2 + ["0"] + ["1"] * 13 + ["1"] * 37 + ["2"]
+    net2 = create_network(dev, "networks.lora", 4, 1, {"block_lr_weight": ",".join(vec), "in_dims": "[2,0,0,0,0]",
+                                                       "single_dim": "8"}, train_text_encoder=False)
+    assert _lr_of(net2) == lrs
+    assert dict(net2.named_children())["lora_unet_single_blocks_0_linear1"].rank == 8
+
+
+def test_block_lr_weight_moves_each_block_by_its_factor(dev):
+    """One AdamW step moves every weight by about lr (its first update is lr * g/|g|): a block at factor 0.5 moves
+    half as far as one at 1 — the factor reaches the optimizer, not only the group names."""
+    torch.manual_seed(0)
+    net = create_network(dev, "networks.lora", 4, 1, {"block_lr_weight": "D01:0.5"}, train_text_encoder=False)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = torch.optim.AdamW(net.trainable_param_groups(unet_lr=1e-3, default_lr=1e-3), weight_decay=0)
+    loss = sum((p * torch.randn_like(p)).sum() for p in net.parameters())
+    loss.backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().mean().item() for n, p in net.named_parameters()}
+    half = moved["lora_unet_double_blocks_1_img_mlp_0.lora_up.weight"]
+    full = moved["lora_unet_double_blocks_2_img_mlp_0.lora_up.weight"]
+    assert full == pytest.approx(1e-3, rel=1e-3) and half == pytest.approx(5e-4, rel=1e-3)
+
+
+@pytest.mark.parametrize("args, match", [
+    ({"block_lr_weight": "1,1"}, "2 values given, this model needs 57"),
+    ({"block_lr_weight": "D00-D02"}, "not a list of numbers"),
+    ({"block_lr_weight": "D00-D02:x"}, "is not SELECTOR:factor"),
+    ({"block_lr_weight": "Q07:1"}, "unknown block"),
+    ({"block_lr_weight": "D00:-1"}, "cannot be negative"),
+    ({"block_lr_weight": "TE:0.5"}, "--text_encoder_lr"),
+])
+def test_bad_block_lr_weight_is_refused(dev, args, match):
+    with pytest.raises(UserError, match=match):
+        create_network(dev, "networks.lora", 4, 1, args)
+
+
+def test_block_lr_weight_on_sd_and_not_with_down_lr_weight():
+    sd1 = tiny_bundle("sd1", seed=0)
+    net = create_network(sd1, "networks.lora", 4, 1, {"block_lr_weight": "OUT03-OUT06:0.25"}, train_text_encoder=False)
+    lrs = _lr_of(net)
+    out03 = [v for k, v in lrs.items() if "up_blocks_1_attentions_0" in k]  # OUT03
+    assert out03 and out03 == pytest.approx([2.5e-4] * len(out03))
+    down = [v for k, v in lrs.items() if "down_blocks" in k]
+    assert down and down == pytest.approx([1e-3] * len(down))
+    with pytest.raises(UserError, match="use one of them"):
+        create_network(sd1, "networks.lora", 4, 1, {"block_lr_weight": "MID:0", "down_lr_weight": "sine"})

@@ -299,6 +299,38 @@ def block_lr_weights(scheme: BlockScheme, down: str | None, mid: str | None, up:
     return out
 
 
+def block_lr_vector(scheme: BlockScheme, text: str, zero_threshold: float = 0.0) -> list[float]:
+    """block_lr_weight: one lr factor per block of any family, as `scheme.count` numbers in block order or as
+    readable groups "SELECTOR:factor;SELECTOR:factor" (e.g. "D00-D09:0.5;S30-S37:2"; blocks not named keep 1).
+    Factors <= zero_threshold become 0 (that block gets no LoRA), as with down_lr_weight."""
+    text = text.strip()
+    n = scheme.count
+    if ":" not in text:
+        vals = _floats("block_lr_weight", text)
+        if len(vals) != n:
+            raise UserError(f"network_args block_lr_weight: {len(vals)} values given, this model needs {n} (one per "
+                            f"block: {', '.join(scheme.name_of(i) for i in range(n))}), or groups like "
+                            f"{scheme.name_of(0)}-{scheme.name_of(n // 2)}:0.5;{scheme.name_of(n - 1)}:2.")
+    else:
+        vals = [1.0] * n
+        for group in text.split(";"):
+            if not group.strip():
+                continue
+            selector, _, factor = group.rpartition(":")
+            if not selector.strip() or not _is_number(factor.strip()):
+                raise UserError(f"network_args block_lr_weight: {group.strip()!r} is not SELECTOR:factor (e.g. "
+                                f"{scheme.name_of(0)}-{scheme.name_of(2)}:0.5); separate groups with ';'.")
+            chosen, te = parse_block_selector(selector, scheme)
+            if te:
+                raise UserError("network_args block_lr_weight: TE is not a block; set the text encoders' rate with "
+                                "--text_encoder_lr.")
+            for i in chosen:
+                vals[i] = float(factor)
+    if any(v < 0 for v in vals):
+        raise UserError(f"network_args block_lr_weight={text!r}: a learning-rate factor cannot be negative.")
+    return [v if v > zero_threshold else 0.0 for v in vals]
+
+
 def _is_number(s: str) -> bool:
     try:
         float(s)

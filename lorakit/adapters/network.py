@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lorakit.adapters import base
-from lorakit.adapters.blocks import (BlockScheme, block_lr_weights, lbw_block_of, parse_block_selector, scheme_for)
+from lorakit.adapters.blocks import (BlockScheme, block_lr_vector, block_lr_weights, lbw_block_of,
+                                     parse_block_selector, scheme_for)
 from lorakit.adapters.dit_args import IN_LAYERS, DitArgs, parse_dit_args, split_parts
 from lorakit.adapters.loha import LoHaModule
 from lorakit.adapters.lokr import LoKrModule
@@ -46,6 +47,7 @@ KNOWN_ARGS = {
     "block_dims": "25 (SD1/2) or 23 (SDXL) ranks", "block_alphas": "per-block alphas",
     "conv_block_dims": "per-block conv ranks", "conv_block_alphas": "per-block conv alphas",
     "down_lr_weight": "list or preset", "mid_lr_weight": "list", "up_lr_weight": "list or preset",
+    "block_lr_weight": "one lr factor per block (any family, FLUX's D00-S37 too): numbers or D00-D09:0.5;S30-S37:2",
     "block_lr_zero_threshold": "blocks at or below get no LoRA", "loraplus_lr_ratio": "LoRA+ ratio",
     "loraplus_unet_lr_ratio": "LoRA+ UNet ratio", "loraplus_text_encoder_lr_ratio": "LoRA+ TE ratio",
     "unit": "DyLoRA unit", "preset": "LyCORIS preset", "dora_wd": "DoRA (weight decomposition)",
@@ -224,11 +226,29 @@ def parse_network_args(family, network_module: str, network_dim: int | None, net
     cfg.block_lr_weight = lr_w
     if args.get("blocks"):
         cfg.selected_blocks, cfg.select_te = parse_block_selector(str(args["blocks"]), scheme)
+    if args.get("block_lr_weight") is not None:
+        _block_lr_weight(cfg, args, scheme)
     _dit_args(cfg, args, family)
     ratio = num("loraplus_lr_ratio")
     cfg.loraplus_unet = num("loraplus_unet_lr_ratio") or ratio
     cfg.loraplus_te = num("loraplus_text_encoder_lr_ratio") or ratio
     return cfg
+
+
+def _block_lr_weight(cfg: NetworkConfig, args: dict, scheme) -> None:
+    """block_lr_weight (every family, FLUX's D00-S37 included): per-block lr factors without touching the ranks, so
+    it combines with per-kind ranks; a block at factor 0 leaves the selection (no LoRA there, as sd-scripts does)."""
+    if cfg.block_lr_weight is not None:
+        raise UserError("network_args block_lr_weight and down_lr_weight / mid_lr_weight / up_lr_weight both set "
+                        "block learning rates; use one of them.")
+    weights = block_lr_vector(scheme, str(args["block_lr_weight"]),
+                              float(args.get("block_lr_zero_threshold", 0.0) or 0.0))
+    cfg.block_lr_weight = weights
+    zeros = {i for i, w in enumerate(weights) if w == 0}
+    if zeros:
+        # -1: layers outside every block (FLUX's img_in, SD's conv_in...) keep their LoRA unless `blocks` left them out
+        selected = cfg.selected_blocks if cfg.selected_blocks is not None else {-1, *range(scheme.count)}
+        cfg.selected_blocks = selected - zeros
 
 
 _TRAIN_BLOCKS = {"all": ("DoubleStreamBlock", "SingleStreamBlock"), "double": ("DoubleStreamBlock",),
