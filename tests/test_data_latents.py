@@ -11,6 +11,7 @@ from lorakit.data.dataset import DatasetGroup
 from lorakit.data.latents import (TextEncoderCache, cache_latents, group_static_captions, latents_npz_path,
                                   load_latents_npz)
 from lorakit.errors import UserError
+from test_train_common import one_thread  # noqa: F401
 
 
 def img(path, w, h, seed=0):
@@ -141,3 +142,126 @@ def test_static_captions_for_te_cache(tmp_path):
     assert group_static_captions(g) == ["pre cat"]
     with pytest.raises(UserError, match="shuffle_caption"):
         group_static_captions(group_for(tmp_path, shuffle_caption=True))
+
+
+# ---- the VAE posterior memo of uncached runs ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sd1():
+    from lorakit.models.tiny import tiny_bundle
+
+    return tiny_bundle("sd1", seed=0)
+
+
+def _counting_encoder(bundle):
+    calls = []
+    handle = bundle.vae.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    return calls, handle
+
+
+def test_posterior_memo_draws_what_re_encoding_draws(tiny_sd1, one_thread):
+    """With the memo, each step's latents are bitwise what a fresh per-image encode with the same generator gives:
+    the posterior N(mean, std) of the diffusers VAE, one fresh draw per image per call - while the encoder runs
+    once per distinct image."""
+    from lorakit.train.stages import vae_encoder
+
+    vae = tiny_sd1.vae
+    px = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    calls, handle = _counting_encoder(tiny_sd1)
+    try:
+        g = torch.Generator().manual_seed(7)
+        enc = vae_encoder(tiny_sd1, g, torch.float32, memo_bytes=1 << 20)
+        got = [enc(px), enc(px), enc(px[:1])]
+    finally:
+        handle.remove()
+    assert calls == [1, 1]  # two images, each encoded once, alone
+    ref_g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        dists = [vae.encode(px[i:i + 1]).latent_dist for i in range(2)]
+    mean = torch.cat([d.mean for d in dists])
+    std = torch.cat([d.std for d in dists])
+    scale = tiny_sd1.latent_scale
+    for out, n in zip(got, (2, 2, 1)):
+        eps = torch.randn(mean[:n].shape, generator=ref_g)
+        assert torch.equal(out, (mean[:n] + std[:n] * eps) * scale)
+    assert not torch.equal(got[0], got[1])  # a fresh draw each call, not a frozen latent
+    assert (enc.memo.hits, enc.memo.misses) == (3, 2)
+
+
+def test_posterior_memo_misses_changed_pixels_and_stays_in_budget(tiny_sd1, one_thread):
+    from lorakit.data.latents import PosteriorMemo
+    from lorakit.train.stages import vae_encoder
+
+    px = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    entry = 2 * 4 * 8 * 8 * 4  # mean + std of a 4x8x8 latent in fp32
+    enc = vae_encoder(tiny_sd1, torch.Generator().manual_seed(0), torch.float32, memo_bytes=2 * entry)
+    calls, handle = _counting_encoder(tiny_sd1)
+    try:
+        enc(px)
+        enc(px.flip(-1))  # a flipped (augmented) image is another image
+        enc(px + 1e-3)
+        enc(px)  # the oldest went when the third arrived: encoded again
+    finally:
+        handle.remove()
+    assert len(calls) == 4 and len(enc.memo) == 2 and enc.memo.bytes == 2 * entry
+    memo = PosteriorMemo(entry - 1)  # an entry larger than the budget is not kept
+    memo.put(b"k", torch.zeros(4, 8, 8), torch.zeros(4, 8, 8))
+    assert len(memo) == 0 and memo.bytes == 0
+
+
+def test_uncached_run_encodes_each_image_once_and_says_so(tmp_path):
+    """A 3-epoch run on 2 images without --cache_latents: 2 encodes, 4 reuses, and the log says it."""
+    from test_train_common import dataset, options, run
+
+    lines = []
+    data = dataset(tmp_path, n_train=2)
+    result = run(options(tmp_path, data, "--max_train_epochs", "3"), log=lines.append)
+    assert result.global_step == 6
+    assert any("VAE encoder: 2 images encoded, their posteriors reused 4 times" in line for line in lines), lines
+
+
+def test_frozen_text_encoder_outputs_are_remembered_and_equal_fresh_ones(tmp_path):
+    """UNet-only without --cache_text_encoder_outputs: each distinct caption is encoded once (alone) and reused -
+    the same tensors a fresh encode gives; a run that trains the text encoder encodes every step."""
+    from test_train_common import dataset, options, run, tiny
+
+    from lorakit.models.conditioning import encode_captions
+    from lorakit.train import stages
+
+    seen = {}
+    real = stages.prepare_inputs
+
+    def spy(*a, **k):
+        seen["inputs"] = real(*a, **k)
+        return seen["inputs"]
+
+    lines = []
+    data = dataset(tmp_path, n_train=2)
+    bundle = tiny("sd1")
+    stages.prepare_inputs = spy
+    try:
+        run(options(tmp_path, data, "--max_train_epochs", "3", "--network_train_unet_only", "--clip_skip", "2"),
+            bundle=bundle, log=lines.append)
+        memo = seen["inputs"].te_cache
+        assert any("text encoder (frozen): 2 captions encoded, 4 reused" in line for line in lines), lines
+        caption = "zq shape, tag1, color1, extra"
+        with torch.no_grad():
+            fresh, _ = encode_captions(bundle, [caption], 2, None)
+            assert torch.equal(memo.get([caption]), fresh)
+        run(options(tmp_path / "te", data, "--max_train_epochs", "1"), log=lines.append)
+        assert seen["inputs"].te_cache is None
+    finally:
+        stages.prepare_inputs = real
+
+
+def test_text_memo_keeps_to_its_budget():
+    calls = []
+
+    def encode(caps):
+        calls.append(list(caps))
+        return torch.ones(len(caps), 10)  # 40 bytes a caption
+
+    memo = TextEncoderCache(encode, batch_size=1, max_bytes=100)
+    for caps in (["a", "b"], ["a"], ["c"], ["b"]):  # "b" was the least recently used when "c" came
+        memo.get(caps)
+    assert calls == [["a"], ["b"], ["c"], ["b"]] and (memo.hits, memo.misses) == (1, 4)
+    assert len(memo.mem) == 2 and memo.bytes == 80

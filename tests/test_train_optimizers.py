@@ -162,3 +162,26 @@ def test_optimizer_state_round_trip_is_exact():
             loss.backward()
             o.step()
     assert all(torch.equal(a, b) for a, b in zip(p2, p3))
+
+
+def test_adamw_runs_fused_and_follows_the_adamw_formula():
+    """AdamW is torch's fused kernel unless --optimizer_args names foreach/fused; its steps are AdamW's maths
+    (Loshchilov & Hutter: decoupled decay, bias-corrected moments), written out here."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    info = OPT.create_optimizer("AdamW", [w], 1e-2, ["weight_decay=0.1", "betas=0.9,0.99", "eps=1e-8"])
+    assert info.optimizer.param_groups[0]["fused"] is True
+    ref, m, v = w.detach().clone().double(), torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 3,
+                                                                                             dtype=torch.float64)
+    for t in range(1, 4):
+        g = torch.randn(5, 3)
+        w.grad = g.clone()
+        info.optimizer.step()
+        g = g.double()
+        ref *= 1 - 1e-2 * 0.1
+        m = 0.9 * m + 0.1 * g
+        v = 0.99 * v + 0.01 * g * g
+        ref -= 1e-2 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.99 ** t)).sqrt() + 1e-8)
+    assert torch.allclose(w.detach().double(), ref, rtol=0, atol=1e-6)
+    plain = OPT.create_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2))], 1e-3, ["foreach=True"])
+    assert not plain.optimizer.param_groups[0].get("fused")

@@ -383,16 +383,23 @@ def _step(opts, run, model, net, shape: StepShape) -> Callable[[], None]:
 
 def _cache_bytes(opts, family, shape: StepShape, configs: dict) -> int:
     """Latents and text-encoder outputs held in memory for the whole run."""
+    from lorakit.data.latents import memo_budget_bytes
+
     total = 0
+    latent = math.prod(latent_shape(configs, shape.height, shape.width)) * 4
     if opts.cache_latents:
-        total += shape.n_images * math.prod(latent_shape(configs, shape.height, shape.width)) * 4
-    if opts.cache_text_encoder_outputs:
+        total += shape.n_images * latent
+    else:  # the VAE posteriors each step's encode remembers (mean and std per image; data.latents.PosteriorMemo)
+        total += min(memo_budget_bytes(), shape.n_images * 2 * latent)
+    if opts.cache_text_encoder_outputs or opts.network_train_unet_only:
         width = sum(configs[s.config_name].get("hidden_size") or configs[s.config_name]["d_model"]
                     for s in family.text_encoders)
         tokens = 2 + 75 * max(1, (opts.max_token_length or 75) // 75)
         if family.t5_max_length:  # FLUX: T5's tokens (CLIP-L keeps only its pooled vector, counted below)
             tokens = opts.t5xxl_max_token_length or family.t5_max_length
-        total += shape.n_captions * (tokens * width + 1280) * 4
+        text = shape.n_captions * (tokens * width + 1280) * 4
+        # not cached, the frozen encoders' outputs are remembered within a budget (stages.prepare_inputs)
+        total += text if opts.cache_text_encoder_outputs else min(memo_budget_bytes(), text)
     return total
 
 

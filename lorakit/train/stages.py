@@ -504,13 +504,19 @@ class Inputs:
     te_cache: Any  # data.latents.TextEncoderCache, or None: encode captions each step
 
 
-def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data) -> Inputs:
-    """The VAE encoder of the run (latent stream of the run) and the caches the options ask for, filled now."""
+def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data, train_te: bool) -> Inputs:
+    """The VAE encoder of the run (latent stream of the run) and the caches the options ask for, filled now. A
+    frozen text encoder without --cache_text_encoder_outputs gets a memo instead: its outputs are a function of the
+    caption text alone, so a caption seen before (every repeat and epoch when captions are not shuffled) is not
+    encoded again; each caption is encoded alone so that a remembered output equals a fresh one bitwise."""
     from lorakit.data import TextEncoderCache, cache_latents, group_static_captions
+    from lorakit.data.latents import memo_budget_bytes
     from lorakit.models.conditioning import encode_captions
 
     bundle, fam = model.bundle, model.family
-    encode_latents = vae_encoder(bundle, run.streams.latent, model.vae_dtype)
+    # the whole dataset is encoded once when cached (batched, no memo); else each step encodes what it draws
+    encode_latents = vae_encoder(bundle, run.streams.latent, model.vae_dtype,
+                                 memo_bytes=0 if o.cache_latents else memo_budget_bytes())
     if o.cache_latents:  # minutes on a large dataset: say what happens and what it took
         n = sum(len(ds.entries) for ds in data.group.datasets)
         run.log(f"caching latents of {n} images" + (" to disk" if o.cache_latents_to_disk else "") + " ...")
@@ -521,14 +527,16 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data) -> Input
                              vae_id=f"{fam.name}:{os.path.basename(str(o.vae or o.pretrained_model_name_or_path))}")
         run.log(f"cached latents: {done.get('encoded', 0)} encoded, {done.get('reused', 0)} reused from disk, "
                 f"{done.get('skipped', 0)} skipped ({time.time() - t0:.1f} s)")
-    te_cache = None
-    if o.cache_text_encoder_outputs:
-        def encode_for_cache(caps):
-            if model.objective is not None:  # FLUX: T5 features and CLIP-L's pooled vector, at T5's length
-                return model.objective.encode_text(bundle, caps)
-            h, p = encode_captions(bundle, caps, o.clip_skip, o.max_token_length)
-            return h if p is None else (h, p)
+    def encode_for_cache(caps):
+        if model.objective is not None:  # FLUX: T5 features and CLIP-L's pooled vector, at T5's length
+            return model.objective.encode_text(bundle, caps)
+        h, p = encode_captions(bundle, caps, o.clip_skip, o.max_token_length)
+        return h if p is None else (h, p)
 
+    te_cache = None
+    if not o.cache_text_encoder_outputs and not train_te:
+        te_cache = TextEncoderCache(encode_for_cache, batch_size=1, max_bytes=memo_budget_bytes())
+    if o.cache_text_encoder_outputs:
         cache_dir = (run.out_dir / ".te_cache") if o.cache_text_encoder_outputs_to_disk else None
         text_length = model.objective.t5_length if model.objective is not None else o.max_token_length
         te_cache = TextEncoderCache(encode_for_cache, cache_dir, key_prefix=f"{fam.name}:{o.clip_skip}:"
@@ -587,17 +595,42 @@ class ProgressLines:
         self.log(f"  {self.what}: {done}/{total} done ({each:.2f} s each{left})")
 
 
-def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype,
+                memo_bytes: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pixels [B,3,H,W] -> scaled latents, one draw from the VAE posterior per image from `generator`. With
+    `memo_bytes`, posteriors are remembered per image (data.latents.PosteriorMemo) and each image is encoded alone,
+    so that a remembered posterior and a fresh encode are bitwise equal whatever the batch (a batched conv may
+    round differently) and a resumed run draws what the uninterrupted one did."""
+    from lorakit.data.latents import PosteriorMemo
+
     scale, shift = bundle.latent_scale, bundle.latent_shift  # FLUX's AE: (z - 0.1159) * 0.3611
     vae = bundle.vae
+    memo = PosteriorMemo(memo_bytes) if memo_bytes else None
+
+    def posterior(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = vae.encode(pixels.to(vae.device, dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def remembered(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for image in pixels.split(1):
+            key = memo.key(image)
+            found = memo.get(key)
+            if found is None:
+                found = tuple(t.cpu() for t in posterior(image))
+                memo.put(key, *found)
+            means.append(found[0])
+            stds.append(found[1])
+        return torch.cat(means).to(vae.device), torch.cat(stds).to(vae.device)
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        dist = vae.encode(pixels.to(vae.device, dtype)).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
-        z = dist.mean.float() + dist.std.float() * eps
+        mean, std = posterior(pixels) if memo is None else remembered(pixels)
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+        z = mean + std * eps
         return ((z - shift if shift else z) * scale).float()
 
+    encode.memo = memo
     return encode
 
 

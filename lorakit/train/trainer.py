@@ -102,7 +102,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
         data = S.load_data(S.dataset_configs(opts, bundle.family, run.log), pick(S.DataOptions, opts), run)
     model = S.prepare_model(pick(S.ModelOptions, opts), run, bundle)
     net = S.build_network(pick(S.NetworkOptions, opts), run, model)
-    inputs = S.prepare_inputs(pick(S.InputOptions, opts), run, model, data)
+    inputs = S.prepare_inputs(pick(S.InputOptions, opts), run, model, data, net.train_te)
     S.place_denoiser(pick(S.DenoiserOptions, opts), run, model)
     optim = S.build_optimizer(pick(S.OptimizerOptions, opts), run, net, data.max_steps)
     start = S.restore(run, net, optim)
@@ -135,6 +135,13 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     with _warnings_above_the_bar(run.progress):
         end = run_loop(loop, start, ckpt, steplog, previews, stop_after_step, guard=guard)
     steplog.close()
+    memo = getattr(inputs.encode_latents, "memo", None)
+    if memo is not None and memo.hits + memo.misses:
+        run.log(f"VAE encoder: {memo.misses} images encoded, their posteriors reused {memo.hits} times (a fresh "
+                f"latent drawn each step; --cache_latents would skip the first encodes too but freeze one draw)")
+    te_memo = inputs.te_cache if not opts.cache_text_encoder_outputs else None
+    if te_memo is not None and te_memo.hits + te_memo.misses:
+        run.log(f"text encoder (frozen): {te_memo.misses} captions encoded, {te_memo.hits} reused")
     if memory is not None:
         run.log(M.peak_report(run.device, memory.estimate))
     result = _finish(end, run, data, net, ckpt, steplog, previews, guard, opts.logging_dir)
