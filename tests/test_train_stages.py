@@ -132,3 +132,25 @@ def test_cache_progress_lines_report_count_rate_and_time_left_and_stay_quiet_whe
     quick(1, 2)
     quick(2, 2)
     assert quiet == []  # a cache filled in under a minute: the caller's own summary line is enough
+
+
+def test_allocator_keeps_freed_memory_for_low_rank_networks_only(tmp_path, monkeypatch):
+    """glibc is told to keep freed blocks (lorakit.utils.allocator) for LoRA runs on the CPU, not for LoHa, whose
+    full-size temporaries would fragment a heap that keeps everything; and mallopt really takes the settings."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    from lorakit.utils import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    data = dataset(tmp_path, n_train=1)
+    run(options(tmp_path / "a", data, "--max_train_steps", "1"))
+    assert calls == [1]
+    run(options(tmp_path / "b", data, "--max_train_steps", "1", "--network_module", "lycoris.kohya",
+                "--network_args", "algo=loha"))
+    assert calls == [1]
+    monkeypatch.undo()
+    if sys.platform.startswith("linux") and ctypes.util.find_library("c"):
+        assert allocator.keep_freed_memory() is True

@@ -370,7 +370,8 @@ def _step(opts, run, model, net, shape: StepShape) -> Callable[[], None]:
     maths = StepMaths(model.alphas_cumprod, model.prediction, noise,
                       S.picked(LossOptions, opts), opts.clip_skip, opts.max_token_length, net.train_te, run.device,
                       run.weight_dtype, objective=model.objective)
-    encode_latents = S.vae_encoder(bundle, torch.Generator(), model.vae_dtype)
+    # one image at a time, as the run's remembering encoder does (no memo here: fake pixels have no bytes to key)
+    encode_latents = S.vae_encoder(bundle, torch.Generator(), model.vae_dtype, per_image=True)
     gen = torch.Generator()
 
     def step() -> None:

@@ -427,6 +427,10 @@ def build_network(o: NetworkOptions, run: Run, model: Model) -> Net:
     run.log(f"{bundle.family.title}: {len(network.unet_adapters)} UNet + {len(network.te_adapters)} text-encoder "
             f"modules ({sum(p.numel() for p in network.parameters())} parameters)")
     _memory_settings(o, bundle, train_te)
+    if run.device.type == "cpu" and not any(a.full_size_change for a in network.adapters):
+        from lorakit.utils.allocator import keep_freed_memory
+
+        keep_freed_memory()  # a quarter off each CPU step; not with full-size temporaries (see the module)
     return Net(network, train_te, dim)
 
 
@@ -595,12 +599,13 @@ class ProgressLines:
         self.log(f"  {self.what}: {done}/{total} done ({each:.2f} s each{left})")
 
 
-def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype,
-                memo_bytes: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype, memo_bytes: int = 0,
+                per_image: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """pixels [B,3,H,W] -> scaled latents, one draw from the VAE posterior per image from `generator`. With
     `memo_bytes`, posteriors are remembered per image (data.latents.PosteriorMemo) and each image is encoded alone,
     so that a remembered posterior and a fresh encode are bitwise equal whatever the batch (a batched conv may
-    round differently) and a resumed run draws what the uninterrupted one did."""
+    round differently) and a resumed run draws what the uninterrupted one did. `per_image` without a memo: the
+    same shapes (the memory estimate's traced step)."""
     from lorakit.data.latents import PosteriorMemo
 
     scale, shift = bundle.latent_scale, bundle.latent_shift  # FLUX's AE: (z - 0.1159) * 0.3611
@@ -625,7 +630,13 @@ def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype,
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        mean, std = posterior(pixels) if memo is None else remembered(pixels)
+        if memo is not None:
+            mean, std = remembered(pixels)
+        elif per_image:
+            parts = [posterior(image) for image in pixels.split(1)]
+            mean, std = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+        else:
+            mean, std = posterior(pixels)
         eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
         z = mean + std * eps
         return ((z - shift if shift else z) * scale).float()
