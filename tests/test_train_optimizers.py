@@ -164,12 +164,13 @@ def test_optimizer_state_round_trip_is_exact():
     assert all(torch.equal(a, b) for a, b in zip(p2, p3))
 
 
-def test_adamw_runs_fused_and_follows_the_adamw_formula():
-    """AdamW is torch's fused kernel unless --optimizer_args names foreach/fused; its steps are AdamW's maths
-    (Loshchilov & Hutter: decoupled decay, bias-corrected moments), written out here."""
+def test_fused_adamw_from_optimizer_args_follows_the_adamw_formula():
+    """--optimizer_args fused=True reaches torch's fused AdamW (not the default: its rounding differs from the
+    foreach kernels sd-scripts uses, and over the demo's 750 steps that moved its figures - fidelity 0.36 -> 0.27 -
+    for 2% of a CPU step); its steps are AdamW's maths (decoupled decay, bias-corrected moments), written out here."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(5, 3))
-    info = OPT.create_optimizer("AdamW", [w], 1e-2, ["weight_decay=0.1", "betas=0.9,0.99", "eps=1e-8"])
+    info = OPT.create_optimizer("AdamW", [w], 1e-2, ["weight_decay=0.1", "betas=0.9,0.99", "eps=1e-8", "fused=True"])
     assert info.optimizer.param_groups[0]["fused"] is True
     ref, m, v = w.detach().clone().double(), torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 3,
                                                                                              dtype=torch.float64)
@@ -183,5 +184,5 @@ def test_adamw_runs_fused_and_follows_the_adamw_formula():
         v = 0.99 * v + 0.01 * g * g
         ref -= 1e-2 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.99 ** t)).sqrt() + 1e-8)
     assert torch.allclose(w.detach().double(), ref, rtol=0, atol=1e-6)
-    plain = OPT.create_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2))], 1e-3, ["foreach=True"])
+    plain = OPT.create_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2))], 1e-3)
     assert not plain.optimizer.param_groups[0].get("fused")

@@ -218,10 +218,6 @@ def create_optimizer(optimizer_type: str, params: Iterable | list[dict], lr: flo
     else:
         lr_arg = lr
         check_group_lrs(canon, groups, lr)
-    if cls is torch.optim.AdamW and not {"fused", "foreach"} & set(kwargs) and _fusable(groups):
-        # torch's fused AdamW: the same update in one kernel per dtype and device instead of a chain of foreach
-        # ops - 80 -> 25 ms a step for SD1.5's 7M LoRA parameters on a CPU (benchmarks/bench_train.py)
-        kwargs["fused"] = True
     try:
         opt = cls(groups, lr=lr_arg, **kwargs)
     except TypeError as exc:
@@ -230,11 +226,6 @@ def create_optimizer(optimizer_type: str, params: Iterable | list[dict], lr: flo
     if hasattr(opt, "train") and callable(opt.train):
         opt.train()  # schedule-free optimizers start in train mode
     return OptimizerInfo(opt, canon, f"{cls.__module__}.{cls.__name__}", shown, relative)
-
-
-def _fusable(groups: list[dict]) -> bool:
-    params = [p for g in groups for p in g["params"]]
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def effective_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
