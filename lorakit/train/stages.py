@@ -506,6 +506,20 @@ class InputOptions:
 class Inputs:
     encode_latents: Callable  # pixels [B,3,H,W] -> scaled latents (for batches without cached latents)
     te_cache: Any  # data.latents.TextEncoderCache, or None: encode captions each step
+    text_memo: bool = False  # te_cache is the frozen encoder's memo, not --cache_text_encoder_outputs
+
+    def reuse_lines(self) -> list[str]:
+        """What the memos saved, for the end of the run's log."""
+        lines = []
+        memo = getattr(self.encode_latents, "memo", None)
+        if memo is not None and memo.hits + memo.misses:
+            lines.append(f"VAE encoder: {memo.misses} images encoded, their posteriors reused {memo.hits} times (a "
+                         f"fresh latent drawn each step; --cache_latents would skip the first encodes too but "
+                         f"freeze one draw)")
+        if self.text_memo and self.te_cache.hits + self.te_cache.misses:
+            lines.append(f"text encoder (frozen): {self.te_cache.misses} captions encoded, {self.te_cache.hits} "
+                         f"reused")
+        return lines
 
 
 def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data, train_te: bool) -> Inputs:
@@ -538,7 +552,8 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data, train_te
         return h if p is None else (h, p)
 
     te_cache = None
-    if not o.cache_text_encoder_outputs and not train_te:
+    text_memo = not o.cache_text_encoder_outputs and not train_te
+    if text_memo:
         te_cache = TextEncoderCache(encode_for_cache, batch_size=1, max_bytes=memo_budget_bytes())
     if o.cache_text_encoder_outputs:
         cache_dir = (run.out_dir / ".te_cache") if o.cache_text_encoder_outputs_to_disk else None
@@ -549,7 +564,7 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data, train_te
         run.log(f"caching text-encoder outputs of {len(captions)} captions ...")
         with torch.no_grad(), autocast(run.device, run.weight_dtype):
             te_cache.precompute(captions, progress=ProgressLines(run.log, "captions"))
-    return Inputs(encode_latents, te_cache)
+    return Inputs(encode_latents, te_cache, text_memo)
 
 
 # ================================================================================================ denoiser =========
@@ -616,27 +631,23 @@ def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype, memo_byt
         dist = vae.encode(pixels.to(vae.device, dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
-    def remembered(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def one_by_one(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
         for image in pixels.split(1):
-            key = memo.key(image)
-            found = memo.get(key)
+            key = memo.key(image) if memo is not None else None
+            found = memo.get(key) if memo is not None else None
             if found is None:
-                found = tuple(t.cpu() for t in posterior(image))
-                memo.put(key, *found)
+                found = posterior(image)
+                if memo is not None:
+                    found = tuple(t.cpu() for t in found)  # kept in host memory, never on the GPU
+                    memo.put(key, *found)
             means.append(found[0])
             stds.append(found[1])
         return torch.cat(means).to(vae.device), torch.cat(stds).to(vae.device)
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        if memo is not None:
-            mean, std = remembered(pixels)
-        elif per_image:
-            parts = [posterior(image) for image in pixels.split(1)]
-            mean, std = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
-        else:
-            mean, std = posterior(pixels)
+        mean, std = one_by_one(pixels) if memo is not None or per_image else posterior(pixels)
         eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
         z = mean + std * eps
         return ((z - shift if shift else z) * scale).float()

@@ -135,13 +135,8 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     with _warnings_above_the_bar(run.progress):
         end = run_loop(loop, start, ckpt, steplog, previews, stop_after_step, guard=guard)
     steplog.close()
-    memo = getattr(inputs.encode_latents, "memo", None)
-    if memo is not None and memo.hits + memo.misses:
-        run.log(f"VAE encoder: {memo.misses} images encoded, their posteriors reused {memo.hits} times (a fresh "
-                f"latent drawn each step; --cache_latents would skip the first encodes too but freeze one draw)")
-    te_memo = inputs.te_cache if not opts.cache_text_encoder_outputs else None
-    if te_memo is not None and te_memo.hits + te_memo.misses:
-        run.log(f"text encoder (frozen): {te_memo.misses} captions encoded, {te_memo.hits} reused")
+    for line in inputs.reuse_lines():
+        run.log(line)
     if memory is not None:
         run.log(M.peak_report(run.device, memory.estimate))
     result = _finish(end, run, data, net, ckpt, steplog, previews, guard, opts.logging_dir)
