@@ -370,8 +370,9 @@ OPTIONS: list[Option] = [
     _o("max_timestep", "int", None, "Largest timestep sampled, exclusive (1-1000, default 1000).", G_NOISE,
        check="[1,1000]"),
     # --- precision and memory ------------------------------------------------------------------------------------
-    _o("mixed_precision", "str", "no", "no, fp16 (with loss scaling) or bf16.", G_PREC, choices=("no", "fp16", "bf16"),
-       metadata_key="ss_mixed_precision"),
+    _o("mixed_precision", "str", "no", "no, fp16 (with loss scaling) or bf16. A CPU without bf16/fp16 instructions "
+       "(AVX2-only) computes them tens of times slower than fp32: the run warns before loading.", G_PREC,
+       choices=("no", "fp16", "bf16"), metadata_key="ss_mixed_precision"),
     _o("full_fp16", "bool", False, "Keep LoRA weights and gradients in fp16 (refused where it cannot learn).", G_PREC,
        metadata_key="ss_full_fp16"),
     _o("full_bf16", "bool", False, "Keep LoRA weights and gradients in bf16 (refused where it cannot learn).", G_PREC),

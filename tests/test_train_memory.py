@@ -160,3 +160,31 @@ def test_gui_shows_the_prediction_beside_start(tmp_path):
     assert re.search(r"Predicted peak memory:\*\* [0-9.]+ GiB on cpu \(weights", text), text
     values["max_memory"] = "10MB"
     assert "over the budget of 0.01 GiB" in memory_markdown(values, roots)
+
+
+# ---- half precision on a CPU without the instructions for it --------------------------------------------------------
+def test_cpu_half_probe_agrees_with_a_measurement():
+    from lorakit.utils import cpu
+
+    if cpu.native_half(torch.bfloat16):
+        assert cpu.slow_half_warning(torch.device("cpu"), torch.bfloat16) is None
+    else:  # oneDNN says no bf16 here: the reference path must measure slower (about 70x on an AVX2 EPYC)
+        assert cpu.half_slowdown(torch.bfloat16) > 3
+        assert "--mixed_precision bf16" in cpu.slow_half_warning(torch.device("cpu"), torch.bfloat16)
+    assert cpu.native_half(torch.float32) and cpu.half_ok(torch.device("cuda"), torch.bfloat16)
+
+
+def test_bf16_on_a_cpu_without_it_warns_before_loading_and_auto_fit_avoids_it(tmp_path, capsys, monkeypatch):
+    from lorakit.train import stages
+    from lorakit.utils import cpu
+
+    monkeypatch.setattr(stages, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cpu, "native_half", lambda dtype: dtype == torch.float32)
+    code, out = _cli(tmp_path, capsys, "--mixed_precision", "bf16", "--estimate_memory")
+    assert code == 0 and re.search(r"warning: --mixed_precision bf16 on this CPU .* [0-9]+x slower than fp32", out)
+    code, out = _cli(tmp_path, capsys, "--estimate_memory")  # fp32: nothing to warn of, and no half fix offered
+    assert code == 0 and "warning: --mixed_precision" not in out
+    assert "--gradient_checkpointing" in out and "--mixed_precision bf16" not in out and "--fp8_base" not in out
+    monkeypatch.setattr(cpu, "native_half", lambda dtype: True)  # a CPU with bf16: both are offered again
+    code, out = _cli(tmp_path, capsys, "--estimate_memory")
+    assert "--mixed_precision bf16" in out and "--fp8_base" in out

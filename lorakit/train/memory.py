@@ -27,6 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lorakit.utils.cpu import half_ok
+
 GIB = 2**30
 
 
@@ -437,9 +439,10 @@ class Fix:
     changes_data: bool = False  # batches or buckets change: the datasets are scanned again
 
 
-def candidate_fixes(opts, configs: list, swap_fix: Fix | None = None) -> list[Fix]:
+def candidate_fixes(opts, configs: list, swap_fix: Fix | None = None, half_fast: bool = True) -> list[Fix]:
     """The memory options not in use yet that could apply to this run, least change to what is learned first
-    (`swap_fix`: the model's --blocks_to_swap, which learns the same, only slower)."""
+    (`swap_fix`: the model's --blocks_to_swap, which learns the same, only slower). `half_fast` False (a CPU without
+    bf16 arithmetic, utils.cpu) leaves out bf16 and --fp8_base: there they make each step tens of times slower."""
     fixes = [swap_fix] if swap_fix is not None and not opts.blocks_to_swap else []
     subsets = [s for c in configs for s in c.subsets]
     if not opts.gradient_checkpointing:
@@ -447,9 +450,9 @@ def candidate_fixes(opts, configs: list, swap_fix: Fix | None = None) -> list[Fi
     if not opts.cache_latents and not any(getattr(s, "color_aug", False) or getattr(s, "random_crop", False)
                                           for s in subsets):
         fixes.append(Fix("--cache_latents", lambda o, sh: (replace(o, cache_latents=True), sh)))
-    if opts.mixed_precision == "no":
+    if opts.mixed_precision == "no" and half_fast:
         fixes.append(Fix("--mixed_precision bf16", lambda o, sh: (replace(o, mixed_precision="bf16"), sh)))
-    if not opts.fp8_base:
+    if not opts.fp8_base and half_fast:
         mp = opts.mixed_precision if opts.mixed_precision != "no" else "bf16"
         flags = "--fp8_base" + ("" if opts.mixed_precision != "no" else " --mixed_precision bf16")
         fixes.append(Fix(flags, lambda o, sh: (replace(o, fp8_base=True, mixed_precision=mp), sh)))
@@ -523,7 +526,7 @@ def check_memory(opts, run, plan, data) -> MemoryCheck:
     predict = _predictor(run, plan, shape)
     est = predict(opts, ())
     run.log(est.line() + (f"; budget {gib(budget)} GiB" if budget else ""))
-    fixes = candidate_fixes(opts, data.configs, _swap_fix(plan, run.device))
+    fixes = candidate_fixes(opts, data.configs, _swap_fix(plan, run.device), half_ok(run.device, torch.bfloat16))
     if opts.estimate_memory:
         alts = tuple((f.flags, predict(opts, (f,))) for f in fixes)
         return MemoryCheck(opts, est, budget, alternatives=alts)

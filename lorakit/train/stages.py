@@ -204,9 +204,13 @@ def report_options(opts, family, run: Run) -> None:
     import json
 
     from lorakit.train.checks import check_options
+    from lorakit.utils.cpu import slow_half_warning
 
     for note in check_options(opts, family):
         run.log("note: " + note)
+    slow = slow_half_warning(run.device, run.weight_dtype)  # before loading: the first step would take minutes
+    if slow:
+        run.log("warning: " + slow)
     if opts.log_config:
         run.log("options: " + json.dumps(O.given_values(dataclasses.replace(opts, seed=run.seed)), default=str))
 
