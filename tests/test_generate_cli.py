@@ -129,3 +129,18 @@ def test_grid_command(env):
     assert f.name == "00000-grid.png"
     w, h = Image.open(f).size
     assert w > 128 and h > 128
+
+
+def test_generate_in_bf16_on_a_cpu_without_it_warns_before_loading(env, capsys, monkeypatch):
+    """utils.cpu: --dtype bf16 where the CPU has no bf16 arithmetic names the measured slowdown first."""
+    from lorakit.utils import cpu
+
+    root, model, _ = env
+    monkeypatch.setattr(cpu, "native_half", lambda dtype: dtype == torch.float32)
+    assert main(["generate", *_args(model, prompt="a cat", seed=1, outdir=root / "bf", dtype="bf16")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: --dtype bf16 on this CPU .* [0-9]+x slower than fp32", err)
+    assert err.index("warning: --dtype bf16") < err.index("loading ")
+    monkeypatch.setattr(cpu, "native_half", lambda dtype: True)
+    assert main(["generate", *_args(model, prompt="a cat", seed=1, outdir=root / "bf2", dtype="bf16")]) == 0
+    assert "warning: --dtype" not in capsys.readouterr().err

@@ -54,18 +54,22 @@ def half_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.device(device).type != "cpu" or native_half(dtype)
 
 
-def slow_half_warning(device: torch.device, dtype: torch.dtype, flag: str = "--mixed_precision") -> str | None:
+TRAIN_ADVICE = ("(fp32; --gradient_checkpointing and --cache_latents keep memory down) or train on a GPU; --auto_fit "
+                "will not pick bf16 or --fp8_base on this CPU")
+
+
+def slow_half_warning(device: torch.device, dtype: torch.dtype, flag: str = "--mixed_precision",
+                      advice: str = TRAIN_ADVICE) -> str | None:
     """The paragraph a run on a CPU without `dtype` arithmetic prints before loading, with the measured slowdown;
-    None where there is nothing to say."""
+    None where there is nothing to say. `flag` names the option that chose the dtype; `advice` follows "Drop it"."""
     if half_ok(device, dtype):
         return None
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
     ratio = half_slowdown(dtype)
     return (f"{flag} {name} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no {name} instructions): PyTorch "
             f"runs {name} convolutions and matrix products on a single-threaded reference path, measured here "
-            f"{ratio:.0f}x slower than fp32, so a full-size model's step takes minutes instead of seconds. Drop "
-            f"{flag} (fp32; --gradient_checkpointing and --cache_latents keep memory down) or train on a GPU; "
-            f"--auto_fit will not pick bf16 or --fp8_base on this CPU.")
+            f"{ratio:.0f}x slower than fp32, so a full-size model takes minutes where fp32 takes seconds. Drop "
+            f"{flag} {advice}.")
 
 
 __all__ = ["native_half", "half_slowdown", "half_ok", "slow_half_warning"]
