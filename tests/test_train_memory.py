@@ -175,16 +175,30 @@ def test_cpu_half_probe_agrees_with_a_measurement():
 
 
 def test_bf16_on_a_cpu_without_it_warns_before_loading_and_auto_fit_avoids_it(tmp_path, capsys, monkeypatch):
+    from lorakit import options as O
+    from lorakit.errors import UserError
     from lorakit.train import stages
     from lorakit.utils import cpu
 
-    monkeypatch.setattr(stages, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    def stop(*a, **k):  # the warning must come before the dataset scan, let alone the model
+        raise UserError("stopped here by the test")
+
+    monkeypatch.setattr(stages, "load_data", stop)
     monkeypatch.setattr(cpu, "native_half", lambda dtype: dtype == torch.float32)
-    code, out = _cli(tmp_path, capsys, "--mixed_precision", "bf16", "--estimate_memory")
-    assert code == 0 and re.search(r"warning: --mixed_precision bf16 on this CPU .* [0-9]+x slower than fp32", out)
-    code, out = _cli(tmp_path, capsys, "--estimate_memory")  # fp32: nothing to warn of, and no half fix offered
-    assert code == 0 and "warning: --mixed_precision" not in out
-    assert "--gradient_checkpointing" in out and "--mixed_precision bf16" not in out and "--fp8_base" not in out
-    monkeypatch.setattr(cpu, "native_half", lambda dtype: True)  # a CPU with bf16: both are offered again
+    code, out = _cli(tmp_path, capsys, "--mixed_precision", "bf16")
+    assert code != 0 and "stopped here by the test" in out and "Traceback" not in out
+    assert re.search(r"warning: --mixed_precision bf16 on this CPU .* [0-9]+x slower than fp32", out)
+    code, out = _cli(tmp_path, capsys)  # fp32: nothing to warn of
+    assert "stopped here by the test" in out and "warning: --mixed_precision" not in out
+
+    opts = O.normalize(options(tmp_path, dataset(tmp_path, n_train=1, sizes=((64, 64),))))
+    flags = [f.flags for f in M.candidate_fixes(opts, [], None, half_fast=False)]
+    assert "--gradient_checkpointing" in flags and not any("bf16" in f or "fp8" in f for f in flags), flags
+    flags = [f.flags for f in M.candidate_fixes(opts, [], None, half_fast=True)]  # a CPU with bf16, or a GPU
+    assert "--mixed_precision bf16" in flags and any(f.startswith("--fp8_base") for f in flags), flags
+    # and the run's own check asks the device: on this "CPU without bf16" the table offers neither
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu, "native_half", lambda dtype: dtype == torch.float32)
     code, out = _cli(tmp_path, capsys, "--estimate_memory")
-    assert "--mixed_precision bf16" in out and "--fp8_base" in out
+    assert code == 0 and "--gradient_checkpointing" in out
+    assert "--mixed_precision bf16" not in out and "--fp8_base" not in out
