@@ -72,19 +72,6 @@ def register(sub) -> None:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-def _warn_slow_half(dev: str, dtype: str) -> None:
-    """--dtype bf16/fp16 on a CPU without those instructions: say so before the load (utils.cpu)."""
-    import torch
-
-    from lorakit.models.dtypes import dtype_named
-    from lorakit.utils.cpu import slow_half_warning
-
-    warning = slow_half_warning(torch.device(dev), dtype_named(dtype, torch.float32), "--dtype",
-                                "(fp32 is the CPU default) or generate on a GPU")
-    if warning:
-        print("warning: " + warning, file=sys.stderr)
-
-
 class _Models:
     """Loads models on demand and remembers the current one (a grid's Checkpoint axis switches between them)."""
 
@@ -111,7 +98,11 @@ class _Models:
 
             raise missing_model_error(path, "--model" if model is None else "Checkpoint name axis value")
         dev, dtype = self.device_dtype()
-        _warn_slow_half(dev, dtype)
+        from lorakit.utils.cpu import slow_half_warning
+
+        slow = slow_half_warning(dev, dtype, "--dtype", "(fp32 is the CPU default) or generate on a GPU")
+        if slow:
+            print("warning: " + slow, file=sys.stderr)
         print(f"loading {path} ...", file=sys.stderr)
         bundle = load_bundle(path, vae=a.vae, dtype=dtype, v2=a.v2, v_parameterization=a.v_parameterization,
                              sdxl=a.sdxl, clip_l=a.clip_l, t5xxl=a.t5xxl, ae=a.ae)

@@ -131,15 +131,13 @@ def run_eval(job: EvalJob, log: Callable[[str], None] = print,
     log(f"scene tags: {', '.join(concept.scene_tags) or '-'} ({concept.scene_reason})")
 
     if bundle is None:
-        from lorakit.models.dtypes import dtype_named
         from lorakit.models.loading import load_bundle
         from lorakit.utils.cpu import slow_half_warning
         from lorakit.utils.finite import check_model_finite
 
         dev = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = job.dtype or ("fp16" if str(dev).startswith("cuda") else "fp32")
-        slow = slow_half_warning(torch.device(dev), dtype_named(dtype, torch.float32), "--dtype",
-                                 "(fp32 is the CPU default) or evaluate on a GPU")
+        slow = slow_half_warning(dev, dtype, "--dtype", "(fp32 is the CPU default) or evaluate on a GPU")
         if slow:
             log("warning: " + slow)
         log(f"loading {job.model} ...")

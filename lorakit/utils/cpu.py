@@ -10,6 +10,7 @@ helpers let the trainer say so before loading and keep --auto_fit from walking i
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -29,9 +30,11 @@ def native_half(dtype: torch.dtype) -> bool:
         return True
 
 
+@functools.lru_cache(maxsize=None)
 def half_slowdown(dtype: torch.dtype, repeats: int = 2) -> float:
     """How many times slower one 64-channel 3x3 convolution (32x32) runs in `dtype` than in fp32 here, measured
-    (best of `repeats` after a warm-up; about 0.2 s where the reference path is taken)."""
+    (best of `repeats` after a warm-up; about 0.2 s where the reference path is taken; once a process: a grid that
+    loads several checkpoints warns each time without measuring again)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 64, 32, 32, generator=g)
     w = torch.randn(64, 64, 3, 3, generator=g)
@@ -58,10 +61,14 @@ TRAIN_ADVICE = ("(fp32; --gradient_checkpointing and --cache_latents keep memory
                 "will not pick bf16 or --fp8_base on this CPU")
 
 
-def slow_half_warning(device: torch.device, dtype: torch.dtype, flag: str = "--mixed_precision",
+def slow_half_warning(device, dtype: torch.dtype | str, flag: str = "--mixed_precision",
                       advice: str = TRAIN_ADVICE) -> str | None:
     """The paragraph a run on a CPU without `dtype` arithmetic prints before loading, with the measured slowdown;
-    None where there is nothing to say. `flag` names the option that chose the dtype; `advice` follows "Drop it"."""
+    None where there is nothing to say. `dtype` may be a name as the options give it ("bf16", "fp32"); `flag` names
+    the option that chose it; `advice` follows "Drop <flag>"."""
+    from lorakit.models.dtypes import dtype_named
+
+    dtype = dtype_named(dtype, torch.float32) if isinstance(dtype, str) else dtype
     if half_ok(device, dtype):
         return None
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
