@@ -1,6 +1,6 @@
 """Pretrain the toy base model (issue 9); see lorakit/toyworld/pretrain.py.
 
-  python scripts/pretrain_toy_base.py --work_dir runs/toy_base --stage vae --minutes 8
+  python scripts/pretrain_toy_base.py --work_dir runs/toy_base --stage vae --minutes 8 [--spec v2]
   python scripts/pretrain_toy_base.py --work_dir runs/toy_base --stage unet --minutes 45
   python scripts/pretrain_toy_base.py --work_dir runs/toy_base --stage vae_decoder --minutes 40  # may run beside unet
   python scripts/pretrain_toy_base.py --work_dir runs/toy_base --stage export   # -> lorakit/toyworld/data/toy_base.safetensors
@@ -20,7 +20,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", "--work-dir", required=True)
     p.add_argument("--stage", choices=["vae", "vae_decoder", "unet", "export"], required=True)
+    p.add_argument("--spec", choices=["v1", "v2"], default=None,
+                   help="the base's shape (lorakit/toyworld/pretrain.py SPECS); a new work dir only, default v1")
     p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--max_steps", type=int, default=None, help="stop at this many steps in all (or at --minutes)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--pool", type=int, default=20000, help="number of pretraining images rendered and cached")
@@ -40,6 +43,8 @@ def main(argv=None):
         print(msg, flush=True)
 
     kw = {k: v for k, v in (("batch_size", a.batch_size), ("lr", a.lr)) if v is not None}
+    kw["max_steps"] = a.max_steps
+    pretrain.work_spec(Path(a.work_dir), a.spec)  # a new work dir takes --spec; an existing one must match it
     if a.stage == "vae":
         pretrain.train_vae(a.work_dir, a.minutes, pool=a.pool, seed=a.seed, threads=a.threads, log=log, **kw)
     elif a.stage == "vae_decoder":
@@ -55,4 +60,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from lorakit.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

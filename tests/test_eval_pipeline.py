@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,34 @@ def _prompt_file(tmp_path: Path) -> Path:
     p = tmp_path / "prompts.txt"
     p.write_text("zq shape --s 2 --l 3\n", encoding="utf-8")
     return p
+
+
+def test_eval_in_bf16_on_a_cpu_without_it_warns_before_loading(tmp_path, capsys, monkeypatch):
+    """utils.cpu: `lorakit eval --dtype bf16` where the CPU has no bf16 arithmetic names the measured slowdown before
+    the model loads (the load is stopped there: the warning is what is checked)."""
+    from lorakit.cli.main import main
+    from lorakit.errors import UserError
+    from lorakit.models import loading
+    from lorakit.utils import cpu
+
+    loras = tmp_path / "out"
+    loras.mkdir()
+    write_lora(tiny(), loras / "zq-000010.safetensors", 10, 0.3, 1)
+
+    def stop(*a, **k):
+        raise UserError("load stopped by the test")
+
+    monkeypatch.setattr(loading, "load_bundle", stop)
+    argv = ["eval", "--model", str(tmp_path / "m.safetensors"), "--lora_dir", str(loras), "--train_data_dir",
+            str(write_training_set(tmp_path / "data")), "--tagger_dir", str(write_tagger(tmp_path / "tagger")),
+            "--seeds", "2", "--steps", "2", "--no_progress", "--device", "cpu"]
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    monkeypatch.setattr(cpu, "native_half", lambda dtype: dtype == torch.float32)
+    assert main(argv + ["--dtype", "bf16"]) == 2
+    out = capsys.readouterr().out
+    assert re.search(r"warning: --dtype bf16 on this CPU .* [0-9]+x slower than fp32", out), out
+    assert out.index("warning: --dtype bf16") < out.index("loading ")
+    monkeypatch.setattr(cpu, "native_half", lambda dtype: True)
+    assert main(argv + ["--dtype", "bf16"]) == 2
+    out = capsys.readouterr().out
+    assert "loading " in out and "warning: --dtype" not in out

@@ -573,7 +573,7 @@ class DatasetGroup:
                     mask = torch.as_tensor(np.ascontiguousarray(np.asarray(mask)[:, ::-1]))
             sample["latents"] = torch.as_tensor(np.asarray(lat), dtype=torch.float32)
             sample["alpha_mask"] = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.float32)
-            target = (int(sample["latents"].shape[-1]) * 8, int(sample["latents"].shape[-2]) * 8)
+            target = (int(reso[0]), int(reso[1]))  # the bucket the latents were encoded at (any VAE factor)
         else:
             rgb, alpha = load_image_arrays(entry.path, subset.alpha_mask, entry.mask_path)
             if not cfg.enable_bucket and entry.face is not None and subset.face_crop_aug_range is not None:

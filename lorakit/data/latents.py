@@ -71,12 +71,12 @@ def has_mask(entry, subset) -> bool:
 
 
 def npz_is_valid(npz_path: Path, entry, flip_aug: bool, alpha_mask: bool, vae_id: str = "",
-                 interpolation: str | None = None) -> bool:
+                 interpolation: str | None = None, latent_factor: int = 8) -> bool:
     """Whether an existing cache file fits this entry and these settings (`alpha_mask`: a mask is cached)."""
     if not npz_path.exists():
         return False
     w, h = entry.bucket.reso
-    want = (h // 8, w // 8)
+    want = (h // latent_factor, w // latent_factor)
     try:
         with np.load(npz_path, allow_pickle=False) as npz:
             keys = set(npz.files)
@@ -132,10 +132,10 @@ def _prepare(entry, subset, reso):
 
 def cache_latents(group, encode: Callable, suffix: str = "sd", to_disk: bool = False, batch_size: int = 4,
                   num_workers: int | None = None, vae_id: str = "", progress: Callable[[int, int], None] | None = None,
-                  device=None, dtype=None, skip_check: bool = False) -> dict:
+                  device=None, dtype=None, skip_check: bool = False, latent_factor: int = 8) -> dict:
     """Encode every image of `group` once (decode/resize in a thread pool, VAE in batches per bucket).
 
-    encode(pixels [B,3,H,W] in [-1,1]) -> latents [B,4,H/8,W/8], already scaled. `suffix`: "sd" or "sdxl".
+    encode(pixels [B,3,H,W] in [-1,1]) -> latents [B,4,H/f,W/f] (f = `latent_factor`), already scaled. `suffix`: "sd" or "sdxl".
     `skip_check` (--skip_cache_check): an existing cache file is used as it is, without opening it to check that it
     fits (faster start with many files; a stale file then trains on stale latents).
     Returns counts {"encoded", "reused", "skipped"}. Raises UserError when augmentation makes caching wrong."""
@@ -159,7 +159,7 @@ def cache_latents(group, encode: Callable, suffix: str = "sd", to_disk: bool = F
                     continue
                 done_disk[p] = e.bucket.reso
                 if (skip_check and p.exists()) or npz_is_valid(p, e, subset.flip_aug, masked, vae_id,
-                                                                 subset.resize_interpolation):
+                                                                 subset.resize_interpolation, latent_factor):
                     e.npz_path = p
                     reused += 1
                     continue

@@ -66,7 +66,7 @@ def sample_images(bundle, prompts: Sequence[str], seeds: Sequence[int], settings
     unet = bundle.unet
     device = next(unet.parameters()).device
     udtype = next(unet.parameters()).dtype
-    f = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    f = bundle.latent_factor
     shape = (unet.config.in_channels, settings.height // f, settings.width // f)
     neg = enc.encode(settings.negative_prompt)
     out = []

@@ -247,7 +247,7 @@ class Generator:
         return 0.75 if s.init_image is not None else 0.7
 
     def _latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
-        f = 2 ** (len(self.bundle.vae.config.block_out_channels) - 1)
+        f = self.bundle.latent_factor
         return self.bundle.vae.config.latent_channels, height // f, width // f
 
     def _scheduler(self, s: GenerationSettings):
@@ -283,7 +283,7 @@ class Generator:
 
     def _hires(self, s, cond, applied, seeds, latents, hr_steps, progress):
         c, h, w = latents.shape[1:]
-        f = 2 ** (len(self.bundle.vae.config.block_out_channels) - 1)
+        f = self.bundle.latent_factor
         tw, th = int(s.width * s.hires_scale) // f * f, int(s.height * s.hires_scale) // f * f
         mode = _UPSCALE_MODES[s.hires_upscaler.lower()]
         kw = {} if mode.startswith("nearest") else {"align_corners": False}

@@ -40,6 +40,12 @@ class ModelBundle:
         return float(self.configs.get("vae", self.family.config("vae"))["scaling_factor"])
 
     @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel: the VAE halves the size at each level after the first (8 for SD's VAE,
+        4 for a three-level one such as the v2 toy base's)."""
+        return 2 ** (len(self.configs.get("vae", self.family.config("vae"))["block_out_channels"]) - 1)
+
+    @property
     def latent_shift(self) -> float:
         """Subtracted before scaling (FLUX's AE: 0.1159; SD VAEs have none): latents = (z - shift) * scale."""
         return float(self.configs.get("vae", self.family.config("vae")).get("shift_factor") or 0.0)

@@ -546,6 +546,7 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data, train_te
         done = cache_latents(data.group, encode_latents, suffix=fam.latent_cache_suffix,
                              to_disk=o.cache_latents_to_disk, batch_size=o.vae_batch_size,
                              skip_check=o.skip_cache_check, progress=ProgressLines(run.log, "latents"),
+                             latent_factor=bundle.latent_factor,
                              vae_id=f"{fam.name}:{os.path.basename(str(o.vae or o.pretrained_model_name_or_path))}")
         run.log(f"cached latents: {done.get('encoded', 0)} encoded, {done.get('reused', 0)} reused from disk, "
                 f"{done.get('skipped', 0)} skipped ({time.time() - t0:.1f} s)")
