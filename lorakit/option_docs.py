@@ -114,10 +114,12 @@ NETWORK_ARGS: list[NetworkArg] = [
                note="FLUX.1: LoRA ranks on the embedders img_in, time_in, vector_in, guidance_in, txt_in (0: none)"),
     NetworkArg("train_norm", "train_norm=False", module="lycoris.kohya", note="accepted only as False (not supported)"),
     NetworkArg("rs_lora", "rs_lora=False", module="lycoris.kohya", note="accepted only as False (not supported)"),
-    NetworkArg("use_scalar", "use_scalar=True", module="lycoris.kohya", note="accepted, ignored"),
+    NetworkArg("use_scalar", "use_scalar=False", module="lycoris.kohya", note="accepted only as False (not supported)"),
     NetworkArg("bypass_mode", "bypass_mode=False", module="lycoris.kohya",
-               note="accepted, ignored (training is always unmerged)"),
-    NetworkArg("rank_dropout_scale", "rank_dropout_scale=True", module="lycoris.kohya", note="accepted, ignored"),
+               note="accepted: training always runs the unmerged (bypass) form; the results are the same"),
+    NetworkArg("rank_dropout_scale", "rank_dropout_scale=True", module="lycoris.kohya", needs=("rank_dropout=0.1",),
+               note="divide what rank dropout keeps by the share kept in each draw (LyCORIS; without it LyCORIS "
+                    "does not rescale, networks.lora always scales by 1/(1 - rank_dropout))"),
 ]
 NETWORK_ARGS_BY_KEY = {a.key: a for a in NETWORK_ARGS}
 

@@ -155,6 +155,46 @@ def test_rank_dropout_mask_is_replayed_in_backward():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["loha", "lokr", "dora"])
+@pytest.mark.parametrize("how", [None, "mean", "expected"])
+def test_rank_dropout_rescale_on_weight_rows(case, how):
+    """LoHa, LoKr and DoRA drop rows of the weight change (DoRA's LoRA did not drop at all before): the kept rows
+    are left (LyCORIS), divided by the share kept (rank_dropout_scale=True) or by 1 - p (networks.lora)."""
+    layer = _layer("linear", "tiny").requires_grad_(False)
+    a = _adapter(case, layer).train()
+    a.rank_dropout, a.rank_dropout_rescale = 0.5, how
+    torch.manual_seed(7)
+    raw = (torch.rand(a.shape[0]) > 0.5).float()
+    want = {None: raw, "mean": raw / raw.mean(), "expected": raw * 2.0}[how]
+    torch.manual_seed(7)
+    keep = a.rank_keep()
+    torch.testing.assert_close(keep, want, rtol=0, atol=0)
+    x = _input(layer, "tiny")
+    ref = layer(x) + a._op(x, a.weight_change(a.effective_multiplier, want))
+    attach(a)
+    torch.manual_seed(7)
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-6)
+
+
+def test_rank_dropout_rescale_of_lora_activations():
+    """LoRA drops rank channels per sample: `mean` divides each sample's kept channels by its share kept."""
+    layer = _layer("linear", "tiny").requires_grad_(False)
+    a = LoRAModule("lora_unet_test", layer, lora_dim=8, alpha=4.0, rank_dropout=0.5).train()
+    with torch.no_grad():
+        a.lora_up.weight.normal_(0, 0.1)
+    x = _input(layer, "tiny")
+    down, up = a.lora_down.weight, a.lora_up.weight
+    for how in (None, "mean", "expected"):
+        a.rank_dropout_rescale = how
+        torch.manual_seed(3)
+        mask = (torch.rand(x.shape[0], 8) > 0.5).float()
+        assert 0 < mask.sum() < mask.numel()
+        m = {None: mask, "mean": mask / mask.mean(dim=1, keepdim=True), "expected": mask * 2.0}[how]
+        ref = (x @ down.t() * m[:, None, :]) @ up.t() * (a.scale * a.multiplier)
+        torch.manual_seed(3)
+        torch.testing.assert_close(a.forward_delta(x), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_detached_dora_norm_same_forward_and_paper_gradient():
     """dora_detach_norm: forward unchanged; the gradient is that of W' = s (W + dW) / c with c = ||W + dW|| fixed."""
     layer = _layer("linear", "tiny").requires_grad_(False)
@@ -183,3 +223,25 @@ def test_inference_path_builds_no_graph():
     with torch.no_grad():
         y = layer(_input(layer, "tiny"))
     assert y.grad_fn is None
+
+
+def test_network_args_choose_the_rank_dropout_rescale_of_each_tool():
+    from lorakit.adapters.network import parse_network_args
+    from lorakit.errors import UserError
+    from lorakit.models.families import get_family
+
+    fam = get_family("sd1")
+
+    def rescale(module, **args):
+        return parse_network_args(fam, module, 4, 1, {k: str(v) for k, v in args.items()}).rank_dropout_rescale
+
+    assert rescale("networks.lora", rank_dropout=0.1) == "expected"
+    assert rescale("lycoris.kohya", algo="loha", rank_dropout=0.1) is None
+    assert rescale("lycoris.kohya", algo="loha", rank_dropout=0.1, rank_dropout_scale=True) == "mean"
+    with pytest.raises(UserError, match="rank_dropout_scale is a LyCORIS argument"):
+        rescale("networks.lora", rank_dropout=0.1, rank_dropout_scale=True)
+    with pytest.raises(UserError, match="rank_dropout is not set"):
+        rescale("lycoris.kohya", algo="lokr", rank_dropout_scale=True)
+    with pytest.raises(UserError, match="use_scalar is not supported"):
+        rescale("lycoris.kohya", algo="locon", use_scalar=True)
+    assert rescale("lycoris.kohya", algo="locon", use_scalar=False) is None

@@ -31,10 +31,24 @@ def layer_kind(module: nn.Module) -> str:
     raise TypeError(f"adapters apply to Linear and Conv2d layers, not {type(module).__name__}")
 
 
+def rescale_kept(keep: torch.Tensor, p: float, how: str | None) -> torch.Tensor:
+    """A 0/1 rank-dropout mask (last dim: the dropped axis) rescaled as `AdapterModule.rank_dropout_rescale` says.
+    "mean" of a draw that kept nothing stays 0 (LyCORIS would divide 0 by 0)."""
+    if how == "expected":
+        return keep / (1.0 - p)
+    if how == "mean":
+        share = keep.mean(dim=-1, keepdim=True)
+        return keep / torch.where(share > 0, share, torch.ones_like(share))
+    return keep
+
+
 class AdapterModule(nn.Module):
     algo = "base"
     additive = True  # the change is W + m * delta (False for DoRA-style, OFT, IA3)
     rank_dropout_on_weight = False  # rank dropout masks rows of the delta weight (LoHa, LoKr), not activations
+    # What rank dropout does to the kept part: None leaves it (LyCORIS's default), "mean" divides by the share kept
+    # in this draw (LyCORIS's rank_dropout_scale=True), "expected" by 1 - p (sd-scripts' networks.lora).
+    rank_dropout_rescale: str | None = None
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0):
         super().__init__()
@@ -83,12 +97,14 @@ class AdapterModule(nn.Module):
         return None
 
     def rank_keep(self) -> torch.Tensor | None:
-        """The rank-dropout mask of this training forward (kept output rows), or None. Drawn once per forward so the
-        low-memory backward can rebuild exactly the same delta."""
-        if not (self.training and self.rank_dropout and self.rank_dropout_on_weight):
+        """The rank-dropout mask of this training forward (kept output rows, rescaled as `rank_dropout_rescale`
+        says), or None. Drawn once per forward so the low-memory backward can rebuild exactly the same delta. DoRA
+        builds the whole weight, so its LoRA masks rows too (LyCORIS does the same)."""
+        if not (self.training and self.rank_dropout and (self.rank_dropout_on_weight or self.wd)):
             return None
         device = next(self.parameters()).device
-        return (torch.rand(self.shape[0], device=device) > self.rank_dropout).float()
+        keep = (torch.rand(self.shape[0], device=device) > self.rank_dropout).float()
+        return rescale_kept(keep, self.rank_dropout, self.rank_dropout_rescale)
 
     def masked_delta(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         d = self.delta_weight()

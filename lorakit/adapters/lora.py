@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import AdapterModule, alpha_or_rank, kaiming_, layer_kind
+from lorakit.adapters.base import AdapterModule, alpha_or_rank, kaiming_, layer_kind, rescale_kept
 from lorakit.adapters.recompute import compute_dtype
 
 
@@ -138,12 +138,15 @@ class LoRAModule(AdapterModule):
         if training:
             if self.dropout:
                 lx = F.dropout(lx, p=self.dropout)
-            if self.rank_dropout:
-                mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            if self.rank_dropout:  # one draw per sample of the batch, over the rank channels
+                mask = (torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout).to(lx.dtype)
+                if self.rank_dropout_rescale == "expected":
+                    scale = scale / (1.0 - self.rank_dropout)  # sd-scripts: as if the rank were smaller
+                else:
+                    mask = rescale_kept(mask, self.rank_dropout, self.rank_dropout_rescale)
                 mask = mask.view(lx.size(0), self.lora_dim, 1, 1) if self.is_conv \
                     else mask.view(lx.size(0), *([1] * (lx.dim() - 2)), self.lora_dim)
-                lx = lx * mask.to(lx.dtype)
-                scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
+                lx = lx * mask
         # the scale goes into the (out x r) up weight, not over the (tokens x out) output
         up = self.up_weight() * (scale * self.multiplier * self.module_weight)
         return self._low_rank_op(lx, up.to(dt), self.lora_up)

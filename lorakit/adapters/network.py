@@ -68,10 +68,27 @@ KNOWN_ARGS = {
     "txt_mod_dim": "FLUX: rank of the text modulation", "single_dim": "FLUX: rank of the single blocks' linear1/2",
     "single_mod_dim": "FLUX: rank of the single blocks' modulation",
     "in_dims": "FLUX: LoRA ranks on the embedders [img, time, vector, guidance, txt], e.g. [4,0,0,0,4]",
-    "train_norm": "not supported for training", "rs_lora": "not supported", "use_scalar": "ignored",
-    "bypass_mode": "ignored (always unmerged while training)", "rank_dropout_scale": "ignored",
+    "train_norm": "not supported for training", "rs_lora": "not supported",
+    "use_scalar": "not supported (only False)",
+    "bypass_mode": "accepted: training always runs the unmerged form, same results",
+    "rank_dropout_scale": "LyCORIS: divide rank dropout's kept part by the share kept",
 }
-_UNSUPPORTED = {"train_norm", "rs_lora"}
+_UNSUPPORTED = {"train_norm", "rs_lora", "use_scalar"}
+
+
+def _rank_dropout_rescale(lycoris: bool, args: Mapping[str, str], rank_dropout: float | None) -> str | None:
+    """sd-scripts' networks.lora scales the kept rank channels by 1/(1 - p); LyCORIS leaves them, or with
+    rank_dropout_scale=True divides them by the share kept in that draw."""
+    scale = _bool(args.get("rank_dropout_scale", False))
+    if scale and not rank_dropout:
+        raise UserError("network_args rank_dropout_scale=True rescales rank dropout, but rank_dropout is not set; "
+                        "add rank_dropout=0.1 (for example) or remove rank_dropout_scale.")
+    if not lycoris:
+        if scale:
+            raise UserError("network_args rank_dropout_scale is a LyCORIS argument (--network_module lycoris.kohya); "
+                            "networks.lora always scales rank dropout by 1/(1 - rank_dropout). Remove it.")
+        return "expected"
+    return "mean" if scale else None
 
 
 def _bool(v) -> bool:
@@ -88,6 +105,7 @@ class NetworkConfig:
     conv_alpha: float | None = None
     dropout: float | None = None
     rank_dropout: float | None = None
+    rank_dropout_rescale: str | None = "expected"  # see AdapterModule.rank_dropout_rescale
     module_dropout: float | None = None
     preset: str = "kohya"
     dora: bool = False
@@ -169,6 +187,7 @@ def parse_network_args(family, network_module: str, network_dim: int | None, net
         cfg.conv_dim = None
     cfg.dropout = num("dropout") if "dropout" in args else neuron_dropout
     cfg.rank_dropout = num("rank_dropout")
+    cfg.rank_dropout_rescale = _rank_dropout_rescale(lycoris, args, cfg.rank_dropout)
     cfg.module_dropout = num("module_dropout")
     cfg.dora = _bool(args.get("dora_wd", False))
     cfg.wd_on_out = _bool(args.get("wd_on_output", False))
@@ -522,6 +541,7 @@ def create_network(bundle, network_module: str = "networks.lora", network_dim: i
         with torch.device(dev):
             a = SplitLoRAModule(t.lora_name, t.module, parts, **kw) if parts else cls(t.lora_name, t.module, **kw)
         a.wd_detach_norm = cfg.dora_detach_norm
+        a.rank_dropout_rescale = cfg.rank_dropout_rescale
         return a
 
     if train_text_encoder and cfg.select_te and preset.te_modules:
