@@ -177,32 +177,50 @@ def test_disk_space(env, monkeypatch):
     assert "1.0 TB free" in P.preflight(opts)[0]
 
 
-def _per_rank(family_name):
-    """Sum of in+out widths over the layers networks.lora targets, counted on a weightless build."""
-    import torch.nn as nn
+def _lora_size(family_name):
+    """What networks.lora builds on a weightless model, per unit of rank: values and modules per part."""
+    import torch
 
-    from lorakit.adapters.targets import UNET_CONV_BLOCKS, UNET_TRANSFORMER, te_targets, unet_targets
+    from lorakit.adapters.network import create_network
     from lorakit.models.bundle import build_bundle
-    from lorakit.models.families import get_family
+    from lorakit.models.families import LoraSize, get_family
 
     fam = get_family(family_name)
     b = build_bundle(fam, device="meta", components=("unet", "text_encoders"))
 
-    def total(targets):
-        n = 0
-        for t in targets:
-            m = t.module
-            n += (m.in_features + m.out_features) if isinstance(m, nn.Linear) else \
-                m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels
-        return n
+    def count(unet: bool, te: bool, **args) -> tuple[int, int]:
+        torch.manual_seed(0)
+        net = create_network(b, "networks.lora", 1, 1, {k: str(v) for k, v in args.items()}, train_unet=unet,
+                             train_text_encoder=te)
+        return sum(p.numel() for p in net.parameters()), len(net.adapters)
 
-    return {"unet": total(unet_targets(b.unet, fam, UNET_TRANSFORMER)), "te": total(te_targets(b.text_encoders, fam)),
-            "conv": total(unet_targets(b.unet, fam, UNET_CONV_BLOCKS, conv=True))}
+    (unet, n_unet), (te, n_te) = count(True, False), count(False, True)
+    conv = count(True, False, conv_dim=1)[0] - unet if fam.denoiser == "unet" else 0
+    extra, n_extra = (count(False, True, train_t5xxl=True) if len(fam.text_encoders) > 1 and
+                      not fam.text_encoders[1].lora_by_default else (te, n_te))
+    return LoraSize(unet, te, conv, n_unet + n_te, extra - te, n_extra - n_te)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_params_per_rank_match_the_architecture(family):
-    assert P.PARAMS_PER_RANK[family] == _per_rank(family)
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "flux-dev"])
+def test_lora_size_of_each_family_is_what_networks_lora_builds(family):
+    from lorakit.models.families import get_family
+
+    assert get_family(family).lora_size == _lora_size(family)
+
+
+def test_a_flux_file_is_recognised_and_its_lora_bound_is_flux_sized(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    path = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1), "guidance_in.in_layer.weight": torch.zeros(1)},
+              str(path))
+    assert P.guess_family(O.resolve(["--pretrained_model_name_or_path", str(path)])) == "flux-dev"
+    ns = O.resolve(["--network_dim", "16", "--save_precision", "bf16"])
+    # 2 bytes x 16 x (4,786,176 + 165,888): sd-scripts' FLUX LoRAs of rank 16 are about 150 MiB
+    assert 158e6 < P.lora_bytes(ns, "flux-dev") < 159e6
+    ns_t5 = O.resolve(["--network_dim", "16", "--save_precision", "bf16", "--network_args", "train_t5xxl=True"])
+    assert P.lora_bytes(ns_t5, "flux-dev") - P.lora_bytes(ns, "flux-dev") == 2 * 16 * 1_818_624 + 450 * 168
 
 
 def test_sd1_estimate_matches_a_known_file_size():

@@ -11,8 +11,21 @@ import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import NamedTuple
 
 from lorakit.errors import UserError
+
+
+class LoraSize(NamedTuple):
+    """What a networks.lora file of this family holds per unit of rank: the sum of (in + out) widths over the layers
+    it targets (3x3 convs: in * kh * kw + out), counted on the real architecture (tests/test_preflight.py recounts
+    them with create_network on a weightless build), and its module count (header entries). Disk checks use it."""
+    unet: int
+    te: int  # the text encoders trained by default
+    conv: int  # the UNet's 3x3 convs (conv_dim, LoCon)
+    modules: int
+    te_on_request: int = 0  # encoders trained only when asked (FLUX's T5-XXL: network_args train_t5xxl=True)
+    modules_on_request: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,7 @@ class Family:
     split_files: bool = False  # files usually hold the denoiser alone (BFL: no key prefix); encoders and AE come apart
     t5_max_length: int = 0  # T5 tokens when --t5xxl_max_token_length is not given (dev 512, schnell 256)
     guidance_embed: bool = False  # the denoiser takes a distilled-guidance value (FLUX.1-dev)
+    lora_size: LoraSize = LoraSize(0, 0, 0, 0)  # see LoraSize
     # the denoiser's lists of transformer blocks as (module list, config key of its depth): --blocks_to_swap moves
     # them, network_args train_*_block_indices select in them
     block_lists: tuple[tuple[str, str], ...] = ()
@@ -179,14 +193,16 @@ _SD = dict(  # what SD1.x and SD2.x share
     size_conditioning=False, train_block_count=25, block_scheme="diffusers-25", vae_fp16_safe=True,
     latent_cache_suffix="sd", diffusers_pipeline="StableDiffusionPipeline",
 )
-_SD2 = dict(_SD, text_encoders=(_OPENCLIP_H_SD2,), default_clip_skip=2, weight_group="sd2", is_v2=True)
+_SD2 = dict(_SD, text_encoders=(_OPENCLIP_H_SD2,), default_clip_skip=2, weight_group="sd2", is_v2=True,
+            lora_size=LoraSize(unet=432_128, te=423_936, conv=626_880, modules=330))
 # SDXL and its v-prediction fine-tunes (NoobAI-XL v-pred...): the same weights, files and LoRAs; only the prediction
 # differs (sd-scripts writes the same ss_base_model_version and ModelSpec architecture for both)
 _SDXL = dict(base_model_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
              modelspec_implementation=_SAI, resolution=1024, text_encoders=(_CLIP_L_XL, _OPENCLIP_G_XL),
              lora_unet_style="sai", default_clip_skip=2, clip_skip_fixed=True, bucket_step=32, size_conditioning=True,
              train_block_count=23, block_scheme="sai-23", weight_group="sdxl", vae_fp16_safe=False,
-             latent_cache_suffix="sdxl", diffusers_pipeline="StableDiffusionXLPipeline", is_v2=False)
+             latent_cache_suffix="sdxl", diffusers_pipeline="StableDiffusionXLPipeline", is_v2=False,
+             lora_size=LoraSize(unet=2_659_840, te=903_168, conv=414_400, modules=986))
 
 # FLUX.1: CLIP-L gives only its pooled vector, T5-XXL the token features. sd-scripts names their LoRA modules
 # lora_te1_ and lora_te3_ ("ComfyUI compatible"); ComfyUI also maps OneTrainer's lora_te2_ to T5.
@@ -208,6 +224,8 @@ _FLUX = dict(
     lora_block_classes=("DoubleStreamBlock", "SingleStreamBlock"), split_files=True,
     block_lists=(("double_blocks", "depth"), ("single_blocks", "depth_single_blocks")),
     denoiser_after_caching=True, lora_split_parts=(("_attn_qkv", (1, 1, 1)), ("_linear1", (1, 1, 1, 4))),
+    lora_size=LoraSize(unet=4_786_176, te=165_888, conv=0, modules=376, te_on_request=1_818_624,
+                       modules_on_request=168),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -215,7 +233,8 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family(name="sd1", title="Stable Diffusion 1.x", short_title="SD 1.x", base_model_version="sd_v1",
                modelspec_architecture="stable-diffusion-v1", prediction_type="epsilon", resolution=512,
-               text_encoders=(_CLIP_L_SD1,), default_clip_skip=1, weight_group="sd1", is_v2=False, **_SD),
+               text_encoders=(_CLIP_L_SD1,), default_clip_skip=1, weight_group="sd1", is_v2=False,
+               lora_size=LoraSize(unet=423_936, te=165_888, conv=626_880, modules=264), **_SD),
         Family(name="sd2", title="Stable Diffusion 2.x (512, epsilon)", short_title="SD 2.x",
                base_model_version="sd_v2", modelspec_architecture="stable-diffusion-v2-512",
                prediction_type="epsilon", resolution=512, **_SD2),

@@ -25,18 +25,7 @@ from typing import Any
 from lorakit import options as O
 from lorakit.errors import UserError
 
-# LoRA parameters per unit of rank, i.e. the sum of (in_features + out_features) over the layers sd-scripts'
-# networks.lora targets, counted on the real architectures (lorakit.adapters.targets on a meta-device build):
-# UNet transformer blocks, the CLIP text encoders' attention/MLP layers, and with conv_dim the ResNet/down/up-sample
-# convolutions (in_channels * kh * kw + out_channels). A LoRA of rank r holds r times these numbers of values;
-# alphas and the header are small. tests/test_preflight.py recounts them.
-PARAMS_PER_RANK = {
-    "sd1": {"unet": 423_936, "te": 165_888, "conv": 626_880},
-    "sd2": {"unet": 432_128, "te": 423_936, "conv": 626_880},
-    "sdxl": {"unet": 2_659_840, "te": 903_168, "conv": 414_400},
-}
 HEADER_BYTES_PER_MODULE = 3 * 150  # down, up, alpha entries of the safetensors JSON header
-MODULES = {"sd1": 264, "sd2": 330, "sdxl": 986}
 
 
 def _get(opts, name: str, default: Any = None) -> Any:
@@ -190,7 +179,8 @@ def check_outputs(opts) -> Path:
 
 # ---- disk space --------------------------------------------------------------------------------------------------
 def guess_family(opts) -> str:
-    """sd1/sd2/sdxl from the flags or the checkpoint's key names (header only); sdxl when unknown (the largest)."""
+    """sd1/sd2/sdxl/flux-dev from the flags or the checkpoint's key names (header only); sdxl when unknown (the
+    largest of the UNet families; a FLUX file says what it is by its keys)."""
     if _get(opts, "sdxl", False):
         return "sdxl"
     model = _get(opts, "pretrained_model_name_or_path")
@@ -211,6 +201,11 @@ def guess_family(opts) -> str:
             keys = read_safetensors_header(model)[0].keys()
         except UserError:
             return "sdxl"
+        from lorakit.models.detect import flux_family_of
+
+        flux = flux_family_of(keys)
+        if flux is not None:
+            return flux.name
         if any(k.startswith("conditioner.embedders.1.") for k in keys):
             return "sdxl"
         if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -221,25 +216,29 @@ def guess_family(opts) -> str:
 
 
 def lora_bytes(opts, family: str | None = None) -> int:
-    """An upper bound of one saved LoRA file's size (see PARAMS_PER_RANK)."""
-    family = family or guess_family(opts)
-    per = PARAMS_PER_RANK.get(family, PARAMS_PER_RANK["sdxl"])
+    """An upper bound of one saved LoRA file's size (the family's `lora_size`)."""
+    from lorakit.models.families import get_family
+
+    size = get_family(family or guess_family(opts)).lora_size
     dim = int(_get(opts, "network_dim", 4))
     args = O.network_args_dict(_get(opts, "network_args"))
-    params = 0
+    params, modules = 0, size.modules
     if not _get(opts, "network_train_text_encoder_only", False):
-        params += per["unet"] * dim
+        params += size.unet * dim
         if "conv_dim" in args:
             try:
-                params += per["conv"] * max(dim, int(float(args["conv_dim"])))
+                params += size.conv * max(dim, int(float(args["conv_dim"])))
             except ValueError:
                 pass
     if not _get(opts, "network_train_unet_only", False):
-        params += per["te"] * dim
+        params += size.te * dim
+        if str(args.get("train_t5xxl", "")).strip().lower() in ("1", "true", "yes", "on"):
+            params += size.te_on_request * dim
+            modules += size.modules_on_request
     if args.get("algo", "").lower() in ("loha",):
         params *= 2  # two factor pairs per layer
     width = 2 if _get(opts, "save_precision") in ("fp16", "bf16") else 4
-    size = params * width + HEADER_BYTES_PER_MODULE * MODULES.get(family, MODULES["sdxl"])
+    size = params * width + HEADER_BYTES_PER_MODULE * modules
     model = _get(opts, "pretrained_model_name_or_path")
     if model and Path(model).is_file():
         # while rank <= the layers' widths a LoRA holds at most twice the targeted layers' parameters, so four times
@@ -450,4 +449,4 @@ def preflight(opts, steps_per_epoch: int | None = None, family=None) -> list[str
 
 __all__ = ["preflight", "check_before_run", "check_before_load", "check_values", "check_inputs", "check_outputs",
            "check_output_name", "check_disk_space", "check_optimizer", "check_scheduler", "check_network",
-           "optimizer_name", "planned_saves", "lora_bytes", "guess_family", "PARAMS_PER_RANK"]
+           "optimizer_name", "planned_saves", "lora_bytes", "guess_family"]
