@@ -251,6 +251,47 @@ def group_static_captions(group) -> list[str]:
     return sorted(caps)
 
 
+class BytesLRU:
+    """A dict that keeps its entries least recently used first and, past `max_bytes` (None: no limit), lets the
+    oldest go; both of a run's memos (VAE posteriors, frozen text-encoder outputs) keep to a budget with it."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: "OrderedDict[Any, tuple[Any, int]]" = OrderedDict()
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key):
+        """The value (now the most recently used), or None."""
+        found = self._items.get(key)
+        if found is None:
+            return None
+        self._items.move_to_end(key)
+        return found[0]
+
+    def put(self, key, value, size: int, trim: bool = True) -> bool:
+        """Keep `value` as the most recent entry; False (not kept) when it alone is over the budget. `trim=False`
+        defers the eviction to `trim()` (a batch being gathered must not lose its first entries)."""
+        if self.max_bytes is not None and size > self.max_bytes:
+            return False
+        old = self._items.pop(key, None)
+        self.bytes += size - (old[1] if old else 0)
+        self._items[key] = (value, size)
+        if trim:
+            self.trim()
+        return True
+
+    def trim(self, keep_newest: int = 0) -> None:
+        """Drop the oldest entries until within budget, never the `keep_newest` most recent ones."""
+        while self.max_bytes is not None and self.bytes > self.max_bytes and len(self._items) > keep_newest:
+            self.bytes -= self._items.popitem(last=False)[1][1]
+
+
 class TextEncoderCache:
     """Text-encoder outputs keyed by caption text.
 
@@ -264,10 +305,13 @@ class TextEncoderCache:
         self.dir = Path(cache_dir) if cache_dir else None
         self.batch_size = batch_size
         self.prefix = key_prefix
-        self.mem: dict[str, tuple[str, dict]] = {}
         # max_bytes: a memo of a frozen text encoder (see stages.prepare_inputs) - least recently used entries go
-        self.max_bytes, self.bytes = max_bytes, 0
+        self.mem = BytesLRU(max_bytes)
         self.hits = self.misses = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.mem.bytes
 
     def key(self, caption: str) -> str:
         return hashlib.sha256((self.prefix + "\x00" + caption).encode("utf-8")).hexdigest()
@@ -326,7 +370,7 @@ class TextEncoderCache:
                 continue
             hit = self._load_disk(k)
             if hit is not None:
-                self.mem[k] = hit
+                self.mem.put(k, hit, _item_bytes(hit), trim=False)
             else:
                 missing.append(c)
         for s in range(0, len(missing), self.batch_size):
@@ -335,30 +379,19 @@ class TextEncoderCache:
                 out = self.encode(chunk)
             for c, item in zip(chunk, self._split(out, len(chunk))):
                 k = self.key(c)
-                self._keep(k, item)
+                self.mem.put(k, item, _item_bytes(item), trim=False)
                 if self.dir is not None:
                     save_safetensors_atomic(item[1], self._file(k), metadata={"kind": item[0], "caption": c[:1000]})
             if progress:
                 progress(min(s + self.batch_size, len(missing)), len(missing))
         return len(missing)
 
-    def _keep(self, key: str, item: tuple[str, dict]) -> None:
-        self.mem[key] = item
-        if self.max_bytes is not None:
-            self.bytes += _item_bytes(item)
-
     def get(self, captions: list[str]):
         missing = self.precompute(captions)
         self.misses += missing
         self.hits += len(captions) - missing
-        items = []
-        for c in captions:
-            k = self.key(c)
-            items.append(self.mem[k])
-            if self.max_bytes is not None:  # most recently used last
-                self.mem[k] = self.mem.pop(k)
-        while self.max_bytes is not None and self.bytes > self.max_bytes and len(self.mem) > len(captions):
-            self.bytes -= _item_bytes(self.mem.pop(next(iter(self.mem))))
+        items = [self.mem.get(self.key(c)) for c in captions]  # each now the most recently used
+        self.mem.trim(keep_newest=len(captions))
         return self._join(items)
 
 
@@ -377,10 +410,12 @@ class PosteriorMemo:
     Least recently used entries go when `max_bytes` is reached."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self.bytes = 0
+        self._lru = BytesLRU(int(max_bytes))
         self.hits = self.misses = 0
-        self._entries: "OrderedDict[bytes, tuple[Any, Any]]" = OrderedDict()
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
 
     @staticmethod
     def key(pixels) -> bytes:
@@ -390,26 +425,18 @@ class PosteriorMemo:
         return h.digest()
 
     def get(self, key: bytes):
-        found = self._entries.get(key)
+        found = self._lru.get(key)
         if found is None:
             self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
+        else:
+            self.hits += 1
         return found
 
     def put(self, key: bytes, mean, std) -> None:
-        size = (mean.numel() + std.numel()) * mean.element_size()
-        if size > self.max_bytes:
-            return
-        self._entries[key] = (mean, std)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, (m, s) = self._entries.popitem(last=False)
-            self.bytes -= (m.numel() + s.numel()) * m.element_size()
+        self._lru.put(key, (mean, std), (mean.numel() + std.numel()) * mean.element_size())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru)
 
 
 def memo_budget_bytes(total_ram: int | None = None) -> int:
