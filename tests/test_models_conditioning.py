@@ -80,6 +80,30 @@ def test_a1111_clip_skip_numbering_in_generation():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_openclip_windows_of_a_long_caption_follow_sd_scripts():
+    """OpenCLIP pads with id 0, not EOS: a window the caption runs through ends in EOS (sd-scripts' rule), so the
+    pooled output (first window) is read at that EOS; a window with nothing left is BOS EOS pad..."""
+    from lorakit.models.conditioning import caption_windows
+
+    bundle = tiny_bundle("sdxl", seed=3)
+    tok = bundle.tokenizers[1]
+    assert tok.pad_token_id != tok.eos_token_id
+    text = " ".join(LONG.split()[:60])
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert 75 < len(ids) < 150
+    bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    w = caption_windows(tok, [text], 225)[0].tolist()
+    assert w[0] == [bos] + ids[:75] + [eos]
+    assert w[1] == [bos] + ids[75:] + [eos] + [pad] * (150 - len(ids))
+    assert w[2] == [bos, eos] + [pad] * 75
+    with torch.no_grad():
+        _, pooled = encode_captions(bundle, [text], None, 150)
+        te = bundle.text_encoders[1]
+        hidden = te.text_model(torch.tensor([w[0]])).last_hidden_state  # final-normed
+        want = te.text_projection(hidden[:, 76])
+    torch.testing.assert_close(pooled, want, rtol=1e-5, atol=1e-6)
+
+
 def test_sdxl_pooled_and_size_conditioning_agree():
     from lorakit.models.conditioning import added_cond_kwargs
 

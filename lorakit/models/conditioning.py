@@ -53,12 +53,10 @@ def caption_windows(tokenizer, captions: list[str], max_token_length: int | None
     windows = []
     for i in range(1, total - 1, BODY):
         window = torch.cat([bos, ids[:, i:i + BODY], last], dim=1)
-        if pad != eos:  # OpenCLIP pads with id 0: keep padding after padding, and an EOS right after a lone BOS
-            for row in window:
+        if pad != eos:  # OpenCLIP pads with id 0 (sd-scripts' rules): a window the caption runs through ends in
+            for row in window:  # EOS, not in the row's last id (padding); a window with nothing left is BOS EOS pad...
                 if row[-2] != eos and row[-2] != pad:
-                    continue
-                if row[-2] == pad:
-                    row[-1] = pad
+                    row[-1] = eos
                 if row[1] == pad:
                     row[1] = eos
         windows.append(window)
