@@ -2,8 +2,9 @@
 
 Two stages, each resumable from `work_dir` and bounded by wall-clock minutes:
 
-1. `train_vae`: a tiny AutoencoderKL (64 px -> 8x8x4 latents, SD1 block types) as an autoencoder on pretraining
-   images (L1 + MSE + a small KL). Its `scaling_factor` is set from the latent std so scaled latents have unit variance.
+1. `train_vae`: a tiny AutoencoderKL (SD1 block types; 64 px -> 8x8x4 latents in the shipped v1, 16x16x4 in v2: see
+   `BaseSpec`) as an autoencoder on pretraining images, in v2 also open-world ones (L1 + MSE + a small KL). Its
+   `scaling_factor` is set from the latent std so scaled latents have unit variance.
 2. `train_unet`: the UNet (SD1 block structure and layer counts, tiny widths) and a tiny 12-layer CLIP text encoder
    from scratch, jointly, on frozen-VAE latents of pretraining images; epsilon prediction on SD1's scaled_linear
    schedule, uniform timesteps, min-SNR weighting, 10% empty captions (for CFG) and tag dropout/shuffle so short
