@@ -82,3 +82,20 @@ def test_generating_from_a_v2_base_gives_the_asked_size(v2_base, tmp_path):
     assert rc == 0, out + err
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 1 and Image.open(pngs[0]).size == (64, 96)
+
+
+def test_ctrl_c_in_a_stage_saves_its_state(v2_base, tmp_path):
+    import shutil
+
+    from lorakit.toyworld import pretrain
+
+    work = tmp_path / "work"
+    shutil.copytree(v2_base[0], work)
+
+    def log(msg):
+        if msg.startswith("unet step 25 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train_unet(work, 5, batch_size=2, pool=64, max_steps=40, log=log)
+    assert torch.load(work / "unet_state.pt", weights_only=True)["step"] == 25

@@ -184,27 +184,32 @@ def train_vae(work_dir: str | Path, minutes: float, batch_size: int = 32, lr: fl
         _save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                      "seconds": spent + time.time() - t_start, "config": cfg}, state_path)
 
-    while _go_on(t_start, minutes, step, max_steps):
-        for g in opt.param_groups:  # short warmup, then cosine-ish decay over the stage is unknown: keep constant
-            g["lr"] = lr * min(1.0, (step + 1) / 100)
-        x = to_tensor(_batch(images, open_images, batch_size, n_open, rng))
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        l1, l2 = (rec - x).abs().mean(), (rec - x).pow(2).mean()
-        kl = post.kl().mean()  # summed over latent dims by diffusers
-        loss = l1 + l2 + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        losses.append(l1.item())
-        if step % 25 == 0:
-            el = time.time() - t_start
-            log(f"vae step {step} l1 {np.mean(losses[-25:]):.4f} kl {kl.item():.1f} ({el / max(len(losses), 1):.2f}s/step)")
-        if time.time() - t_ckpt > checkpoint_every_s:
-            save()
-            t_ckpt = time.time()
+    try:  # Ctrl-C keeps what was trained since the last checkpoint
+        while _go_on(t_start, minutes, step, max_steps):
+            for g in opt.param_groups:  # short warmup, then cosine-ish decay over the stage is unknown: keep constant
+                g["lr"] = lr * min(1.0, (step + 1) / 100)
+            x = to_tensor(_batch(images, open_images, batch_size, n_open, rng))
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+            l1, l2 = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+            kl = post.kl().mean()  # summed over latent dims by diffusers
+            loss = l1 + l2 + kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            step += 1
+            losses.append(l1.item())
+            if step % 25 == 0:
+                el = time.time() - t_start
+                log(f"vae step {step} l1 {np.mean(losses[-25:]):.4f} kl {kl.item():.1f} ({el / max(len(losses), 1):.2f}s/step)")
+            if time.time() - t_ckpt > checkpoint_every_s:
+                save()
+                t_ckpt = time.time()
+    except KeyboardInterrupt:
+        save()
+        log(f"interrupted at step {step}: state saved")
+        raise
     save()
     scale = latent_scale(vae, images[-512:])
     info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "l1_last": float(np.mean(losses[-50:] or [0])),
@@ -256,24 +261,29 @@ def train_vae_decoder(work_dir: str | Path, minutes: float, batch_size: int = 32
                      "seconds": spent + time.time() - t_start, "config": cfg}, state_path)
 
     n_open = int(round(batch_size * open_fraction)) if open_images is not None else 0
-    while _go_on(t_start, minutes, step, max_steps):
-        x = to_tensor(_batch(images, open_images, batch_size, n_open, rng))
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
-        rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
-        loss = l1 + (rec - x).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
-        opt.step()
-        step += 1
-        losses.append(l1.item())
-        if step % 25 == 0:
-            log(f"decoder step {step} l1 {np.mean(losses[-25:]):.4f} ({(time.time() - t_start) / len(losses):.2f}s/step)")
-        if time.time() - t_ckpt > checkpoint_every_s:
-            save()
-            t_ckpt = time.time()
+    try:  # Ctrl-C keeps what was trained since the last checkpoint
+        while _go_on(t_start, minutes, step, max_steps):
+            x = to_tensor(_batch(images, open_images, batch_size, n_open, rng))
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.sample()
+            rec = vae.decode(z).sample
+            l1 = (rec - x).abs().mean()
+            loss = l1 + (rec - x).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
+            opt.step()
+            step += 1
+            losses.append(l1.item())
+            if step % 25 == 0:
+                log(f"decoder step {step} l1 {np.mean(losses[-25:]):.4f} ({(time.time() - t_start) / len(losses):.2f}s/step)")
+            if time.time() - t_ckpt > checkpoint_every_s:
+                save()
+                t_ckpt = time.time()
+    except KeyboardInterrupt:
+        save()
+        log(f"interrupted at step {step}: state saved")
+        raise
     save()
     info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "l1_last": float(np.mean(losses[-50:] or [0]))}
     (work_dir / "vae_decoder_info.json").write_text(json.dumps(info, indent=1))
@@ -398,37 +408,42 @@ def train_unet(work_dir: str | Path, minutes: float, batch_size: int = 64, lr: f
                      "seconds": spent + time.time() - t_start, "configs": cfg, "scaling_factor": scale},
                     state_path)
 
-    while _go_on(t_start, minutes, step, max_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 200)
-        idx = rng.integers(0, len(lat_mean), batch_size)
-        idx_t = torch.from_numpy(idx)
-        lat = (lat_mean[idx_t] + lat_std[idx_t] * torch.randn(lat_mean[idx_t].shape, generator=gen)) * scale
-        texts = [training_caption(attrs[i], rng) for i in idx]
-        ids = _tokenize(tok, texts)
-        ctx = te(ids).last_hidden_state  # SD1: last layer + final norm (clip skip 1)
-        noise = torch.randn(lat.shape, generator=gen)
-        t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, encoder_hidden_states=ctx).sample
-        w = torch.clamp(snr[t], max=min_snr_gamma) / snr[t] if min_snr_gamma else torch.ones_like(snr[t])
-        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - d)
-        losses.append(loss.item())
-        if step % 25 == 0:
-            el = time.time() - t_start
-            log(f"unet step {step} loss {np.mean(losses[-25:]):.4f} ({el / max(len(losses), 1):.2f}s/step)")
-        if time.time() - t_ckpt > checkpoint_every_s:
-            save()
-            t_ckpt = time.time()
+    try:  # Ctrl-C keeps what was trained since the last checkpoint
+        while _go_on(t_start, minutes, step, max_steps):
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 200)
+            idx = rng.integers(0, len(lat_mean), batch_size)
+            idx_t = torch.from_numpy(idx)
+            lat = (lat_mean[idx_t] + lat_std[idx_t] * torch.randn(lat_mean[idx_t].shape, generator=gen)) * scale
+            texts = [training_caption(attrs[i], rng) for i in idx]
+            ids = _tokenize(tok, texts)
+            ctx = te(ids).last_hidden_state  # SD1: last layer + final norm (clip skip 1)
+            noise = torch.randn(lat.shape, generator=gen)
+            t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=gen)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+            pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+            w = torch.clamp(snr[t], max=min_snr_gamma) / snr[t] if min_snr_gamma else torch.ones_like(snr[t])
+            loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            d = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - d)
+            losses.append(loss.item())
+            if step % 25 == 0:
+                el = time.time() - t_start
+                log(f"unet step {step} loss {np.mean(losses[-25:]):.4f} ({el / max(len(losses), 1):.2f}s/step)")
+            if time.time() - t_ckpt > checkpoint_every_s:
+                save()
+                t_ckpt = time.time()
+    except KeyboardInterrupt:
+        save()
+        log(f"interrupted at step {step}: state saved")
+        raise
     save()
     info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "batch_size": batch_size,
             "loss_last": float(np.mean(losses[-100:] or [0]))}
