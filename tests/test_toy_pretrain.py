@@ -22,6 +22,9 @@ def v2_base(tmp_path_factory):
     torch.set_num_threads(1)
     vae = pretrain.train_vae(work, 5, batch_size=4, pool=64, open_pool=32, spec="v2", max_steps=2, log=lambda m: None)
     unet = pretrain.train_unet(work, 5, batch_size=4, pool=64, max_steps=2, log=lambda m: None)
+    # the decoder-only stage (encoder frozen, so the UNet's latents stay valid); export prefers its weights
+    dec = pretrain.train_vae_decoder(work, 5, batch_size=4, pool=64, open_pool=32, max_steps=2, log=lambda m: None)
+    assert dec["steps"] == 2 and (work / "vae_decoder_state.pt").exists()
     out = pretrain.export_base(work, work / "base_v2.safetensors")
     return work, out, vae, unet
 

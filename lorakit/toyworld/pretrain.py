@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def train_vae(work_dir: str | Path, minutes: float, batch_size: int = 32, lr: fl
         _save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                      "seconds": spent + time.time() - t_start, "config": cfg}, state_path)
 
-    try:  # Ctrl-C keeps what was trained since the last checkpoint
+    with _saved_on_interrupt(save, log):
         while _go_on(t_start, minutes, step, max_steps):
             for g in opt.param_groups:  # short warmup, then cosine-ish decay over the stage is unknown: keep constant
                 g["lr"] = lr * min(1.0, (step + 1) / 100)
@@ -203,13 +204,7 @@ def train_vae(work_dir: str | Path, minutes: float, batch_size: int = 32, lr: fl
             if step % 25 == 0:
                 el = time.time() - t_start
                 log(f"vae step {step} l1 {np.mean(losses[-25:]):.4f} kl {kl.item():.1f} ({el / max(len(losses), 1):.2f}s/step)")
-            if time.time() - t_ckpt > checkpoint_every_s:
-                save()
-                t_ckpt = time.time()
-    except KeyboardInterrupt:
-        save()
-        log(f"interrupted at step {step}: state saved")
-        raise
+            t_ckpt = _checkpoint_if_due(t_ckpt, checkpoint_every_s, save)
     save()
     scale = latent_scale(vae, images[-512:])
     info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "l1_last": float(np.mean(losses[-50:] or [0])),
@@ -261,7 +256,7 @@ def train_vae_decoder(work_dir: str | Path, minutes: float, batch_size: int = 32
                      "seconds": spent + time.time() - t_start, "config": cfg}, state_path)
 
     n_open = int(round(batch_size * open_fraction)) if open_images is not None else 0
-    try:  # Ctrl-C keeps what was trained since the last checkpoint
+    with _saved_on_interrupt(save, log):
         while _go_on(t_start, minutes, step, max_steps):
             x = to_tensor(_batch(images, open_images, batch_size, n_open, rng))
             with torch.no_grad():
@@ -277,18 +272,31 @@ def train_vae_decoder(work_dir: str | Path, minutes: float, batch_size: int = 32
             losses.append(l1.item())
             if step % 25 == 0:
                 log(f"decoder step {step} l1 {np.mean(losses[-25:]):.4f} ({(time.time() - t_start) / len(losses):.2f}s/step)")
-            if time.time() - t_ckpt > checkpoint_every_s:
-                save()
-                t_ckpt = time.time()
-    except KeyboardInterrupt:
-        save()
-        log(f"interrupted at step {step}: state saved")
-        raise
+            t_ckpt = _checkpoint_if_due(t_ckpt, checkpoint_every_s, save)
     save()
     info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "l1_last": float(np.mean(losses[-50:] or [0]))}
     (work_dir / "vae_decoder_info.json").write_text(json.dumps(info, indent=1))
     log(f"VAE decoder: {info}")
     return info
+
+
+def _checkpoint_if_due(t_last: float, every_s: float, save) -> float:
+    """Save when `every_s` seconds have passed since `t_last`; returns the time of the last save."""
+    if time.time() - t_last <= every_s:
+        return t_last
+    save()
+    return time.time()
+
+
+@contextmanager
+def _saved_on_interrupt(save, log):
+    """Ctrl-C in a stage's loop keeps what was trained since the last checkpoint, then stops."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        save()
+        log("interrupted: state saved")
+        raise
 
 
 def _go_on(t_start: float, minutes: float, step: int, max_steps: int | None) -> bool:
@@ -408,7 +416,7 @@ def train_unet(work_dir: str | Path, minutes: float, batch_size: int = 64, lr: f
                      "seconds": spent + time.time() - t_start, "configs": cfg, "scaling_factor": scale},
                     state_path)
 
-    try:  # Ctrl-C keeps what was trained since the last checkpoint
+    with _saved_on_interrupt(save, log):
         while _go_on(t_start, minutes, step, max_steps):
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / 200)
@@ -437,13 +445,7 @@ def train_unet(work_dir: str | Path, minutes: float, batch_size: int = 64, lr: f
             if step % 25 == 0:
                 el = time.time() - t_start
                 log(f"unet step {step} loss {np.mean(losses[-25:]):.4f} ({el / max(len(losses), 1):.2f}s/step)")
-            if time.time() - t_ckpt > checkpoint_every_s:
-                save()
-                t_ckpt = time.time()
-    except KeyboardInterrupt:
-        save()
-        log(f"interrupted at step {step}: state saved")
-        raise
+            t_ckpt = _checkpoint_if_due(t_ckpt, checkpoint_every_s, save)
     save()
     info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "batch_size": batch_size,
             "loss_last": float(np.mean(losses[-100:] or [0]))}
