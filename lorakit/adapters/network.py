@@ -79,7 +79,7 @@ _UNSUPPORTED = {"train_norm", "rs_lora", "use_scalar"}
 def _rank_dropout_rescale(lycoris: bool, args: Mapping[str, str], rank_dropout: float | None) -> str | None:
     """sd-scripts' networks.lora scales the kept rank channels by 1/(1 - p); LyCORIS leaves them, or with
     rank_dropout_scale=True divides them by the share kept in that draw."""
-    scale = _bool(args.get("rank_dropout_scale", False))
+    scale = arg_true(args.get("rank_dropout_scale", False))
     if scale and not rank_dropout:
         raise UserError("network_args rank_dropout_scale=True rescales rank dropout, but rank_dropout is not set; "
                         "add rank_dropout=0.1 (for example) or remove rank_dropout_scale.")
@@ -91,7 +91,8 @@ def _rank_dropout_rescale(lycoris: bool, args: Mapping[str, str], rank_dropout: 
     return "mean" if scale else None
 
 
-def _bool(v) -> bool:
+def arg_true(v) -> bool:
+    """A network_args truth value as sd-scripts and LyCORIS read them ("true", "1", "yes", "on")."""
     return str(v).strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -140,7 +141,7 @@ def parse_network_args(family, network_module: str, network_dim: int | None, net
     unknown = sorted(k for k in args if k not in KNOWN_ARGS)
     if unknown:
         raise UserError(f"network_args: unknown argument(s) {', '.join(unknown)}. Valid: {', '.join(KNOWN_ARGS)}.")
-    bad = sorted(k for k in args if k in _UNSUPPORTED and _bool(args[k]))
+    bad = sorted(k for k in args if k in _UNSUPPORTED and arg_true(args[k]))
     if bad:
         raise UserError(f"network_args: {', '.join(bad)} is not supported by lorakit; remove it.")
     fixed_algo, default_preset = NETWORK_MODULES[network_module]
@@ -189,16 +190,16 @@ def parse_network_args(family, network_module: str, network_dim: int | None, net
     cfg.rank_dropout = num("rank_dropout")
     cfg.rank_dropout_rescale = _rank_dropout_rescale(lycoris, args, cfg.rank_dropout)
     cfg.module_dropout = num("module_dropout")
-    cfg.dora = _bool(args.get("dora_wd", False))
-    cfg.wd_on_out = _bool(args.get("wd_on_output", False))
-    cfg.dora_detach_norm = _bool(args.get("dora_detach_norm", False))
+    cfg.dora = arg_true(args.get("dora_wd", False))
+    cfg.wd_on_out = arg_true(args.get("wd_on_output", False))
+    cfg.dora_detach_norm = arg_true(args.get("dora_detach_norm", False))
     if cfg.dora_detach_norm and not cfg.dora:
         raise UserError("network_args dora_detach_norm applies to DoRA only; add dora_wd=True or remove it.")
-    cfg.use_tucker = any(_bool(args.get(k, False)) for k in ("use_tucker", "use_cp", "use_conv_cp")) or \
-        ("disable_conv_cp" in args and not _bool(args["disable_conv_cp"]))
+    cfg.use_tucker = any(arg_true(args.get(k, False)) for k in ("use_tucker", "use_cp", "use_conv_cp")) or \
+        ("disable_conv_cp" in args and not arg_true(args["disable_conv_cp"]))
     cfg.factor = num("factor", int) or -1
-    cfg.decompose_both = _bool(args.get("decompose_both", False))
-    cfg.full_matrix = _bool(args.get("full_matrix", False))
+    cfg.decompose_both = arg_true(args.get("decompose_both", False))
+    cfg.full_matrix = arg_true(args.get("full_matrix", False))
     cfg.unit = num("unit", int) or 1
     if cfg.dora and algo in ("dylora", "full"):
         raise UserError(f"network_args dora_wd: DoRA works with lora/locon/loha/lokr, not {algo}.")
@@ -280,7 +281,7 @@ def _dit_args(cfg: NetworkConfig, args: dict, family) -> None:
     if flux_args and family.lora_block_classes != _TRAIN_BLOCKS["all"]:
         raise UserError(f"network_args {', '.join(flux_args)}: only FLUX.1 models have T5 / double and single blocks; "
                         f"this model is {family.title}.")
-    cfg.train_t5xxl = _bool(args.get("train_t5xxl", False))
+    cfg.train_t5xxl = arg_true(args.get("train_t5xxl", False))
     cfg.train_blocks = str(args.get("train_blocks", "all")).strip().lower()
     if cfg.train_blocks not in _TRAIN_BLOCKS:
         raise UserError(f"network_args train_blocks={args['train_blocks']!r}: use all, double or single.")

@@ -217,6 +217,7 @@ def guess_family(opts) -> str:
 
 def lora_bytes(opts, family: str | None = None) -> int:
     """An upper bound of one saved LoRA file's size (the family's `lora_size`)."""
+    from lorakit.adapters.network import arg_true
     from lorakit.models.families import get_family
 
     size = get_family(family or guess_family(opts)).lora_size
@@ -232,7 +233,7 @@ def lora_bytes(opts, family: str | None = None) -> int:
                 pass
     if not _get(opts, "network_train_unet_only", False):
         params += size.te * dim
-        if str(args.get("train_t5xxl", "")).strip().lower() in ("1", "true", "yes", "on"):
+        if arg_true(args.get("train_t5xxl", False)):
             params += size.te_on_request * dim
             modules += size.modules_on_request
     if args.get("algo", "").lower() in ("loha",):
