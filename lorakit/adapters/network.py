@@ -30,6 +30,7 @@ from lorakit.adapters.others import FullModule, IA3Module, NormModule, OFTModule
 from lorakit.adapters.targets import (PRESETS, Target, check_preset, family_classes, module_map, te_targets,
                                       unet_targets)
 from lorakit.errors import UserError
+from lorakit.network_args import NETWORK_ARGS_BY_KEY
 
 TRAINABLE_ALGOS = {"lora": LoRAModule, "locon": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule,
                    "dylora": DyLoRAModule, "full": FullModule}
@@ -40,39 +41,8 @@ NETWORK_MODULES = {"networks.lora": ("lora", "kohya"), "networks.dylora": ("dylo
                    "networks.loha": ("loha", "kohya"), "networks.lokr": ("lokr", "kohya"),
                    "lycoris.kohya": (None, "full")}
 
-KNOWN_ARGS = {
-    "conv_dim": "rank of 3x3 conv layers (LoCon)", "conv_alpha": "alpha of 3x3 conv layers",
-    "algo": "lora|locon|loha|lokr|dylora|full (lycoris.kohya)", "dropout": "neuron dropout on the rank activations",
-    "rank_dropout": "drop rank channels", "module_dropout": "skip whole modules",
-    "block_dims": "25 (SD1/2) or 23 (SDXL) ranks", "block_alphas": "per-block alphas",
-    "conv_block_dims": "per-block conv ranks", "conv_block_alphas": "per-block conv alphas",
-    "down_lr_weight": "list or preset", "mid_lr_weight": "list", "up_lr_weight": "list or preset",
-    "block_lr_weight": "one lr factor per block (any family, FLUX's D00-S37 too): numbers or D00-D09:0.5;S30-S37:2",
-    "block_lr_zero_threshold": "blocks at or below get no LoRA", "loraplus_lr_ratio": "LoRA+ ratio",
-    "loraplus_unet_lr_ratio": "LoRA+ UNet ratio", "loraplus_text_encoder_lr_ratio": "LoRA+ TE ratio",
-    "unit": "DyLoRA unit", "preset": "LyCORIS preset", "dora_wd": "DoRA (weight decomposition)",
-    "wd_on_output": "DoRA norm per output row instead of per input column",
-    "dora_detach_norm": "DoRA: treat the weight norm as a constant in backward (the DoRA paper's section 4.3)",
-    "use_tucker": "Tucker decomposition of 3x3 convs", "use_cp": "= use_tucker", "use_conv_cp": "= use_tucker",
-    "disable_conv_cp": "LyCORIS legacy (false = use_tucker)", "factor": "LoKr factor",
-    "decompose_both": "LoKr: low-rank W1 too", "full_matrix": "LoKr: full W2",
-    "blocks": "readable block selection, e.g. IN04-IN07,OUT03-OUT06,TE",
-    "train_t5xxl": "FLUX: LoRA on the T5-XXL encoder too (lora_te3_; CLIP-L's lora_te1_ train by default)",
-    "train_blocks": "FLUX: all (default), double or single: which transformer blocks get LoRA",
-    "train_double_block_indices": "FLUX: double blocks that get LoRA: all, none or e.g. 0,2-5",
-    "train_single_block_indices": "FLUX: single blocks that get LoRA: all, none or e.g. 10-37",
-    "split_qkv": "FLUX: one LoRA per q/k/v part of the fused qkv / linear1 layers (saved fused, as sd-scripts)",
-    "img_attn_dim": "FLUX: rank of the double blocks' image attention (0: none)",
-    "txt_attn_dim": "FLUX: rank of the double blocks' text attention", "img_mlp_dim": "FLUX: rank of the image MLP",
-    "txt_mlp_dim": "FLUX: rank of the text MLP", "img_mod_dim": "FLUX: rank of the image modulation",
-    "txt_mod_dim": "FLUX: rank of the text modulation", "single_dim": "FLUX: rank of the single blocks' linear1/2",
-    "single_mod_dim": "FLUX: rank of the single blocks' modulation",
-    "in_dims": "FLUX: LoRA ranks on the embedders [img, time, vector, guidance, txt], e.g. [4,0,0,0,4]",
-    "train_norm": "not supported for training", "rs_lora": "not supported",
-    "use_scalar": "not supported (only False)",
-    "bypass_mode": "accepted: training always runs the unmerged form, same results",
-    "rank_dropout_scale": "LyCORIS: divide rank dropout's kept part by the share kept",
-}
+# every key the parser accepts, with its example and help: one schema (lorakit.network_args)
+KNOWN_ARGS = tuple(NETWORK_ARGS_BY_KEY)
 _UNSUPPORTED = {"train_norm", "rs_lora", "use_scalar"}
 
 
