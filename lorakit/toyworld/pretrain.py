@@ -25,7 +25,7 @@ import copy
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -170,25 +170,14 @@ def train_vae(work_dir: str | Path, minutes: float, batch_size: int = 32, lr: fl
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(cfg).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    state_path = work_dir / "vae_state.pt"
-    step, spent = 0, 0.0
-    if state_path.exists():
-        st = torch.load(state_path, weights_only=True)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step, spent = st["step"], st["seconds"]
-        log(f"resumed VAE at step {step} ({spent / 60:.1f} min trained)")
-    rng = np.random.default_rng([seed, 11, step])
-    t_start, t_ckpt, losses = time.time(), time.time(), []
-
-    def save():
-        _save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "seconds": spent + time.time() - t_start, "config": cfg}, state_path)
-
-    with _saved_on_interrupt(save, log):
-        while _go_on(t_start, minutes, step, max_steps):
-            for g in opt.param_groups:  # short warmup, then cosine-ish decay over the stage is unknown: keep constant
-                g["lr"] = lr * min(1.0, (step + 1) / 100)
+    run = StageState(work_dir / "vae_state.pt", {"model": vae, "opt": opt}, {"config": cfg}, checkpoint_every_s)
+    run.resume(log, "VAE")
+    rng = np.random.default_rng([seed, 11, run.step])
+    losses = []
+    with run.saved_on_interrupt(log):
+        while _go_on(run, minutes, max_steps):
+            for g in opt.param_groups:  # short warmup; a decay needs the stage's length, unknown: keep constant
+                g["lr"] = lr * min(1.0, (run.step + 1) / 100)
             x = to_tensor(_batch(images, open_images, batch_size, n_open, rng))
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
@@ -199,15 +188,14 @@ def train_vae(work_dir: str | Path, minutes: float, batch_size: int = 32, lr: fl
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
-            step += 1
+            run.step += 1
             losses.append(l1.item())
-            if step % 25 == 0:
-                el = time.time() - t_start
-                log(f"vae step {step} l1 {np.mean(losses[-25:]):.4f} kl {kl.item():.1f} ({el / max(len(losses), 1):.2f}s/step)")
-            t_ckpt = _checkpoint_if_due(t_ckpt, checkpoint_every_s, save)
-    save()
+            if run.step % 25 == 0:
+                log(f"vae step {run.step} l1 {np.mean(losses[-25:]):.4f} kl {kl.item():.1f} ({_s_per_step(run, losses)})")
+            run.save_if_due()
+    run.save()
     scale = latent_scale(vae, images[-512:])
-    info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "l1_last": float(np.mean(losses[-50:] or [0])),
+    info = {"steps": run.step, "minutes": run.minutes(), "l1_last": float(np.mean(losses[-50:] or [0])),
             "scaling_factor": scale}
     (work_dir / "vae_info.json").write_text(json.dumps(info, indent=1))
     log(f"VAE: {info}")
@@ -235,29 +223,18 @@ def train_vae_decoder(work_dir: str | Path, minutes: float, batch_size: int = 32
     images, _ = image_pool(work_dir, pool, seed, log)
     open_images = image_pool(work_dir, open_pool, seed, log, kind="open")[0] if open_fraction > 0 else None
     vae, cfg = load_trained_vae(work_dir, decoder=False)
-    state_path = work_dir / "vae_decoder_state.pt"
-    step, spent = 0, 0.0
     dec_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(dec_params, lr=lr, weight_decay=0.0)
-    if state_path.exists():
-        st = torch.load(state_path, weights_only=True)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step, spent = st["step"], st["seconds"]
-        log(f"resumed VAE decoder at step {step} ({spent / 60:.1f} min trained)")
+    run = StageState(work_dir / "vae_decoder_state.pt", {"model": vae, "opt": opt}, {"config": cfg}, checkpoint_every_s)
+    run.resume(log, "VAE decoder")
     for p in dec_params:
         p.requires_grad_(True)
     vae.decoder.train()
-    rng = np.random.default_rng([seed, 17, step])
-    t_start, t_ckpt, losses = time.time(), time.time(), []
-
-    def save():
-        _save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "seconds": spent + time.time() - t_start, "config": cfg}, state_path)
-
+    rng = np.random.default_rng([seed, 17, run.step])
+    losses = []
     n_open = int(round(batch_size * open_fraction)) if open_images is not None else 0
-    with _saved_on_interrupt(save, log):
-        while _go_on(t_start, minutes, step, max_steps):
+    with run.saved_on_interrupt(log):
+        while _go_on(run, minutes, max_steps):
             x = to_tensor(_batch(images, open_images, batch_size, n_open, rng))
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.sample()
@@ -268,40 +245,71 @@ def train_vae_decoder(work_dir: str | Path, minutes: float, batch_size: int = 32
             loss.backward()
             torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
             opt.step()
-            step += 1
+            run.step += 1
             losses.append(l1.item())
-            if step % 25 == 0:
-                log(f"decoder step {step} l1 {np.mean(losses[-25:]):.4f} ({(time.time() - t_start) / len(losses):.2f}s/step)")
-            t_ckpt = _checkpoint_if_due(t_ckpt, checkpoint_every_s, save)
-    save()
-    info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "l1_last": float(np.mean(losses[-50:] or [0]))}
+            if run.step % 25 == 0:
+                log(f"decoder step {run.step} l1 {np.mean(losses[-25:]):.4f} ({_s_per_step(run, losses)})")
+            run.save_if_due()
+    run.save()
+    info = {"steps": run.step, "minutes": run.minutes(), "l1_last": float(np.mean(losses[-50:] or [0]))}
     (work_dir / "vae_decoder_info.json").write_text(json.dumps(info, indent=1))
     log(f"VAE decoder: {info}")
     return info
 
 
-def _checkpoint_if_due(t_last: float, every_s: float, save) -> float:
-    """Save when `every_s` seconds have passed since `t_last`; returns the time of the last save."""
-    if time.time() - t_last <= every_s:
-        return t_last
-    save()
-    return time.time()
+@dataclass
+class StageState:
+    """What a stage checkpoints and resumes: its modules and optimizer by key, the step reached and the seconds
+    trained (over all runs). The loop advances `step`; `save` writes everything at once (atomically), so a resumed
+    stage continues exactly where the file says."""
+    path: Path
+    parts: dict  # state-file key -> object with state_dict() / load_state_dict()
+    extra: dict = field(default_factory=dict)  # constants stored beside the parts (configs, scaling factor)
+    every_s: float = 120.0
+    step: int = 0
+    spent: float = 0.0
+    t_start: float = field(default_factory=time.time)
+    t_saved: float = field(default_factory=time.time)
+
+    def resume(self, log, what: str) -> None:
+        if not self.path.exists():
+            return
+        st = torch.load(self.path, weights_only=True)
+        for key, obj in self.parts.items():
+            obj.load_state_dict(st[key])
+        self.step, self.spent = st["step"], st["seconds"]
+        log(f"resumed {what} at step {self.step} ({self.spent / 60:.1f} min trained)")
+
+    def minutes(self) -> float:
+        return (self.spent + time.time() - self.t_start) / 60
+
+    def save(self) -> None:
+        state = {key: obj.state_dict() for key, obj in self.parts.items()}
+        _save_state({**state, **self.extra, "step": self.step, "seconds": self.minutes() * 60}, self.path)
+        self.t_saved = time.time()
+
+    def save_if_due(self) -> None:
+        if time.time() - self.t_saved > self.every_s:
+            self.save()
+
+    @contextmanager
+    def saved_on_interrupt(self, log):
+        """Ctrl-C in the stage's loop keeps what was trained since the last checkpoint, then stops."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.save()
+            log("interrupted: state saved")
+            raise
 
 
-@contextmanager
-def _saved_on_interrupt(save, log):
-    """Ctrl-C in a stage's loop keeps what was trained since the last checkpoint, then stops."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        save()
-        log("interrupted: state saved")
-        raise
+def _go_on(run: StageState, minutes: float, max_steps: int | None) -> bool:
+    """A stage runs for its wall-clock minutes (this run's), or to `max_steps` in all (tests, exact rebuilds)."""
+    return time.time() - run.t_start < minutes * 60 and (max_steps is None or run.step < max_steps)
 
 
-def _go_on(t_start: float, minutes: float, step: int, max_steps: int | None) -> bool:
-    """A stage runs for its wall-clock minutes, or to `max_steps` in all (tests, exact rebuilds)."""
-    return time.time() - t_start < minutes * 60 and (max_steps is None or step < max_steps)
+def _s_per_step(run: StageState, losses: list) -> str:
+    return f"{(time.time() - run.t_start) / max(len(losses), 1):.2f}s/step"
 
 
 def _batch(images: np.ndarray, open_images: np.ndarray | None, batch_size: int, n_open: int,
@@ -394,32 +402,18 @@ def train_unet(work_dir: str | Path, minutes: float, batch_size: int = 64, lr: f
     snr = alphas_cumprod / (1 - alphas_cumprod)
     tok = make_clip_tokenizer(fam.text_encoders[0].pad_token)
 
-    state_path = work_dir / "unet_state.pt"
-    step, spent = 0, 0.0
-    if state_path.exists():
-        st = torch.load(state_path, weights_only=True)
-        unet.load_state_dict(st["unet"])
-        te.load_state_dict(st["te"])
-        ema_unet.load_state_dict(st["ema_unet"])
-        ema_te.load_state_dict(st["ema_te"])
-        opt.load_state_dict(st["opt"])
-        step, spent = st["step"], st["seconds"]
-        log(f"resumed UNet at step {step} ({spent / 60:.1f} min trained)")
+    run = StageState(work_dir / "unet_state.pt",
+                     {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te, "opt": opt},
+                     {"configs": cfg, "scaling_factor": scale}, checkpoint_every_s)
+    run.resume(log, "UNet")
     ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
-    rng = np.random.default_rng([seed, 13, step])
-    gen = torch.Generator().manual_seed(seed * 1000003 + step)
-    t_start, t_ckpt, losses = time.time(), time.time(), []
-
-    def save():
-        _save_state({"unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
-                     "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "seconds": spent + time.time() - t_start, "configs": cfg, "scaling_factor": scale},
-                    state_path)
-
-    with _saved_on_interrupt(save, log):
-        while _go_on(t_start, minutes, step, max_steps):
+    rng = np.random.default_rng([seed, 13, run.step])
+    gen = torch.Generator().manual_seed(seed * 1000003 + run.step)
+    losses = []
+    with run.saved_on_interrupt(log):
+        while _go_on(run, minutes, max_steps):
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / 200)
+                g["lr"] = lr * min(1.0, (run.step + 1) / 200)
             idx = rng.integers(0, len(lat_mean), batch_size)
             idx_t = torch.from_numpy(idx)
             lat = (lat_mean[idx_t] + lat_std[idx_t] * torch.randn(lat_mean[idx_t].shape, generator=gen)) * scale
@@ -437,17 +431,16 @@ def train_unet(work_dir: str | Path, minutes: float, batch_size: int = 64, lr: f
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            step += 1
-            d = min(ema_decay, (1 + step) / (10 + step))
+            run.step += 1
+            d = min(ema_decay, (1 + run.step) / (10 + run.step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - d)
             losses.append(loss.item())
-            if step % 25 == 0:
-                el = time.time() - t_start
-                log(f"unet step {step} loss {np.mean(losses[-25:]):.4f} ({el / max(len(losses), 1):.2f}s/step)")
-            t_ckpt = _checkpoint_if_due(t_ckpt, checkpoint_every_s, save)
-    save()
-    info = {"steps": step, "minutes": (spent + time.time() - t_start) / 60, "batch_size": batch_size,
+            if run.step % 25 == 0:
+                log(f"unet step {run.step} loss {np.mean(losses[-25:]):.4f} ({_s_per_step(run, losses)})")
+            run.save_if_due()
+    run.save()
+    info = {"steps": run.step, "minutes": run.minutes(), "batch_size": batch_size,
             "loss_last": float(np.mean(losses[-100:] or [0]))}
     (work_dir / "unet_info.json").write_text(json.dumps(info, indent=1))
     log(f"UNet: {info}")
