@@ -64,17 +64,16 @@ def run_dir(work: Path, extra: list[str], reg: bool) -> Path:
     return work / f"run-{hashlib.sha1(json.dumps([extra, reg]).encode()).hexdigest()[:10]}"
 
 
-def run_argv(work: Path, extra: list[str], reg: bool, epochs: int) -> list[str]:
-    from lorakit.toyworld.pretrain import default_base_path
+def run_argv(work: Path, extra: list[str], reg: bool, epochs: int, base: Path) -> list[str]:
     from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
 
     folder = {False: "dataset_noreg", True: "dataset_reg", "generated": "dataset_reg_generated"}[reg]
-    data = write_dataset(work / folder, reg=reg, base=default_base_path())
-    return usu_bear_argv(default_base_path(), data, run_dir(work, extra, reg), epochs=epochs) + [
+    data = write_dataset(work / folder, reg=reg, base=base)
+    return usu_bear_argv(base, data, run_dir(work, extra, reg), epochs=epochs) + [
         "--save_every_n_epochs", "2"] + extra
 
 
-def train_config(extra: list[str], reg: bool, work: Path, epochs: int, threads: int = 1) -> float | None:
+def train_config(extra: list[str], reg: bool, work: Path, epochs: int, base: Path, threads: int = 1) -> float | None:
     """Train one configuration unless its LoRA exists (a process-pool task); returns the seconds it took."""
     import torch
 
@@ -87,7 +86,7 @@ def train_config(extra: list[str], reg: bool, work: Path, epochs: int, threads: 
     if lora.exists():
         return float(timing.read_text()) if timing.exists() else None
     t0 = time.time()
-    res = train(O.resolve(run_argv(work, extra, reg, epochs)), progress=False, log=lambda *a, **k: None)
+    res = train(O.resolve(run_argv(work, extra, reg, epochs, base)), progress=False, log=lambda *a, **k: None)
     if res.interrupted or not lora.exists():
         raise SystemExit(f"training {run} stopped early; rerun to resume the sweep")
     seconds = time.time() - t0
@@ -95,7 +94,7 @@ def train_config(extra: list[str], reg: bool, work: Path, epochs: int, threads: 
     return seconds
 
 
-def score_config(name: str, extra: list[str], reg: bool, work: Path, epochs: int, evaluator,
+def score_config(name: str, extra: list[str], reg: bool, work: Path, epochs: int, base: Path, evaluator,
                  checkpoint: int | None = None, log=print) -> dict:
     """Score a trained configuration (or its checkpoint after epoch `checkpoint`); cached in
     <run>/quality[-epochN].json."""
@@ -108,14 +107,14 @@ def score_config(name: str, extra: list[str], reg: bool, work: Path, epochs: int
     target = run / (f"usu_bear-{checkpoint:06d}.safetensors" if checkpoint else "usu_bear.safetensors")
     report = evaluator.evaluate(target)
     out = {"name": name, "flags": extra, "reg": reg, "train_seconds": seconds, **report.as_dict(),
-           "command": "lorakit train " + " ".join(shlex.quote(a) for a in run_argv(work, extra, reg, epochs))}
+           "command": "lorakit train " + " ".join(shlex.quote(a) for a in run_argv(work, extra, reg, epochs, base))}
     out.pop("details", None)
     write_report_json_dict(out, result_path)
     log(f"{name}: {report.summary()}" + (f" (trained in {seconds:.0f}s)" if seconds else ""))
     return out
 
 
-def train_all(entries: list[tuple], work: Path, epochs: int, jobs: int, threads: int) -> None:
+def train_all(entries: list[tuple], work: Path, epochs: int, base: Path, jobs: int, threads: int) -> None:
     """Train every distinct configuration, `jobs` at a time in separate processes."""
     distinct = {}
     for e in entries:
@@ -126,13 +125,13 @@ def train_all(entries: list[tuple], work: Path, epochs: int, jobs: int, threads:
     print(f"training {len(todo)} configurations, {jobs} at a time")
     if jobs <= 1:
         for extra, reg in todo:
-            train_config(extra, reg, work, epochs, threads)
+            train_config(extra, reg, work, epochs, base, threads)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        for f in [pool.submit(train_config, extra, reg, work, epochs, threads) for extra, reg in todo]:
+        for f in [pool.submit(train_config, extra, reg, work, epochs, base, threads) for extra, reg in todo]:
             f.result()
 
 
@@ -168,6 +167,8 @@ def main(argv=None) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default="/tmp/lorakit-bench-quality")
+    p.add_argument("--base", default=None, help="toy base model file (default: the shipped one); give each base its "
+                   "own --work_dir, finished runs are reused")
     p.add_argument("--sweep", default=None, help="dim, blocks, reg, optimizer, epochs (comma-separated), or all "
                    "(default: one run of the recipe)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe (default: the recipe's)")
@@ -181,6 +182,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from lorakit.models.loading import load_bundle
+    from lorakit.toyworld.pretrain import default_base_path
     from lorakit.toyworld.quality import QualityEvaluator, QualitySettings
     from lorakit.toyworld.recipe import EPOCHS
 
@@ -197,11 +200,13 @@ def main(argv=None) -> int:
         selected = {n: all_sweeps[n] for n in names}
     else:
         selected = {"run": [("recipe" + (" " + " ".join(extra) if extra else ""), extra, a.reg)]}
-    train_all([e for entries in selected.values() for e in entries], work, epochs, a.jobs, a.threads)
+    base = Path(a.base).resolve() if a.base else default_base_path()
+    train_all([e for entries in selected.values() for e in entries], work, epochs, base, a.jobs, a.threads)
     t0 = time.time()
-    evaluator = QualityEvaluator(settings=QualitySettings(seeds=a.seeds))
+    evaluator = QualityEvaluator(settings=QualitySettings(seeds=a.seeds),
+                                 bundle=load_bundle(base, family="sd1", dtype="fp32"))
     print(f"base model sampled ({len(evaluator.prompts)} images) in {time.time() - t0:.0f}s")
-    results = {n: [score_config(*e[:3], work, epochs, evaluator, *e[3:]) for e in entries]
+    results = {n: [score_config(*e[:3], work, epochs, base, evaluator, *e[3:]) for e in entries]
                for n, entries in selected.items()}
     text = table(results)
     print(text)
