@@ -1,7 +1,7 @@
 """LoRA quality on the toy world (issue 9): train the "usu bear" LoRA on the shipped toy base and score it.
 
     python benchmarks/bench_quality.py                              # the recipe (seed 001's setup, scaled)
-    python benchmarks/bench_quality.py --reg                        # ... with the class reg images
+    python benchmarks/bench_quality.py --reg generated              # ... with the base model's 'bear' samples as reg
     python benchmarks/bench_quality.py -- --network_dim 4           # the recipe with flags added/overridden
     python benchmarks/bench_quality.py --sweep all --table docs/quality.md
 
@@ -28,11 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorakit.toyworld.recipe import STEPS_PER_EPOCH  # noqa: E402  (light: no torch import)
+from lorakit.toyworld.recipe import NETWORK_ARGS, STEPS_PER_EPOCH  # noqa: E402  (light: no torch import)
 
-# seed 000's layer-selective character LoRA: IN04-IN07 and OUT03-OUT06 (sd-scripts indices 4-7 and 16-19)
-_SELECTED = {4, 5, 6, 7, 16, 17, 18, 19}
-_BLOCK_DIMS = ",".join("16" if i in _SELECTED else "0" for i in range(25))
+# seed 000's layer-selective character LoRA: IN04-IN07 and OUT03-OUT06
+_SELECTED_BLOCKS = "IN04-IN07,OUT03-OUT06"
+_RECIPE_NET_ARGS = list(NETWORK_ARGS)  # --network_args replaces the list: keep the recipe's items
 _D_ARGS = ["--learning_rate", "1", "--optimizer_args", "betas=0.9,0.999", "weight_decay=0", "d0=1e-06"]
 
 
@@ -42,11 +42,12 @@ def sweeps(epochs: int) -> dict[str, list[tuple]]:
     is what a run of N epochs gives)."""
     spe = STEPS_PER_EPOCH
     return {
-        "dim": [("dim 4 (alpha 4)", ["--network_dim", "4", "--network_alpha", "4"], False),
-                ("dim 16 (alpha 16)", [], False),
-                ("dim 64 (alpha 64)", ["--network_dim", "64", "--network_alpha", "64"], False)],
+        # seed 000's rule: alpha = dim / 4 (the recipe keeps seed 001's alpha = dim)
+        "dim": [(f"dim {d} (alpha {d // 4})", ["--network_dim", str(d), "--network_alpha", str(d // 4)], False)
+                for d in (4, 8, 16, 32, 64)] + [("dim 16 (alpha 16, the recipe)", [], False)],
         "blocks": [("all blocks", [], False),
-                   ("IN04-07 + OUT03-06 only", ["--network_args", f"block_dims={_BLOCK_DIMS}"], False)],
+                   ("IN04-07 + OUT03-06 only", ["--network_args", *_RECIPE_NET_ARGS, f"blocks={_SELECTED_BLOCKS}"],
+                    False)],
         "reg": [("no reg images", [], False),
                 ("reg/1_bear: 75 toy-world bears with captions", [], True),
                 ("reg/1_bear: 75 base-model samples of 'bear' (seed 001's way)", [], "generated")],
@@ -100,13 +101,14 @@ def score_config(name: str, extra: list[str], reg: bool, work: Path, epochs: int
     <run>/quality[-epochN].json."""
     run = run_dir(work, extra, reg)
     result_path = run / (f"quality-epoch{checkpoint}.json" if checkpoint else "quality.json")
+    target = run / (f"usu_bear-{checkpoint:06d}.safetensors" if checkpoint else "usu_bear.safetensors")
+    size = {"file_kib": target.stat().st_size / 1024}
     if result_path.exists():
-        return {**json.loads(result_path.read_text()), "name": name}
+        return {**json.loads(result_path.read_text()), "name": name, **size}
     timing = run / "train_seconds.txt"
     seconds = float(timing.read_text()) if timing.exists() and not checkpoint else None
-    target = run / (f"usu_bear-{checkpoint:06d}.safetensors" if checkpoint else "usu_bear.safetensors")
     report = evaluator.evaluate(target)
-    out = {"name": name, "flags": extra, "reg": reg, "train_seconds": seconds, **report.as_dict(),
+    out = {"name": name, "flags": extra, "reg": reg, "train_seconds": seconds, **size, **report.as_dict(),
            "command": "lorakit train " + " ".join(shlex.quote(a) for a in run_argv(work, extra, reg, epochs, base))}
     out.pop("details", None)
     write_report_json_dict(out, result_path)
@@ -149,12 +151,13 @@ COLUMNS = [("fidelity", "fidelity ↑"), ("composability", "composability ↑"),
 def table(results: dict[str, list[dict]]) -> str:
     lines = []
     for sweep, rows in results.items():
-        lines += [f"### {sweep}", "", "| run | " + " | ".join(c[1] for c in COLUMNS) + " | train s |",
-                  "|---" * (len(COLUMNS) + 2) + "|"]
+        lines += [f"### {sweep}", "", "| run | " + " | ".join(c[1] for c in COLUMNS) + " | file KiB | train s |",
+                  "|---" * (len(COLUMNS) + 3) + "|"]
         for r in rows:
             cells = [f"{r[k]:.3f}" if k == "bleed_pixel_change" else f"{r[k]:.2f}" for k, _ in COLUMNS]
             secs = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "-"
-            lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {secs} |")
+            kib = f"{r['file_kib']:.0f}" if r.get("file_kib") else "-"
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {kib} | {secs} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -174,7 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe (default: the recipe's)")
     p.add_argument("--seeds", type=int, default=16, help="samples per prompt (16: 112 trigger samples)")
     p.add_argument("--jobs", type=int, default=1, help="configurations trained at the same time (processes)")
-    p.add_argument("--reg", action="store_true", help="single run with the class reg images")
+    p.add_argument("--reg", nargs="?", const="real", default=None, choices=("real", "generated"),
+                   help="single run with class reg images: toy-world bears with captions (real, the default) or the "
+                   "base model's samples of 'bear' (generated, seed 001's way)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", default=None, help="write the markdown table here (between the sweep markers)")
     p.add_argument("--json", default=None, help="write all results as JSON here")
@@ -199,9 +204,11 @@ def main(argv=None) -> int:
             p.error(f"unknown sweep {unknown}; choose from {', '.join(all_sweeps)} or all")
         selected = {n: all_sweeps[n] for n in names}
     else:
-        selected = {"run": [("recipe" + (" " + " ".join(extra) if extra else ""), extra, a.reg)]}
+        reg = {None: False, "real": True, "generated": "generated"}[a.reg]
+        selected = {"run": [("recipe" + (" " + " ".join(extra) if extra else ""), extra, reg)]}
     base = Path(a.base).resolve() if a.base else default_base_path()
     train_all([e for entries in selected.values() for e in entries], work, epochs, base, a.jobs, a.threads)
+    torch.set_num_threads(max(a.threads, a.jobs))  # sampling (forward only) gains from the cores training used
     t0 = time.time()
     evaluator = QualityEvaluator(settings=QualitySettings(seeds=a.seeds),
                                  bundle=load_bundle(base, family="sd1", dtype="fp32"))

@@ -43,8 +43,8 @@ def test_score_matches_hand_counts():
 
 # The CI learning guard. A short run of the recipe (no reg images) on the shipped toy base, scored on the trigger
 # prompts only. The base model never draws the character (fidelity 0/56 on these prompts and seeds).
-GUARD_STEPS = 375
-FIDELITY_FLOOR = 0.05  # at least 3 of 56 samples; measured value at the assertion
+GUARD_STEPS = 300
+FIDELITY_FLOOR = 0.25  # at least 14 of 56 samples; measured value at the assertion
 CHARACTER_PROB_RATIO = 10.0
 
 
@@ -75,8 +75,9 @@ def test_short_lora_run_draws_the_new_character(trained_lora):
     p_lora = pred["character"]["probs"].mean().item()
     p_base = ev.base_pred["character"]["probs"].mean().item()
     print(f"fidelity {fidelity:.3f} (base {base_fidelity:.3f}); mean P(character) {p_lora:.4f} (base {p_base:.4f})")
-    # measured on the shipped base (375 steps, seed 42): fidelity 0.143 (8 of 56 samples) vs 0.000, mean P(character)
-    # 0.151 vs 0.0000. A run that stops learning (zero LoRA deltas) reads exactly as the base: 0 and < 1e-3.
+    # measured on the shipped v2 base (300 steps, seed 42, AVX2 CPU): fidelity 0.45 vs 0.00 (the v1 base, 375 steps:
+    # 0.14); the floor leaves room for other CPUs' rounding. A run that stops learning (zero LoRA deltas) reads
+    # exactly as the base: 0 and < 1e-3.
     assert base_fidelity == 0.0
     assert fidelity >= FIDELITY_FLOOR
     assert p_lora >= CHARACTER_PROB_RATIO * max(p_base, 1e-3)
