@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from test_first_hour import cli
@@ -35,6 +36,8 @@ def test_v2_stages_stop_at_max_steps_and_export_a_16x16_latent_base(v2_base):
     work, path, vae, unet = v2_base
     assert vae["steps"] == 2 and unet["steps"] == 2
     assert json.loads((work / "spec.json").read_text())["name"] == "v2"
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata()["modelspec.resolution"] == "64x64"
     bundle = load_bundle(path, family="sd1", dtype="fp32")
     assert bundle.latent_factor == 4 and bundle.unet.config.sample_size == 16
     assert bundle.text_encoders[0].config.hidden_size == bundle.unet.config.cross_attention_dim == 64
