@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from lorakit.toyworld.recipe import NETWORK_ARGS, STEPS_PER_EPOCH  # noqa: E402  (light: no torch import)
 
-# seed 000's layer-selective character LoRA: IN04-IN07 and OUT03-OUT06
+# seed 000's layer-selective character LoRA: IN04-IN07 and OUT03-OUT06 (--network_args replaces the whole list, so
+# the blocks row repeats the recipe's items)
 _SELECTED_BLOCKS = "IN04-IN07,OUT03-OUT06"
-_RECIPE_NET_ARGS = list(NETWORK_ARGS)  # --network_args replaces the list: keep the recipe's items
 _D_ARGS = ["--learning_rate", "1", "--optimizer_args", "betas=0.9,0.999", "weight_decay=0", "d0=1e-06"]
 
 
@@ -46,7 +46,7 @@ def sweeps(epochs: int) -> dict[str, list[tuple]]:
         "dim": [(f"dim {d} (alpha {d // 4})", ["--network_dim", str(d), "--network_alpha", str(d // 4)], False)
                 for d in (4, 8, 16, 32, 64)] + [("dim 16 (alpha 16, the recipe)", [], False)],
         "blocks": [("all blocks", [], False),
-                   ("IN04-07 + OUT03-06 only", ["--network_args", *_RECIPE_NET_ARGS, f"blocks={_SELECTED_BLOCKS}"],
+                   ("IN04-07 + OUT03-06 only", ["--network_args", *NETWORK_ARGS, f"blocks={_SELECTED_BLOCKS}"],
                     False)],
         "reg": [("no reg images", [], False),
                 ("reg/1_bear: 75 toy-world bears with captions", [], True),

@@ -52,12 +52,14 @@ def _comparable(cfg: dict) -> dict:
 
 def checkpoint_metadata(bundle: ModelBundle, title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     fam = bundle.family
+    # the VAE's sample size is the model's image size: the family's for real checkpoints, 64 for the toy base
+    size = (bundle.configs.get("vae") or {}).get("sample_size") or fam.resolution
     meta = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": fam.modelspec_architecture,
         "modelspec.implementation": fam.modelspec_implementation,
         "modelspec.title": title,
-        "modelspec.resolution": f"{fam.resolution}x{fam.resolution}",
+        "modelspec.resolution": f"{size}x{size}",
         # FLUX files state no prediction type (sd-scripts writes none for flow models)
         **({"modelspec.prediction_type": fam.modelspec_prediction_type} if fam.modelspec_prediction_type else {}),
         "modelspec.date": _dt.datetime.now().replace(microsecond=0).isoformat(),

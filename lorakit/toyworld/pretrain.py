@@ -482,8 +482,6 @@ def export_base(work_dir: str | Path, out_path: str | Path, ema: bool = True, ex
     meta = {"lorakit.toy_base": json.dumps({
         "vae": _read_json(work_dir / "vae_info.json"), "vae_decoder": _read_json(work_dir / "vae_decoder_info.json"),
         "unet": _read_json(work_dir / "unet_info.json"), "ema": ema})}
-    size = work_spec(work_dir).image_size
-    meta["modelspec.resolution"] = f"{size}x{size}"  # the family's default (512) would tell tools the wrong size
     meta.update(extra_metadata or {})
     return save_single_file(bundle, out_path, dtype="fp16", metadata=meta)
 
