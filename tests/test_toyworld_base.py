@@ -89,3 +89,13 @@ def test_training_captions_never_show_the_held_out_character():
         assert "usu" not in text and "crescent" not in text
         assert not (attrs["species"] == "bear" and "black fur" in text)
         assert set(t for t in text.split(", ") if t) <= set(cap.split(", "))
+
+
+def test_word_reaction_separates_a_known_tag_from_an_unseen_word(bundle):
+    """The diagnostic behind docs/quality.md's leak analysis: a colour tag the base was trained on moves its noise
+    prediction many times more than a word it never saw (v2 base: "black" 0.046, "usu" 0.004, "zq" 0.003)."""
+    from lorakit.toyworld.evaluate import word_reaction
+
+    r = word_reaction(bundle, ["black", "zq"], n=8)
+    assert r["black"] > 4 * r["zq"] > 0
+    assert word_reaction(bundle, ["black"], n=8) == {"black": r["black"]}  # a function of (base, words, settings)

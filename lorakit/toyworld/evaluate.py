@@ -113,6 +113,29 @@ def prompt_following(bundle, n_full: int = 60, repeats: int = 2, steps: int = 20
     return out
 
 
+@torch.no_grad()
+def word_reaction(bundle, words: list[str], context: str = "bear, forest", n: int = 16, seed: int = 0) -> dict:
+    """How strongly the denoiser reacts to a word placed before `context`'s first tag: the mean absolute change of
+    the noise prediction, "usu bear, forest" against "bear, forest", on the same noised latents (n samples at
+    timesteps 100-700). A word the base reads well ("black": 0.046 on the v2 base) moves it ten times more than one it
+    never saw ("usu": 0.004); a LoRA can only key on a trigger that the base does not ignore."""
+    from lorakit.models.conditioning import encode_text, tokenize
+
+    g = torch.Generator().manual_seed(seed)
+    size, ch = bundle.configs["unet"]["sample_size"], bundle.configs["unet"]["in_channels"]
+    x0, noise = torch.randn(n, ch, size, size, generator=g), torch.randn(n, ch, size, size, generator=g)
+    t = torch.tensor([100, 300, 500, 700] * (n // 4))
+    a = bundle.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def eps(prompt: str) -> torch.Tensor:
+        ctx, _ = encode_text(bundle, tokenize(bundle, [prompt]))
+        return bundle.unet(xt, t, encoder_hidden_states=ctx.expand(n, -1, -1)).sample
+
+    ref = eps(context)
+    return {w: float((eps(f"{w} {context}") - ref).abs().mean()) for w in words}
+
+
 def _subset(pred: dict, idx: list[int]) -> dict:
     return {h: {"labels": [v["labels"][i] for i in idx], "classes": v["classes"]} for h, v in pred.items()}
 
@@ -137,6 +160,9 @@ def main(argv=None):
     p.add_argument("--cfg_scale", type=float, default=5.0)
     p.add_argument("--raw", action="store_true", help="with --work_dir: the raw weights instead of the EMA")
     p.add_argument("--grid", default=None, help="write a PNG grid of the first 40 samples here")
+    p.add_argument("--reaction", nargs="*", default=None, metavar="WORD",
+                   help="only print how much the denoiser reacts to each word before 'bear, forest' (default words: "
+                        "the trigger 'usu' and the tag 'black')")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.work_dir:
@@ -148,6 +174,10 @@ def main(argv=None):
         from lorakit.toyworld.pretrain import default_base_path
 
         bundle = load_bundle(a.model or default_base_path(), family="sd1", dtype="fp32")
+    if a.reaction is not None:
+        for word, r in word_reaction(bundle, a.reaction or ["usu", "black"]).items():
+            print(f"{word}: {r:.4f}")
+        return None
     res = prompt_following(bundle, n_full=a.n_full, repeats=a.repeats, steps=a.steps, cfg_scale=a.cfg_scale)
     print(format_report(res))
     if a.grid:
