@@ -99,3 +99,5 @@ def test_word_reaction_separates_a_known_tag_from_an_unseen_word(bundle):
     r = word_reaction(bundle, ["black", "zq"], n=8)
     assert r["black"] > 4 * r["zq"] > 0
     assert word_reaction(bundle, ["black"], n=8) == {"black": r["black"]}  # a function of (base, words, settings)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        word_reaction(bundle, ["black"], n=6)

@@ -4,6 +4,7 @@
 like "bear" or "night"), samples with a batched DDIM + classifier-free guidance loop (our own, so the score does not
 depend on the generation pipeline), and returns per-attribute accuracy next to two baselines: chance (1/K) and the
 same targets scored on unconditional samples (empty prompt, same seeds), which is what "ignoring the prompt" reads.
+`word_reaction(bundle, words)` (`--reaction`) measures how much the denoiser reacts to single words, such as a trigger.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def word_reaction(bundle, words: list[str], context: str = "bear, forest", n: in
     never saw ("usu": 0.004); a LoRA can only key on a trigger that the base does not ignore."""
     from lorakit.models.conditioning import encode_text, tokenize
 
+    if n <= 0 or n % 4:
+        raise ValueError(f"word_reaction: n={n} must be a positive multiple of 4 (one sample per timestep 100-700)")
     g = torch.Generator().manual_seed(seed)
     size, ch = bundle.configs["unet"]["sample_size"], bundle.configs["unet"]["in_channels"]
     x0, noise = torch.randn(n, ch, size, size, generator=g), torch.randn(n, ch, size, size, generator=g)
