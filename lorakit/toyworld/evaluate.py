@@ -14,7 +14,7 @@ import json
 import numpy as np
 import torch
 
-from lorakit.toyworld.world import BACKGROUNDS, COLORS, SPECIES, _FUR_NOUN
+from lorakit.toyworld.world import BACKGROUNDS, COLORS, INSTANCE_TOKEN, SPECIES, _FUR_NOUN
 
 HEADS = ("species", "color", "background")
 
@@ -165,7 +165,7 @@ def main(argv=None):
     p.add_argument("--grid", default=None, help="write a PNG grid of the first 40 samples here")
     p.add_argument("--reaction", nargs="*", default=None, metavar="WORD",
                    help="only print how much the denoiser reacts to each word before 'bear, forest' (default words: "
-                        "the trigger 'usu' and the tag 'black')")
+                        f"the trigger '{INSTANCE_TOKEN}' and the tag 'black')")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.work_dir:
@@ -178,7 +178,7 @@ def main(argv=None):
 
         bundle = load_bundle(a.model or default_base_path(), family="sd1", dtype="fp32")
     if a.reaction is not None:
-        for word, r in word_reaction(bundle, a.reaction or ["usu", "black"]).items():
+        for word, r in word_reaction(bundle, a.reaction or [INSTANCE_TOKEN, "black"]).items():
             print(f"{word}: {r:.4f}")
         return None
     res = prompt_following(bundle, n_full=a.n_full, repeats=a.repeats, steps=a.steps, cfg_scale=a.cfg_scale)
