@@ -238,6 +238,13 @@ OPTIONS: list[Option] = [
     _o("network_weights", "path", None, "Start from this LoRA file.", G_NET),
     _o("dim_from_weights", "bool", False, "Take the rank from --network_weights.", G_NET),
     _o("network_train_unet_only", "bool", False, "Train only the UNet's LoRA modules.", G_NET),
+    _o("train_embedding", "str", None, "Pivotal tuning: these words (usually the trigger, e.g. usu) get their own "
+       "text-encoder input vectors, trained with the LoRA and saved inside it as bundled embeddings (bundle_emb.*, "
+       "which A1111/Forge load with the LoRA). A new trigger word's token is one the base model never learned to "
+       "read; its own vector lets the LoRA tell \"usu bear\" from \"bear\". Starts from the word's current vectors; "
+       "trains even with --network_train_unet_only.", G_NET, nargs="*"),
+    _o("embedding_lr", "float", None, "Learning rate of --train_embedding's vectors (default --learning_rate; "
+       "textual inversion usually runs at 5e-3 to 1e-2).", G_NET, check="[0,)"),
     _o("network_train_text_encoder_only", "bool", False, "Train only the text encoders' LoRA modules.", G_NET),
     _o("unet_lr", "float", None, "UNet learning rate (default --learning_rate).", G_NET, metadata_key="ss_unet_lr",
        check="[0,)"),

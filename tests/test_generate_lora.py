@@ -256,3 +256,30 @@ def test_start_stop_switches_the_unet_part_and_trainer_previews(env, tmp_path):
                              prefix="e1-")
     assert [p.name for p in paths] == ["e1-00-3.png"]
     assert Image.open(paths[0]).size == (64, 96) and "Seed: 3" in read_infotext(paths[0])
+
+
+def test_bundled_embedding_stands_in_for_its_word_merged_and_unmerged(env, tmp_path):
+    """A1111's bundled textual inversion (bundle_emb.<word>.string_to_param.*, written here by hand): with the LoRA
+    active, the word reads as the file's vectors; the reference writes those vectors into the token-embedding rows."""
+    bundle, d, da, _ = env
+    a, _ = make_lora(bundle, 1)
+    te = bundle.text_encoders[0]
+    vec = torch.randn(2, te.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    write(tmp_path / "e.safetensors", {**a, "bundle_emb.zq.string_to_param.*": vec})
+    with Generator(bundle, lora_dir=tmp_path) as gen:
+        merged = gen(settings("zq cat <lora:e:0.7>"), decode=False).latents
+        unmerged = gen(settings("zq cat <lora:e:0.7:start=0>"), decode=False).latents
+        after = gen(settings("zq cat"), decode=False).latents  # the LoRA's word is gone with it
+    ref = merged_copy(bundle, (0.7, da))
+    with torch.no_grad():
+        ref.text_encoders[0].get_input_embeddings().weight[[89, 336]] = vec  # "zq" is two CLIP tokens
+    with Generator(ref) as ref_gen:
+        want = ref_gen(settings("zq cat"), decode=False).latents
+    with Generator(merged_copy(bundle, (0.7, da))) as no_emb:
+        without = no_emb(settings("zq cat"), decode=False).latents
+    with Generator(bundle) as plain:
+        none = plain(settings("zq cat"), decode=False).latents
+    assert not torch.allclose(want, without, atol=1e-3)  # the embedding changes the image
+    torch.testing.assert_close(merged, want, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(unmerged, want, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(after, none, atol=0, rtol=0)

@@ -91,8 +91,13 @@ _TE_PATH = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?
 
 
 def key_style(keys) -> str:
-    """"kohya" (sd-scripts/LyCORIS/A1111-era), "peft" (diffusers/PEFT), or raises UserError for anything else."""
-    keys = list(keys)
+    """"kohya" (sd-scripts/LyCORIS/A1111-era), "peft" (diffusers/PEFT), or raises UserError for anything else.
+    Bundled embeddings (bundle_emb.*) go with either style."""
+    from lorakit.adapters.embeddings import is_bundle_key
+
+    keys = [k for k in keys if not is_bundle_key(k)]
+    if not keys:
+        raise UserError("the file holds bundled embeddings (bundle_emb.*) but no LoRA modules.")
     kohya = [k for k in keys if k.startswith(KOHYA_PREFIXES)]
     if len(kohya) == len(keys):
         return "kohya"
@@ -195,11 +200,13 @@ def to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | 
         raise UserError(f"{source}: {exc}") from None
     if style == "kohya":
         return dict(tensors)
+    from lorakit.adapters.embeddings import split_bundle
     from lorakit.adapters.flux_lora import diffusers_flux_to_bfl, is_diffusers_flux_lora
 
+    tensors, bundled = split_bundle(tensors)
     if is_diffusers_flux_lora(tensors):  # diffusers' / ai-toolkit's FLUX names: onto BFL's fused layers first
         tensors = diffusers_flux_to_bfl(tensors, _peft_alphas(metadata or {}).get("unet"))
-    return peft_to_kohya(tensors, metadata or {}, family)
+    return {**peft_to_kohya(tensors, metadata or {}, family), **bundled}
 
 
 # ---- family detection ---------------------------------------------------------------------------------------------

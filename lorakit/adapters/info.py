@@ -9,6 +9,7 @@ from collections import Counter, OrderedDict
 import torch
 
 from lorakit.adapters.blocks import lbw_block_of
+from lorakit.adapters.embeddings import bundle_words, split_bundle
 from lorakit.adapters.file import best_family, detect_family, read_lora_file, to_kohya
 from lorakit.adapters.network import group_by_module
 from lorakit.models.families import FAMILIES
@@ -96,7 +97,7 @@ def _shape_problem(w: dict, algo: str) -> str | None:
 
 def summarize(path, top_tags: int = 20) -> dict:
     lf = read_lora_file(path, finite=False)  # NaN/inf modules are reported below, not refused
-    sd = to_kohya(lf.tensors, lf.metadata, None, source=str(lf.path))
+    sd, bundled = split_bundle(to_kohya(lf.tensors, lf.metadata, None, source=str(lf.path)))
     md = lf.metadata
     cands, why = detect_family(sd, md)
     fam = best_family(cands)
@@ -169,6 +170,8 @@ def summarize(path, top_tags: int = 20) -> dict:
         "blocks_present": [b for b in block_rows if b != "OTHER"],
         "blocks": block_rows,
         "flagged": flagged,
+        # word -> {encoder key: [tokens, width]}: the bundled token embeddings (--train_embedding)
+        "embeddings": {w: {k: list(v.shape) for k, v in parts.items()} for w, parts in bundle_words(bundled).items()},
         "training": _training_summary(md, top_tags),
     }
 
@@ -254,7 +257,12 @@ def format_text(info: dict) -> str:
              f"family:    {info['family_title']}" + (f"  [{info['family_reason']}]" if info["family_reason"] else ""),
              f"algorithm: {info['algorithm']}",
              f"modules:   {info['modules']} ({info['tensors']} tensors, {', '.join(info['dtype'])})",
-             f"blocks:    {', '.join(info['blocks_present']) or '-'}", "",
+             f"blocks:    {', '.join(info['blocks_present']) or '-'}"]
+    if info.get("embeddings"):
+        lines.append("embedded:  " + ", ".join(
+            f"{w} ({', '.join(f'{k} {shape[0]}x{shape[1]}' for k, shape in parts.items())})"
+            for w, parts in info["embeddings"].items()) + "  (bundled token embeddings: write the word in the prompt)")
+    lines += ["",
              f"{'block':<6} {'modules':>7} {'rank':>8} {'alpha':>8} {'mean |dW|':>11} {'max |dW|':>10} "
              f"{'mean|up|':>10} {'mean|down|':>10}"]
     for name, b in info["blocks"].items():

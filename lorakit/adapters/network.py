@@ -22,6 +22,7 @@ from torch import nn
 from lorakit.adapters import base
 from lorakit.adapters.blocks import (BlockScheme, block_lr_vector, block_lr_weights, lbw_block_of,
                                      parse_block_selector, scheme_for)
+from lorakit.adapters.embeddings import BUNDLE_MODULE, TokenEmbeddings, bundle_words, split_bundle
 from lorakit.adapters.dit_args import IN_LAYERS, DitArgs, parse_dit_args, split_parts
 from lorakit.adapters.loha import LoHaModule
 from lorakit.adapters.lokr import LoKrModule
@@ -283,7 +284,16 @@ class Network(nn.Module):
     # ---- views ---------------------------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[base.AdapterModule]:
-        return list(self._modules.values())
+        return [m for m in self._modules.values() if isinstance(m, base.AdapterModule)]
+
+    @property
+    def embeddings(self) -> TokenEmbeddings | None:
+        """Trained token embeddings saved with the adapters (bundle_emb.* keys), if any."""
+        return self._modules.get(BUNDLE_MODULE)
+
+    def set_embeddings(self, embeddings: TokenEmbeddings | None) -> None:
+        if embeddings is not None:
+            self.add_module(BUNDLE_MODULE, embeddings)
 
     @property
     def unet_adapters(self):
@@ -294,7 +304,7 @@ class Network(nn.Module):
         return [a for a in self.adapters if a.lora_name.startswith("lora_te")]
 
     def names(self) -> list[str]:
-        return list(self._modules)
+        return [a.lora_name for a in self.adapters]
 
     def block_index(self, lora_name: str) -> int:
         return self.scheme.index(lora_name)
@@ -311,6 +321,8 @@ class Network(nn.Module):
                 delattr(self, a.lora_name)
                 continue
             base.attach(a)
+        if self.embeddings is not None and apply_text_encoder:
+            self.embeddings.attach()
         self._applied = True
         return self
 
@@ -320,6 +332,8 @@ class Network(nn.Module):
             self.unmerge()
         for a in self.adapters:
             base.detach(a)
+        if self.embeddings is not None:
+            self.embeddings.detach()
         self._applied = False
 
     def set_multiplier(self, multiplier: float, te_multiplier: float | None = None) -> None:
@@ -355,6 +369,8 @@ class Network(nn.Module):
         for a in self.adapters:
             base.detach(a)
         self._applied = False
+        if self.embeddings is not None:  # token vectors replace input rows: they stay hooked (nothing to merge into)
+            self.embeddings.attach()
         self._backups = {}
         for a in self.adapters:
             org = a.org_module
@@ -390,9 +406,10 @@ class Network(nn.Module):
 
     # ---- training ------------------------------------------------------------------------------------------------
     def trainable_param_groups(self, unet_lr: float | None = None, text_encoder_lr=None,
-                               default_lr: float = 1e-4) -> list[dict]:
+                               default_lr: float = 1e-4, embedding_lr: float | None = None) -> list[dict]:
         """Optimizer param groups as sd-scripts builds them: text encoder(s) at text_encoder_lr (a list gives one rate
         per encoder), UNet at unet_lr scaled per block by the block lr weights, LoRA+ "up" parameters at ratio x lr.
+        Trained token embeddings form their own group at embedding_lr (default: default_lr).
         Each group has `params`, `lr` and a `name`; groups with lr 0 are left out."""
         groups: list[dict] = []
         te_lrs = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else None
@@ -431,6 +448,9 @@ class Network(nn.Module):
                 add(f"unet_block{idx}", blocks[idx], u_lr * w, cfg.loraplus_unet)
         else:
             add("unet", self.unet_adapters, u_lr, cfg.loraplus_unet)
+        emb_lr = default_lr if embedding_lr is None else float(embedding_lr)
+        if self.embeddings is not None and emb_lr != 0:
+            groups.append({"params": list(self.embeddings.parameters()), "lr": emb_lr, "name": "embeddings"})
         return groups
 
     # ---- files ---------------------------------------------------------------------------------------------------
@@ -464,6 +484,11 @@ class Network(nn.Module):
             lf = read_lora_file(path_or_sd)
             sd = to_kohya(lf.tensors, lf.metadata, self.family, source=str(path_or_sd))
         own = self.state_dict()
+        words = sorted(set(bundle_words(sd)) - set(bundle_words(own)))
+        if words:
+            raise UserError(f"{path_or_sd}: the file bundles trained embeddings for {', '.join(words)}; add "
+                            f"--train_embedding {' '.join(words)} to go on training them (or write a copy without "
+                            f"them: lorakit lora filter FILE --drop_embeddings --save_to OUT).")
         unexpected = sorted({k.split(".")[0] for k in sd if k not in own})
         if unexpected:
             raise UserError(f"{path_or_sd}: {len(unexpected)} module(s) are not part of this network "
@@ -601,6 +626,8 @@ def build_network_from_state_dict(bundle, sd: Mapping[str, torch.Tensor], metada
     (logged, listed in `net.skipped_modules`) as A1111 does, but still fails when nothing matches or shapes differ."""
     from lorakit.adapters.file import describe_family_mismatch
 
+    sd, bundled = split_bundle(sd)
+    embeddings = TokenEmbeddings.from_bundle(bundle, bundled, source)
     targets = module_map(bundle)
     adapters = []
     missing, misfit = [], []
@@ -639,6 +666,7 @@ def build_network_from_state_dict(bundle, sd: Mapping[str, torch.Tensor], metada
     if not adapters:
         raise UserError(f"{source}: the file holds no adapter modules.")
     net = Network(bundle.family, adapters, None, metadata).eval()
+    net.set_embeddings(embeddings)
     net.skipped_modules = skipped
     return net
 

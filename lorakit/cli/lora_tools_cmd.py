@@ -127,6 +127,8 @@ def register(subparsers) -> None:
     p.add_argument("--keep", default=None, help='blocks to keep, e.g. "IN04-IN07,OUT03-OUT06" (others are dropped)')
     p.add_argument("--drop", default=None, help='blocks to drop, e.g. "TE,MID"')
     p.add_argument("--scale", default=None, help='block factors, e.g. "IN04-IN07:0.5,TE:0" (0 drops)')
+    p.add_argument("--drop_embeddings", action="store_true",
+                   help="leave out the bundled token embeddings (bundle_emb.*, from --train_embedding): a plain LoRA")
     p.add_argument("--save_to", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_filter)
 
@@ -214,7 +216,8 @@ def cmd_extract(args) -> int:
 def cmd_filter(args) -> int:
     from lorakit.tools.lora_filter import filter_lora
 
-    filter_lora(args.lora, args.save_to, args.keep, args.drop, args.scale, log=_log)
+    filter_lora(args.lora, args.save_to, args.keep, args.drop, args.scale, drop_embeddings=args.drop_embeddings,
+                log=_log)
     return 0
 
 

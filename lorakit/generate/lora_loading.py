@@ -214,6 +214,7 @@ class AppliedLoras:
     key: tuple = ()
     # one copy of each original layer weight however many LoRAs touch it: id(layer) -> (layer, weight, bias)
     backups: dict = field(default_factory=dict)
+    embeddings: list = field(default_factory=list)  # bundled token embeddings of merged LoRAs (hooked, not merged)
 
     @property
     def has_schedule(self) -> bool:
@@ -253,6 +254,9 @@ class AppliedLoras:
         for r, net in reversed(self.networks):
             if r.unmerged:
                 net.remove()
+        for emb in self.embeddings:
+            emb.detach()
+        self.embeddings = []
         with torch.no_grad():
             for org, w, b in self.backups.values():
                 org.weight.copy_(w)
@@ -283,6 +287,9 @@ def apply_loras(bundle, resolved: Sequence[ResolvedLora], library: LoraLibrary) 
                 net.apply_to(bundle)
             else:
                 applied.merge(net)
+                if net.embeddings is not None:  # a prompt's word -> trained vectors, as A1111 registers them
+                    net.embeddings.attach()
+                    applied.embeddings.append(net.embeddings)
                 # merged: the adapter copies of the LoRA weights are not needed any more
                 applied.networks[-1] = (r, _Merged())
             applied.hashes[hash_alias(r.tag.name)] = library.short_hash(r.path)

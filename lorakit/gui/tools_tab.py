@@ -147,19 +147,20 @@ def build(gr, ctx: Context, train: dict | None = None) -> dict:
             fl_keep = gr.Textbox(label="keep (e.g. IN04-IN07,OUT03-OUT06)")
             fl_drop = gr.Textbox(label="drop (e.g. TE,MID)")
             fl_scale = gr.Textbox(label="scale (e.g. IN04-IN07:0.5,TE:0)")
+            fl_noemb = gr.Checkbox(label="drop bundled embeddings", value=False)
         fl_btn = gr.Button("Filter", variant="primary")
         fl_log = gr.Textbox(label="Log", lines=8, interactive=False)
 
         @handler
-        def on_filter(src, dst, keep, drop, scale):
+        def on_filter(src, dst, keep, drop, scale, drop_embeddings=False):
             from lorakit.tools.lora_filter import filter_lora
 
             cap = Captured()
             filter_lora(ctx.path(src, "LoRA file", kind="file"), ctx.path(dst, "output file", must_exist=False),
-                        _opt(keep), _opt(drop), _opt(scale), log=cap.log)
+                        _opt(keep), _opt(drop), _opt(scale), drop_embeddings=bool(drop_embeddings), log=cap.log)
             return cap.text
 
-        fl_btn.click(on_filter, [fl_in, fl_out, fl_keep, fl_drop, fl_scale], fl_log)
+        fl_btn.click(on_filter, [fl_in, fl_out, fl_keep, fl_drop, fl_scale, fl_noemb], fl_log)
 
     with gr.Tab("ReLoRA", id="tool-relora"):
         gr.Markdown("Train, merge into the model, train again: the training options are those of the **Train** "

@@ -41,6 +41,8 @@ class TextEncoderSpec:
     kind: str = "clip"  # "clip" (transformers CLIP text model) or "t5" (T5EncoderModel; LoRA on its attention and FF)
     lora_aliases: tuple[str, ...] = ()  # other trainers' prefixes read as this one (OneTrainer's FLUX T5: lora_te2)
     lora_by_default: bool = True  # trained unless asked otherwise (FLUX's T5 only with network_args train_t5xxl=True)
+    # key of this encoder's vectors in a bundled embedding (bundle_emb.<word>.<key>, A1111's format; None: no format)
+    embedding_key: str | None = "string_to_param.*"
 
 
 @dataclass(frozen=True)
@@ -181,10 +183,12 @@ _OPENCLIP_H_SD2 = TextEncoderSpec(
 _CLIP_L_XL = TextEncoderSpec(
     config_name="text_encoder", ldm_prefix="conditioner.embedders.0.transformer.text_model.", ldm_style="hf",
     with_projection=False, pad_token="<|endoftext|>", lora_prefix="lora_te1", final_norm_on_skip=False,
+    embedding_key="clip_l",
 )
 _OPENCLIP_G_XL = TextEncoderSpec(
     config_name="text_encoder_2", ldm_prefix="conditioner.embedders.1.model.", ldm_style="openclip",
     with_projection=True, pad_token="!", lora_prefix="lora_te2", final_norm_on_skip=False,
+    embedding_key="clip_g",
 )
 
 _SAI = "https://github.com/Stability-AI/generative-models"
@@ -208,11 +212,12 @@ _SDXL = dict(base_model_version="sdxl_base_v1-0", modelspec_architecture="stable
 # lora_te1_ and lora_te3_ ("ComfyUI compatible"); ComfyUI also maps OneTrainer's lora_te2_ to T5.
 _CLIP_L_FLUX = TextEncoderSpec(
     config_name="text_encoder", ldm_prefix="text_encoders.clip_l.transformer.text_model.", ldm_style="hf",
-    with_projection=False, pad_token="<|endoftext|>", lora_prefix="lora_te1",
+    with_projection=False, pad_token="<|endoftext|>", lora_prefix="lora_te1", embedding_key="clip_l",
 )
 _T5XXL_FLUX = TextEncoderSpec(
     config_name="text_encoder_2", ldm_prefix="text_encoders.t5xxl.transformer.", ldm_style="hf", with_projection=False,
     pad_token="<pad>", lora_prefix="lora_te3", kind="t5", lora_aliases=("lora_te2",), lora_by_default=False,
+    embedding_key=None,
 )
 _BFL = "https://github.com/black-forest-labs/flux"
 _FLUX = dict(

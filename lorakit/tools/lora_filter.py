@@ -117,9 +117,10 @@ def filter_state_dict(sd: Mapping[str, torch.Tensor], keep: str | None = None, d
 
 
 def filter_lora(model: str | os.PathLike, save_to: str | os.PathLike, keep: str | None = None,
-                drop: str | None = None, scale: str | None = None,
+                drop: str | None = None, scale: str | None = None, drop_embeddings: bool = False,
                 log: Callable[[str], None] | None = print) -> FilterReport:
-    """Filter a LoRA file into `save_to` (atomic; tensors keep their dtype; metadata notes the filter)."""
+    """Filter a LoRA file into `save_to` (atomic; tensors keep their dtype; metadata notes the filter). Bundled token
+    embeddings are kept unless drop_embeddings (they are not in any block)."""
     from lorakit.adapters.file import save_lora
     from lorakit.tools.lora_resize import output_metadata
 
@@ -127,13 +128,19 @@ def filter_lora(model: str | os.PathLike, save_to: str | os.PathLike, keep: str 
     if save_to.suffix.lower() != ".safetensors":
         raise UserError(f"--save_to {save_to}: lorakit writes LoRAs as .safetensors; change the extension.")
     src = read_kohya(model)
-    sd, report = filter_state_dict(src.sd, keep, drop, scale)
+    if drop_embeddings and not src.embeddings:
+        raise UserError(f"--drop_embeddings: {model} bundles no token embeddings (bundle_emb.*).")
+    if drop_embeddings and not (keep or drop or scale):
+        sd, report = dict(src.sd), FilterReport(kept=sorted(group_modules(src.sd)))
+    else:
+        sd, report = filter_state_dict(src.sd, keep, drop, scale)
     md = output_metadata(src, save_to)
     what = "; ".join(x for x in (f"keep {keep}" if keep else "", f"drop {drop}" if drop else "",
-                                 f"scale {scale}" if scale else "") if x)
+                                 f"scale {scale}" if scale else "",
+                                 "bundled embeddings dropped" if drop_embeddings else "") if x)
     comment = md.get("ss_training_comment", "")
     md["ss_training_comment"] = f"filtered ({what}); {comment}" if comment else f"filtered ({what})"
-    save_lora(save_to, sd, md, precision=None)
+    save_lora(save_to, {**sd, **({} if drop_embeddings else src.embeddings)}, md, precision=None)
     if log:
         log(report.summary())
         log(f"saved {save_to}")

@@ -139,11 +139,13 @@ def merge_into_bundle(bundle, specs: list[LoraSpec], presets: Mapping[str, str] 
             if db is not None and bias is not None:
                 bias.add_((db * m).to(bias.dtype))
             merged += 1
+        words = net.embeddings.write_rows() if net.embeddings is not None else []
         del net
         records.append(_record(spec))
         if log:
             bw = f", block weights {spec.block_weights}" if spec.block_weights else ""
-            log(f"merged {Path(spec.path).name} at {spec.ratio:g}{bw}: {merged} modules")
+            emb = f"; trained embeddings of {', '.join(words)} written into the token rows" if words else ""
+            log(f"merged {Path(spec.path).name} at {spec.ratio:g}{bw}: {merged} modules{emb}")
     return records
 
 
@@ -286,6 +288,24 @@ def merge_lora_state_dicts(sources: list[tuple[Mapping[str, torch.Tensor], float
     return out, report
 
 
+def _merged_embeddings(specs: list[LoraSpec], loras: list) -> dict[str, torch.Tensor]:
+    """The bundled token embeddings of all inputs, unchanged: a trained word's vectors are not a weight delta to
+    scale or add, so one word bundled by two inputs is refused rather than averaged into something neither learned."""
+    from lorakit.adapters.embeddings import bundle_words
+
+    out: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    for s, lo in zip(specs, loras):
+        for word in bundle_words(lo.embeddings):
+            if word in owner:
+                raise UserError(f"{owner[word]} and {Path(s.path).name} both bundle a trained embedding for {word!r}; "
+                                f"lorakit keeps bundled embeddings unchanged and cannot merge two of one word. Remove "
+                                f"it from one file first (lorakit lora filter --drop_embeddings).")
+            owner[word] = Path(s.path).name
+        out.update(lo.embeddings)
+    return out
+
+
 def merge_lora_files(specs: list[LoraSpec], save_to: str | os.PathLike, mode: str = "svd",
                      new_rank: int | None = None, new_conv_rank: int | None = None,
                      dynamic_method: str | None = None, dynamic_param: float | None = None,
@@ -352,7 +372,7 @@ def merge_lora_files(specs: list[LoraSpec], save_to: str | os.PathLike, mode: st
     md["ss_training_comment"] = f"merged from {listing} by {how}"
     md["modelspec.merged_from"] = ", ".join(r["name"] for r in report.records)
     md["lorakit.merged_loras"] = json.dumps(report.records)
-    save_lora(save_to, cast_tensors(sd, dtype), md, precision=None)
+    save_lora(save_to, {**cast_tensors(sd, dtype), **_merged_embeddings(specs, loras)}, md, precision=None)
     if log:
         if verbose and report.resize is not None:
             for line in report.resize.module_lines():

@@ -244,10 +244,13 @@ class KohyaLora:
     metadata: dict[str, str]
     family: object | None
     dtype: torch.dtype = torch.float32
+    # bundled token embeddings (bundle_emb.*): not adapter modules; the tools copy them into what they write
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def read_kohya(source, family=None) -> KohyaLora:
     """Read a LoRA (path or adapters.file.LoraFile) of any supported key style as kohya keys."""
+    from lorakit.adapters.embeddings import split_bundle
     from lorakit.adapters.file import LoraFile, best_family, detect_family, read_lora_file, to_kohya
     from lorakit.models.families import FAMILIES, get_family
 
@@ -262,7 +265,8 @@ def read_kohya(source, family=None) -> KohyaLora:
             sd = to_kohya(lf.tensors, lf.metadata, family, source=str(lf.path))  # PEFT SDXL: SAI UNet names
     dtypes = [v.dtype for v in lf.tensors.values() if v.is_floating_point() and v.dim() > 0]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
-    return KohyaLora(lf.path, sd, dict(lf.metadata), family, dtype)
+    sd, embeddings = split_bundle(sd)
+    return KohyaLora(lf.path, sd, dict(lf.metadata), family, dtype, embeddings)
 
 
 # ---- resizing -----------------------------------------------------------------------------------------------------
@@ -477,7 +481,7 @@ def resize_lora(model: str | os.PathLike, save_to: str | os.PathLike, new_rank: 
         args["conv_alpha"] = _num(conv_alphas.pop()) if len(conv_alphas) == 1 and not dynamic_method else "Dynamic"
     if args or "ss_network_args" in md:
         md["ss_network_args"] = json.dumps(args)
-    save_lora(save_to, cast_tensors(new_sd, dtype), md, precision=None)
+    save_lora(save_to, {**cast_tensors(new_sd, dtype), **src.embeddings}, md, precision=None)
     if log:
         if verbose:
             for line in report.module_lines():

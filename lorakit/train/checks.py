@@ -40,6 +40,9 @@ def check_options(opts, family) -> list[str]:
         notes.append("--full_fp16/--full_bf16: the LoRA weights and optimizer stay in fp32 (half-precision LoRA "
                      "weights lose updates smaller than their rounding step and stop learning); the frozen model is "
                      f"in {opts.mixed_precision} as with plain --mixed_precision.")
+    if opts.cache_text_encoder_outputs and opts.train_embedding:
+        raise UserError("--cache_text_encoder_outputs cannot be used with --train_embedding: the trained vectors change "
+                        "the text encoder's outputs every step. Remove one of them.")
     if opts.cache_text_encoder_outputs and not opts.network_train_unet_only:
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only: text-encoder outputs can only "
                         "be cached while the text encoder does not train.")

@@ -394,7 +394,7 @@ def _cache_bytes(opts, family, shape: StepShape, configs: dict) -> int:
         total += shape.n_images * latent
     else:  # the VAE posteriors each step's encode remembers (mean and std per image; data.latents.PosteriorMemo)
         total += min(memo_budget_bytes(), shape.n_images * 2 * latent)
-    if opts.cache_text_encoder_outputs or opts.network_train_unet_only:
+    if opts.cache_text_encoder_outputs or (opts.network_train_unet_only and not opts.train_embedding):
         width = sum(configs[s.config_name].get("hidden_size") or configs[s.config_name]["d_model"]
                     for s in family.text_encoders)
         tokens = 2 + 75 * max(1, (opts.max_token_length or 75) // 75)
@@ -459,7 +459,7 @@ def candidate_fixes(opts, configs: list, swap_fix: Fix | None = None, half_fast:
     dynamic = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs",
                "token_warmup_step", "enable_wildcard")
     static = not any(getattr(s, k, None) for s in subsets for k in dynamic)
-    if not opts.cache_text_encoder_outputs and static:
+    if not opts.cache_text_encoder_outputs and static and not opts.train_embedding:
         flags = "--cache_text_encoder_outputs" + ("" if opts.network_train_unet_only else
                                                   " --network_train_unet_only (the text encoder is not trained)")
         fixes.append(Fix(flags, lambda o, sh: (replace(o, cache_text_encoder_outputs=True,

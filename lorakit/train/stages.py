@@ -362,6 +362,25 @@ class Data:
     validation: Any = None  # DatasetGroup of the images validation_split held out (None: no validation)
 
 
+def check_embedding_words(words: Optional[list], data: Data) -> None:
+    """A --train_embedding word that no caption (or folder class token) holds never gets a gradient: say so now, not
+    after the run. CLIP lowercases text, so the match ignores case; a word must stand on its own in the caption."""
+    import re
+
+    from lorakit.adapters.embeddings import check_words
+
+    if not words:
+        return
+    words = check_words(words)
+    captions = [e.caption.lower() for ds in data.group.datasets for e in ds.entries]
+    absent = [w for w in words if not any(re.search(rf"(?<!\w){re.escape(w.lower())}(?!\w)", c)
+                                          for c in captions)]
+    if absent:
+        raise UserError(f"--train_embedding {' '.join(absent)}: no caption or folder name of the training images "
+                        f"contains {'this word' if len(absent) == 1 else 'these words'}, so the vectors would never "
+                        f"train. Use the trigger word your captions start with (e.g. the 'usu' of 20_usu bear).")
+
+
 def load_data(configs: list, o: DataOptions, run: Run) -> Data:
     """Scan the datasets; count batches, steps and epochs (--max_train_epochs wins over --max_train_steps)."""
     from lorakit.data import DatasetGroup
@@ -395,6 +414,7 @@ class NetworkOptions:
     dim_from_weights: bool
     network_train_unet_only: bool
     network_train_text_encoder_only: bool
+    train_embedding: Optional[list]
     loraplus_lr_ratio: Optional[float]
     loraplus_unet_lr_ratio: Optional[float]
     loraplus_text_encoder_lr_ratio: Optional[float]
@@ -407,12 +427,13 @@ class NetworkOptions:
 @dataclass(frozen=True)
 class Net:
     network: Any  # adapters.network.Network, applied to the bundle
-    train_te: bool  # text-encoder adapters train (so text must be encoded with gradients)
+    train_te: bool  # text-encoder adapters or token embeddings train (so text must be encoded with gradients)
     dim: Optional[int]  # the rank asked for (--network_dim or read from --network_weights)
 
 
 def build_network(o: NetworkOptions, run: Run, model: Model) -> Net:
     """Create the adapters (seeded), load --network_weights, apply them, then the model's memory settings."""
+    from lorakit.adapters.embeddings import TokenEmbeddings
     from lorakit.adapters.network import create_network
 
     bundle = model.bundle
@@ -422,14 +443,18 @@ def build_network(o: NetworkOptions, run: Run, model: Model) -> Net:
     network = create_network(bundle, o.network_module, dim, o.network_alpha, net_args,
                              train_unet=not o.network_train_text_encoder_only,
                              train_text_encoder=not o.network_train_unet_only, neuron_dropout=o.network_dropout)
+    if o.train_embedding:
+        network.set_embeddings(TokenEmbeddings.for_words(bundle, o.train_embedding))
     if o.network_weights:
         network.load_weights(o.network_weights)
         run.log(f"loaded network weights from {o.network_weights}")
     network.apply_to(bundle)
     place(network, run.device, torch.float32)
-    train_te = bool(network.te_adapters)
+    train_te = bool(network.te_adapters) or network.embeddings is not None
+    emb = network.embeddings
     run.log(f"{bundle.family.title}: {len(network.unet_adapters)} UNet + {len(network.te_adapters)} text-encoder "
-            f"modules ({sum(p.numel() for p in network.parameters())} parameters)")
+            f"modules" + (f" + trained embeddings for {', '.join(emb.words)}" if emb is not None else "")
+            + f" ({sum(p.numel() for p in network.parameters())} parameters)")
     _memory_settings(o, bundle, train_te)
     if run.device.type == "cpu" and not any(a.full_size_change for a in network.adapters):
         from lorakit.utils.allocator import keep_freed_memory
@@ -667,6 +692,7 @@ class OptimizerOptions:
     learning_rate: float
     unet_lr: Optional[float]
     text_encoder_lr: Optional[list]
+    embedding_lr: Optional[float]
     optimizer_type: str
     use_8bit_adam: bool
     use_lion_optimizer: bool
@@ -699,7 +725,7 @@ def build_optimizer(o: OptimizerOptions, run: Run, net: Net, max_steps: int) -> 
 
     te_lr = None if not o.text_encoder_lr else (o.text_encoder_lr[0] if len(o.text_encoder_lr) == 1
                                                  else list(o.text_encoder_lr))
-    groups = net.network.trainable_param_groups(o.unet_lr, te_lr, o.learning_rate)
+    groups = net.network.trainable_param_groups(o.unet_lr, te_lr, o.learning_rate, embedding_lr=o.embedding_lr)
     if not groups:
         raise UserError("nothing to train: every parameter group has learning rate 0.")
     optimizer_type = "AdamW8bit" if o.use_8bit_adam else ("Lion" if o.use_lion_optimizer else o.optimizer_type)

@@ -81,6 +81,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     S.check_network_args(pick(S.NetworkOptions, opts), plan.family)
     S.check_blocks_to_swap(opts.blocks_to_swap, plan.family, plan.configs)
     data = S.load_data(S.dataset_configs(opts, plan.family, run.log), pick(S.DataOptions, opts), run)
+    S.check_embedding_words(opts.train_embedding, data)
     steps_per_epoch = -(-data.batches_per_epoch // (data.accum * run.world))
     # disk space for the save schedule, optimizer and scheduler (the network args: check_network_args above)
     for note in P.check_before_load(opts, out_folder, steps_per_epoch):
