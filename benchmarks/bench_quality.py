@@ -68,7 +68,8 @@ def run_dir(work: Path, extra: list[str], reg: bool) -> Path:
 def run_argv(work: Path, extra: list[str], reg: bool, epochs: int, base: Path) -> list[str]:
     from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
 
-    folder = {False: "dataset_noreg", True: "dataset_reg", "generated": "dataset_reg_generated"}[reg]
+    folder = {False: "dataset_noreg", True: "dataset_reg", "generated": "dataset_reg_generated",
+              "classes": "dataset_reg_classes"}[reg]
     data = write_dataset(work / folder, reg=reg, base=base)
     return usu_bear_argv(base, data, run_dir(work, extra, reg), epochs=epochs) + [
         "--save_every_n_epochs", "2"] + extra
@@ -177,9 +178,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe (default: the recipe's)")
     p.add_argument("--seeds", type=int, default=16, help="samples per prompt (16: 112 trigger samples)")
     p.add_argument("--jobs", type=int, default=1, help="configurations trained at the same time (processes)")
-    p.add_argument("--reg", nargs="?", const="real", default=None, choices=("real", "generated"),
-                   help="single run with class reg images: toy-world bears with captions (real, the default) or the "
-                   "base model's samples of 'bear' (generated, seed 001's way)")
+    p.add_argument("--reg", nargs="?", const="real", default=None, choices=("real", "generated", "classes"),
+                   help="single run with class reg images: toy-world bears with captions (real, the default), the "
+                   "base model's samples of 'bear' (generated, seed 001's way), or its samples of 'bear' and four "
+                   "other animals (classes, the demo's variant)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", default=None, help="write the markdown table here (between the sweep markers)")
     p.add_argument("--json", default=None, help="write all results as JSON here")
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
             p.error(f"unknown sweep {unknown}; choose from {', '.join(all_sweeps)} or all")
         selected = {n: all_sweeps[n] for n in names}
     else:
-        reg = {None: False, "real": True, "generated": "generated"}[a.reg]
+        reg = {None: False, "real": True, "generated": "generated", "classes": "classes"}[a.reg]
         selected = {"run": [("recipe" + (" " + " ".join(extra) if extra else ""), extra, reg)]}
     base = Path(a.base).resolve() if a.base else default_base_path()
     train_all([e for entries in selected.values() for e in entries], work, epochs, base, a.jobs, a.threads)

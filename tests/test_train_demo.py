@@ -4,6 +4,7 @@ the LoRA and prints where everything is."""
 import json
 
 from PIL import Image
+from safetensors import safe_open
 from test_train_common import one_thread  # noqa: F401
 
 
@@ -16,7 +17,14 @@ def test_demo_runs_draws_grid_and_prints_metrics(tmp_path, capsys):
     lora = tmp_path / "output" / "usu_bear.safetensors"
     assert lora.exists() and f"LoRA: {lora}" in out
     assert len(list((tmp_path / "dataset" / "train" / "20_usu bear").glob("*.png"))) == 15
-    assert not (tmp_path / "dataset" / "reg").exists()
+    # the documented variant: class images the base model drew, and the trigger's own vector bundled in the LoRA
+    from lorakit.toyworld.recipe import REG_CLASSES
+
+    for cls, n in REG_CLASSES:
+        assert len(list((tmp_path / "dataset" / "reg" / f"1_{cls}").glob("*.png"))) == n
+    assert "--train_embedding usu" in out and "--reg_data_dir" in out
+    with safe_open(str(lora), "pt") as fh:
+        assert "bundle_emb.usu.string_to_param.*" in fh.keys()
     assert "lorakit train --pretrained_model_name_or_path" in out and "--max_train_steps 4" in out
     grid = Image.open(tmp_path / "before_after.png")
     # one 64 px cell per (prompt, base/LoRA, seed) plus label margins

@@ -1,9 +1,11 @@
 """`lorakit demo`: seed 001's "usu bear" LoRA, trained on the shipped toy base model and measured, in a few minutes.
 
 It writes seed 001's dataset layout from the toy world (`train/20_usu bear`: 15 images of the new character, a black
-bear with a white crescent and a red scarf that the base model never saw; with --reg, `reg/1_bear`), trains the
-LoRA with an sd-scripts command line through the same code as `lorakit train`, then draws a before/after grid (base vs
-LoRA, same prompts and seeds, through the same code as `lorakit generate`) and prints the quality metrics read by the
+bear with a white crescent and a red scarf that the base model never saw) and class images the base model draws
+(`reg/1_bear` and four other animals), trains the LoRA with an sd-scripts command line through the same code as
+`lorakit train` (seed 001's recipe with one documented variant: the trigger word's own vector trains too,
+--train_embedding usu; `--plain` trains seed 001's recipe as written), then draws a before/after grid (base vs LoRA,
+same prompts and seeds, through the same code as `lorakit generate`) and prints the quality metrics read by the
 shipped attribute classifier (fidelity, composability, prior preservation, bleed).
 """
 
@@ -17,16 +19,19 @@ GRID_SEEDS = (11, 12, 13, 14)
 
 
 def register(subparsers) -> None:
-    from lorakit.toyworld.recipe import EPOCHS, STEPS_PER_EPOCH
+    from lorakit.toyworld.recipe import EPOCHS, PIVOTAL_EPOCHS, STEPS_PER_EPOCH
 
     p = subparsers.add_parser("demo", help="train the 'usu bear' LoRA on the built-in toy base model, draw a "
                               "before/after grid and print quality metrics (CPU, a few minutes)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="lorakit-demo", help="folder for the dataset, LoRA, grid and metrics")
-    p.add_argument("--epochs", type=int, default=EPOCHS,
-                   help=f"training epochs (default {EPOCHS}, as in seed 001: {EPOCHS * STEPS_PER_EPOCH} steps)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default {PIVOTAL_EPOCHS}: {PIVOTAL_EPOCHS * 2 * STEPS_PER_EPOCH} steps with "
+                        f"the reg images; with --plain {EPOCHS}, as in seed 001: {EPOCHS * STEPS_PER_EPOCH} steps)")
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of --epochs")
-    p.add_argument("--reg", action="store_true", help="also use 75 class regularization images (reg/1_bear)")
+    p.add_argument("--plain", action="store_true",
+                   help="seed 001's recipe as written: no trained trigger vector and no reg images (the trigger "
+                        "then leaks into every 'bear'; see the README)")
     p.add_argument("--eval_seeds", type=int, default=8, help="samples per metric prompt (default 8)")
     p.add_argument("--no_eval", action="store_true", help="skip the grid and the metrics")
     p.add_argument("--no_progress", action="store_true",
@@ -65,18 +70,25 @@ def run(args) -> int:
 
     from lorakit import options as O
     from lorakit.toyworld.pretrain import default_base_path
-    from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
+    from lorakit.toyworld.recipe import (EPOCHS, PIVOTAL_EPOCHS, PIVOTAL_REG, REG_CLASSES, usu_bear_argv,
+                                         write_dataset)
     from lorakit.train.trainer import train
 
     torch.set_num_threads(1)  # the grid and metrics too (training sets it from --num_threads below)
     out = Path(args.output_dir).resolve()
     base = default_base_path()
     print(f"toy base model: {base} (shipped; SD1 layout, 64 px)")
-    data = write_dataset(out / "dataset", reg=args.reg)
-    print(f"dataset: {data['train_subdir']} (15 images)" + (f", {data['reg_subdir']} (75 class images)"
-                                                             if data.get("reg_subdir") else ""))
-    argv = usu_bear_argv(base, data, out / "output", epochs=args.epochs, steps=args.steps)
-    argv += ["--save_every_n_steps", str(max(1, args.steps // 2))] if args.steps else ["--save_every_n_epochs", "5"]
+    pivotal = not args.plain
+    if pivotal:
+        print("regularization images: the base model draws 'bear' and four other animals ...", flush=True)
+    data = write_dataset(out / "dataset", reg=PIVOTAL_REG if pivotal else False, base=base)
+    print(f"dataset: {data['train_subdir']} (15 images)" + (f", {data['reg_dir']} (75 class images: "
+                                                             + ", ".join(f"1_{c} {n}" for c, n in REG_CLASSES) + ")"
+                                                             if data.get("reg_dir") else ""))
+    epochs = args.epochs or (PIVOTAL_EPOCHS if pivotal else EPOCHS)
+    argv = usu_bear_argv(base, data, out / "output", epochs=epochs, steps=args.steps, pivotal=pivotal)
+    half = max(1, epochs // 2)
+    argv += ["--save_every_n_steps", str(max(1, args.steps // 2))] if args.steps else ["--save_every_n_epochs", str(half)]
     # The toy model is dominated by per-op overhead: one thread is fastest on small machines. It is a flag of the
     # command (not a setting of this process) because float sums depend on the thread count: the printed command
     # then trains the same LoRA bit for bit.

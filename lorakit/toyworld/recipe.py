@@ -22,22 +22,44 @@ STEPS_PER_EPOCH = 75  # 15 images x 20 repeats / batch 4 (twice that with reg im
 # with the convs 84% (77%). See docs/quality.md.
 NETWORK_ARGS = ("conv_dim=8", "conv_alpha=8")
 
+# The demo's documented variant (docs/quality.md, "Pivotal tuning"): the trigger word "usu" gets its own text-encoder
+# vector, trained with the LoRA (--train_embedding), and the base model's own images of "bear" and four other animals
+# are regularization images (REG_CLASSES). The toy base never learned to read "usu", so without its own vector
+# "usu bear" and "bear" are one condition and the character leaks into every bear (leak 0.62); with it the reg
+# images can hold "bear" and the other animals in place while the LoRA learns the character. The LoRA learns at a
+# quarter of the plain recipe's 3e-3 (the vector carries the identity; faster rates move unrelated prompts more), and
+# with reg images an epoch is 150 steps: 2 epochs, 300 steps (docs/quality.md has the steps and rates measured).
+PIVOTAL_REG = "classes"
+PIVOTAL_EPOCHS = 2
+PIVOTAL_ARGS = ("--train_embedding", "usu", "--embedding_lr", "2e-2", "--learning_rate", "7e-4")
+
+
+# reg="classes": the base model's own samples of the class and of four other animals, 75 in all (folder -> count)
+REG_CLASSES = (("bear", 30), ("cat", 12), ("rabbit", 11), ("frog", 11), ("bird", 11))
+
 
 def write_dataset(out: Path, reg: bool | str = False, base: str | Path | None = None) -> dict:
-    """The dataset folders of seed 001: 15 character images x 20 repeats, and with `reg` 75 class images in
-    `reg/1_bear`: toy-world pictures of bears with full captions (`reg=True`), or, as seed 001 makes them, images the
-    base model draws for the class prompt "bear", without captions (`reg="generated"`, needs `base`)."""
+    """The dataset folders of seed 001: 15 character images x 20 repeats, and with `reg` 75 class images:
+    toy-world pictures of bears with full captions (`reg=True`, `reg/1_bear`); as seed 001 makes them, images the
+    base model draws for the class prompt "bear", without captions (`reg="generated"`, `reg/1_bear`, needs `base`);
+    or the base model's images of "bear" and of four other animals (`reg="classes"`: `reg/1_bear`, `reg/1_cat`, ...;
+    the demo's default, see REG_CLASSES)."""
     from lorakit.toyworld.datasets import write_dreambooth_folder
 
     data = write_dreambooth_folder(out, n_train=15, n_reg=75 if reg is True else 0, train_repeats=20, reg_repeats=1)
-    if reg == "generated":
-        reg_sub = Path(out) / "reg" / "1_bear"
-        generate_class_images(base, reg_sub, 75)
-        data.update(reg_dir=reg_sub.parent, reg_subdir=reg_sub)
+    classes = {"generated": (("bear", 75),), "classes": REG_CLASSES}.get(reg) if isinstance(reg, str) else None
+    if isinstance(reg, str) and classes is None:
+        raise ValueError(f"reg must be False, True, 'generated' or 'classes' (got {reg!r})")
+    if classes:
+        reg_dir = Path(out) / "reg"
+        for prompt, count in classes:
+            generate_class_images(base, reg_dir / f"1_{prompt}", count, prompt,
+                                  seed=1000 if reg == "generated" else 2000)
+        data.update(reg_dir=reg_dir, reg_subdir=reg_dir / "1_bear")
     return data
 
 
-def generate_class_images(base: str | Path, outdir: Path, count: int) -> None:
+def generate_class_images(base: str | Path, outdir: Path, count: int, prompt: str = "bear", seed: int = 1000) -> None:
     """Seed 001's regularization images: the base model's own samples of the class prompt, through the same code as
     `lorakit generate --prompt bear --count N --outdir reg/1_bear` (resumable, skips what exists)."""
     from lorakit.generate.pipeline import GenerationSettings, Generator
@@ -48,14 +70,15 @@ def generate_class_images(base: str | Path, outdir: Path, count: int) -> None:
         return
     bundle = load_bundle(base, family="sd1", dtype="fp32")
     with Generator(bundle) as gen:
-        generate_reg_images(gen, GenerationSettings(prompt="bear", steps=20, sampler="DDIM", cfg_scale=5.0, seed=1000,
+        generate_reg_images(gen, GenerationSettings(prompt=prompt, steps=20, sampler="DDIM", cfg_scale=5.0, seed=seed,
                                                     width=64, height=64), count, outdir)
 
 
 def usu_bear_argv(base: str | Path, data: dict, output_dir: str | Path, output_name: str = "usu_bear",
-                  epochs: int = EPOCHS, seed: int = 42, steps: int | None = None) -> list[str]:
+                  epochs: int = EPOCHS, seed: int = 42, steps: int | None = None, pivotal: bool = False) -> list[str]:
     """sd-scripts flags of the recipe; add or override flags by appending (argparse keeps the last value).
-    `steps` replaces the epoch count with a step count (short runs in tests)."""
+    `steps` replaces the epoch count with a step count (short runs in tests). `pivotal` adds PIVOTAL_ARGS (the
+    demo's variant; its dataset comes from write_dataset(reg=PIVOTAL_REG))."""
     argv = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data["train_dir"]),
             "--output_dir", str(output_dir), "--output_name", output_name, "--resolution", "64",
             "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
@@ -68,4 +91,7 @@ def usu_bear_argv(base: str | Path, data: dict, output_dir: str | Path, output_n
             "--save_model_as", "safetensors"]
     if data.get("reg_dir"):
         argv += ["--reg_data_dir", str(data["reg_dir"])]
+    if pivotal:
+        argv[argv.index("--learning_rate"):argv.index("--learning_rate") + 2] = []
+        argv += list(PIVOTAL_ARGS)
     return argv
