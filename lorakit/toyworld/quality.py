@@ -96,6 +96,20 @@ def sample_and_read(bundle, prompts, seeds, settings: QualitySettings, classifie
     return imgs, classifier.predict(imgs, value_range=(-1, 1))
 
 
+def base_readings(base_path: str | Path, settings: QualitySettings) -> tuple:
+    """The base model's samples of the metric prompts and their classifier readings, on one thread (the figures are
+    then those of a one-thread run): what QualityEvaluator samples first, as a function another process can run."""
+    import torch
+
+    from lorakit.models.loading import load_bundle
+    from lorakit.toyworld.classifier import load_classifier
+
+    torch.set_num_threads(1)
+    prompts, seeds, _sets, _targets = _flat(settings.prompt_sets(), settings)
+    bundle = load_bundle(base_path, family="sd1", dtype="fp32")
+    return sample_and_read(bundle, prompts, seeds, settings, load_classifier())
+
+
 def _matches(pred: dict, i: int, targets: dict) -> bool:
     return all(pred[h]["labels"][i] == want for h, want in targets.items())
 
@@ -134,7 +148,10 @@ def score(base_pred: dict, lora_pred: dict, base_imgs: torch.Tensor, lora_imgs: 
 class QualityEvaluator:
     """Samples the base model once, then scores any number of LoRA files against it."""
 
-    def __init__(self, base_path: str | Path | None = None, settings: QualitySettings | None = None, bundle=None):
+    def __init__(self, base_path: str | Path | None = None, settings: QualitySettings | None = None, bundle=None,
+                 base_readings: tuple | None = None):
+        """`base_readings`: (images, classifier readings) of the base model for these settings, made elsewhere
+        (`base_readings()` in another process while the LoRA trains); sampled here when None."""
         from lorakit.models.loading import load_bundle
         from lorakit.toyworld.classifier import load_classifier
         from lorakit.toyworld.pretrain import default_base_path
@@ -144,8 +161,9 @@ class QualityEvaluator:
                                                                     dtype="fp32")
         self.classifier = load_classifier()
         self.prompts, self.seeds, self.sets, self.targets = _flat(self.settings.prompt_sets(), self.settings)
-        self.base_imgs, self.base_pred = sample_and_read(self.bundle, self.prompts, self.seeds, self.settings,
-                                                         self.classifier)
+        if base_readings is None:
+            base_readings = sample_and_read(self.bundle, self.prompts, self.seeds, self.settings, self.classifier)
+        self.base_imgs, self.base_pred = base_readings
 
     def lora_images(self, lora_path: str | Path, prompts=None, seeds=None) -> torch.Tensor:
         from lorakit.adapters.network import load_network
