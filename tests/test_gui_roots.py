@@ -236,7 +236,7 @@ def test_tool_outputs(app):
     for dst in ("../x.safetensors", str(app["base"] / "x.safetensors"), "out_link/x.safetensors"):
         kind, out = call(url, "on_resize", lora, dst, 1, 0, "", None, "")
         assert kind == "error" and "output file" in out and "outside" in out, (dst, out)
-        kind, out = call(url, "on_filter", lora, dst, "", "TE", "")
+        kind, out = call(url, "on_filter", lora, dst, "", "TE", "", False)
         assert kind == "error" and "outside" in out
         kind, out = call(url, "on_merge", lora, "", dst, "concat", 8, "")
         assert kind == "error" and "outside" in out
