@@ -167,3 +167,19 @@ def test_a_word_no_caption_holds_is_refused_before_loading(tmp_path):
     data = dataset(tmp_path, n_train=1)
     with pytest.raises(UserError, match="--train_embedding usu: no caption or folder name"):
         run(options(tmp_path, data, "--max_train_steps", "1", "--train_embedding", "usu"))
+
+
+def test_bundles_of_other_writers_load_or_are_left_out_loudly(caplog):
+    """A1111 reads a single tensor of any key for a one-encoder model; a vector count that differs from the word's
+    token count cannot be replaced one for one: that word is skipped with a warning and the LoRA still loads."""
+    from lorakit.adapters.embeddings import TokenEmbeddings
+
+    bundle = tiny("sd1")
+    width = bundle.text_encoders[0].get_input_embeddings().weight.shape[1]
+    emb = TokenEmbeddings.from_bundle(bundle, {"bundle_emb.zq.clip_l": torch.zeros(2, width)}, "f.safetensors")
+    assert emb.words == ["zq"] and torch.equal(emb.vector(0, 0), torch.zeros(2, width))
+    with caplog.at_level("WARNING"):
+        none = TokenEmbeddings.from_bundle(bundle, {"bundle_emb.zq.string_to_param.*": torch.zeros(3, width)}, "f")
+    assert none is None and "holds 3 vector(s) for a word of 2 token(s)" in caplog.text
+    with pytest.raises(UserError, match="needs \\[tokens, "):
+        TokenEmbeddings.from_bundle(bundle, {"bundle_emb.zq.string_to_param.*": torch.zeros(2, width + 1)}, "f")

@@ -19,6 +19,7 @@ state-dict keys are the bundle keys above (`Network` registers this module as "b
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 import torch
@@ -93,23 +94,33 @@ class TokenEmbeddings(nn.Module):
             return None
         check_family_supports(bundle.family, source)
         keys = [spec.embedding_key for spec in bundle.family.text_encoders]
-        ids, vecs = [], []
+        words, ids, vecs = [], [], []
         for w, parts in found.items():
+            if len(keys) == 1 and len(parts) == 1:  # one encoder: any single tensor, as A1111 reads an embedding
+                parts = {keys[0]: next(iter(parts.values()))}
             if set(parts) != set(keys):
                 raise UserError(f"{source}: the bundled embedding {w!r} has {', '.join(sorted(parts))}, but a "
                                 f"{bundle.family.title} model needs {', '.join(keys)}: it was made for another model "
                                 f"family.")
-            ids.append([word_token_ids(tok, w) for tok in bundle.tokenizers])
-            vecs.append([parts[k] for k in keys])
-            for e, (te, k) in enumerate(zip(bundle.text_encoders, keys)):
+            word_ids = [word_token_ids(tok, w) for tok in bundle.tokenizers]
+            for te, k in zip(bundle.text_encoders, keys):
                 v, width = parts[k], te.get_input_embeddings().weight.shape[1]
                 if v.dim() != 2 or v.shape[1] != width:
                     raise UserError(f"{source}: the bundled embedding {w!r} ({k}) has shape {tuple(v.shape)}; this "
                                     f"model's encoder needs [tokens, {width}].")
-                if v.shape[0] != len(ids[-1][e]):
-                    raise UserError(f"{source}: the bundled embedding {w!r} holds {v.shape[0]} vector(s) but the word "
-                                    f"is {len(ids[-1][e])} token(s); lorakit replaces a word's tokens one for one.")
-        return cls(bundle.family, bundle.text_encoders, list(found), ids, vecs)
+            counts = {int(parts[k].shape[0]) for k in keys} | {len(i) for i in word_ids}
+            if len(counts) != 1:
+                # A1111 would put N vectors where the word's tokens were; lorakit replaces tokens one for one (the
+                # prompt is tokenized before the hook), so such a word is left out, loudly, and the LoRA still loads
+                logging.getLogger(__name__).warning(
+                    "%s: bundled embedding %r holds %d vector(s) for a word of %d token(s); lorakit replaces a word's "
+                    "tokens one for one, so this embedding is not used.", source, w, int(parts[keys[0]].shape[0]),
+                    len(word_ids[0]))
+                continue
+            words.append(w)
+            ids.append(word_ids)
+            vecs.append([parts[k] for k in keys])
+        return cls(bundle.family, bundle.text_encoders, words, ids, vecs) if words else None
 
     def vector(self, w: int, e: int) -> nn.Parameter:
         return getattr(self, f"v{w}_{e}")
