@@ -62,7 +62,6 @@ class TokenEmbeddings(nn.Module):
     def __init__(self, family, encoders: list, words: list[str], token_ids: list[list[list[int]]],
                  vectors: list[list[torch.Tensor]]):
         super().__init__()
-        self.family = family
         self._encoders = list(encoders)  # a plain list: the encoders are the model's, not submodules of this one
         self.words = list(words)
         self.token_ids = token_ids  # [word][encoder] -> ids

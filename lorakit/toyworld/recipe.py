@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorakit.toyworld.world import CLASS_TOKEN, INSTANCE_TOKEN
+
 EPOCHS = 10
 STEPS_PER_EPOCH = 75  # 15 images x 20 repeats / batch 4 (twice that with reg images)
 # LoCon: the 3x3 convs of the ResNet blocks train too (rank 8). On the v2 base the crescent, a small detail, is what a
@@ -31,11 +33,11 @@ NETWORK_ARGS = ("conv_dim=8", "conv_alpha=8")
 # with reg images an epoch is 150 steps: 2 epochs, 300 steps (docs/quality.md has the steps and rates measured).
 PIVOTAL_REG = "classes"
 PIVOTAL_EPOCHS = 2
-PIVOTAL_ARGS = ("--train_embedding", "usu", "--embedding_lr", "2e-2", "--learning_rate", "7e-4")
+PIVOTAL_ARGS = ("--train_embedding", INSTANCE_TOKEN, "--embedding_lr", "2e-2", "--learning_rate", "7e-4")
 
 
 # reg="classes": the base model's own samples of the class and of four other animals, 75 in all (folder -> count)
-REG_CLASSES = (("bear", 30), ("cat", 12), ("rabbit", 11), ("frog", 11), ("bird", 11))
+REG_CLASSES = ((CLASS_TOKEN, 30), ("cat", 12), ("rabbit", 11), ("frog", 11), ("bird", 11))
 
 
 def write_dataset(out: Path, reg: bool | str = False, base: str | Path | None = None) -> dict:
@@ -47,31 +49,31 @@ def write_dataset(out: Path, reg: bool | str = False, base: str | Path | None = 
     from lorakit.toyworld.datasets import write_dreambooth_folder
 
     data = write_dreambooth_folder(out, n_train=15, n_reg=75 if reg is True else 0, train_repeats=20, reg_repeats=1)
-    classes = {"generated": (("bear", 75),), "classes": REG_CLASSES}.get(reg) if isinstance(reg, str) else None
+    classes = {"generated": ((CLASS_TOKEN, 75),), "classes": REG_CLASSES}.get(reg) if isinstance(reg, str) else None
     if isinstance(reg, str) and classes is None:
         raise ValueError(f"reg must be False, True, 'generated' or 'classes' (got {reg!r})")
     if classes:
         reg_dir = Path(out) / "reg"
-        for prompt, count in classes:
-            generate_class_images(base, reg_dir / f"1_{prompt}", count, prompt,
-                                  seed=1000 if reg == "generated" else 2000)
-        data.update(reg_dir=reg_dir, reg_subdir=reg_dir / "1_bear")
+        generate_class_images(base, reg_dir, classes, seed=1000 if reg == "generated" else 2000)
+        data.update(reg_dir=reg_dir, reg_subdir=reg_dir / f"1_{CLASS_TOKEN}")
     return data
 
 
-def generate_class_images(base: str | Path, outdir: Path, count: int, prompt: str = "bear", seed: int = 1000) -> None:
-    """Seed 001's regularization images: the base model's own samples of the class prompt, through the same code as
-    `lorakit generate --prompt bear --count N --outdir reg/1_bear` (resumable, skips what exists)."""
+def generate_class_images(base: str | Path, reg_dir: Path, classes, seed: int = 1000) -> None:
+    """Seed 001's regularization images: the base model's own samples of each class prompt into
+    `reg_dir/1_<prompt>`, through the same code as `lorakit generate --prompt bear --count N --outdir reg/1_bear`
+    (resumable, skips what exists). `classes`: (prompt, count) pairs; the model is loaded once for all of them."""
     from lorakit.generate.pipeline import GenerationSettings, Generator
     from lorakit.generate.reg_images import generate_reg_images
     from lorakit.models.loading import load_bundle
 
-    if outdir.is_dir() and len(list(outdir.glob("*.png"))) >= count:
+    todo = [(p, n) for p, n in classes if len(list((reg_dir / f"1_{p}").glob("*.png"))) < n]
+    if not todo:
         return
-    bundle = load_bundle(base, family="sd1", dtype="fp32")
-    with Generator(bundle) as gen:
-        generate_reg_images(gen, GenerationSettings(prompt=prompt, steps=20, sampler="DDIM", cfg_scale=5.0, seed=seed,
-                                                    width=64, height=64), count, outdir)
+    with Generator(load_bundle(base, family="sd1", dtype="fp32")) as gen:
+        for prompt, count in todo:
+            generate_reg_images(gen, GenerationSettings(prompt=prompt, steps=20, sampler="DDIM", cfg_scale=5.0,
+                                                        seed=seed, width=64, height=64), count, reg_dir / f"1_{prompt}")
 
 
 def usu_bear_argv(base: str | Path, data: dict, output_dir: str | Path, output_name: str = "usu_bear",
