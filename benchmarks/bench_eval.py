@@ -7,19 +7,20 @@
 On a shared machine, time with --threads 1: the toy model is dominated by per-op overhead (as in `lorakit demo`), and
 two threads that wait on other processes can make the run ten times slower than one.
 
-Both train what they need once in --work_dir (cached; not timed): the demo recipe (lorakit/toyworld/recipe.py, 15
-images x 20 repeats, 10 epochs) saving every epoch, and for --check also a deliberately over-trained run: one image x
-300 repeats, the same 750 steps.
+Both train what they need once in --work_dir (cached; not timed): what `lorakit demo` trains (lorakit/toyworld/recipe.py:
+15 images x 20 repeats, the trained trigger vector and the five-class reg images, 300 steps) saving every 30 steps,
+and for --check also a deliberately over-trained run of seed 001's recipe as written: one image x 300 repeats, 750
+steps, saved every epoch.
 
 --check prints and stores in --work_dir/check.json:
-- agreement: Spearman's rank correlation between eval's concept recall of the demo run's 10 per-epoch checkpoints and
+- agreement: Spearman's rank correlation between eval's concept recall of the demo run's 10 checkpoints and
   the toy classifier's fidelity of the same files (lorakit.toyworld.quality: its own prompts and seeds), for eval's
   defaults (scene tags: the demo captions' backgrounds, the classifier's declared contexts; the reason is stored)
   and for eval asked for the toy metric's contexts (--scene_tags "sky, forest, room, night, beach, hat");
   also the recall of the toy metric's character tags alone, and the toy fidelity against itself on other seeds (the
   most any independent measurement can agree);
 - memorisation: eval's copy rate and flags on the over-trained run's checkpoints vs the demo run's;
-- drift trend: Spearman between the epoch and eval's prior/pixel drift, next to the toy metrics' bleed (1 - unrelated
+- drift trend: Spearman between the step and eval's prior/pixel drift, next to the toy metrics' bleed (1 - unrelated
   kept) and pixel change for the same checkpoints.
 """
 
@@ -41,17 +42,20 @@ def train_run(work: Path, name: str) -> Path:
     from lorakit import options as O
     from lorakit.toyworld.datasets import write_dreambooth_folder
     from lorakit.toyworld.pretrain import default_base_path
-    from lorakit.toyworld.recipe import usu_bear_argv, write_dataset
+    from lorakit.toyworld.recipe import PIVOTAL_EPOCHS, PIVOTAL_REG, usu_bear_argv, write_dataset
     from lorakit.train.trainer import train
 
     out = work / name
     if (out / "output" / "usu_bear.safetensors").is_file():
         return out
-    if name == "demo":
-        data = write_dataset(out / "dataset")
-    else:  # one image seen 3,000 times: the LoRA should copy it
+    if name == "demo":  # what `lorakit demo` trains (its documented variant), saved every 30 of its 300 steps
+        data = write_dataset(out / "dataset", reg=PIVOTAL_REG, base=default_base_path())
+        argv = usu_bear_argv(default_base_path(), data, out / "output", epochs=PIVOTAL_EPOCHS, pivotal=True)
+        argv += ["--save_every_n_steps", "30"]
+    else:  # one image seen 3,000 times by seed 001's recipe as written: the LoRA should copy it
         data = write_dreambooth_folder(out / "dataset", n_train=1, n_reg=0, train_repeats=300)
-    argv = usu_bear_argv(default_base_path(), data, out / "output") + ["--save_every_n_epochs", "1"]
+        argv = usu_bear_argv(default_base_path(), data, out / "output") + ["--save_every_n_epochs", "1"]
+    argv += ["--num_threads", "1"]  # as the demo: its figures are those of a one-thread run
     print(f"training {name} (not timed) ...", flush=True)
     train(O.resolve(argv), progress=False)
     return out
@@ -194,11 +198,11 @@ def check(work: Path, seeds: int, quality_seeds: int) -> dict:
     reseeded = toy_metrics(work, rows, quality_seeds, 6000)
     # the toy fidelity in eval's default contexts ("usu bear, small", ...): does the ranking follow the contexts?
     in_eval_contexts = toy_metrics(work, rows, quality_seeds, 5000, res_demo["concept"]["scene_tags"])
-    epochs = [r["epoch"] for r in rows]
+    steps = [r["step"] for r in rows]
     fidelity = [quality[r["name"]]["fidelity"] for r in rows]
     over_rows = [r for r in res_over["rows"] if not r["is_base"]]
     out = {
-        "eval_seeds": seeds, "quality_seeds": quality_seeds, "epochs": epochs,
+        "eval_seeds": seeds, "quality_seeds": quality_seeds, "steps": steps,
         "toy_fidelity": [round(f, 4) for f in fidelity],
         "toy_fidelity_other_seeds": [round(reseeded[r["name"]]["fidelity"], 4) for r in rows],
         "agreement": {
@@ -214,21 +218,21 @@ def check(work: Path, seeds: int, quality_seeds: int) -> dict:
             "eval_toy_scene_tags": {"core_tags": res_toy["concept"]["core_tags"],
                                     "scene_tags": res_toy["concept"]["scene_tags"], **_agreement(rows_toy, fidelity)}},
         "memorisation": {
-            "overfit": [{"epoch": r["epoch"], "copy_rate": r["copy_rate"], "diversity": r["diversity"],
+            "overfit": [{"step": r["step"], "copy_rate": r["copy_rate"], "diversity": r["diversity"],
                          "flags": r["flags"], "memorised": r["memorised"]} for r in over_rows],
-            "demo": [{"epoch": r["epoch"], "copy_rate": r["copy_rate"], "diversity": r["diversity"],
+            "demo": [{"step": r["step"], "copy_rate": r["copy_rate"], "diversity": r["diversity"],
                       "memorised": r["memorised"]} for r in rows],
             "overfit_final_flagged": over_rows[-1]["memorised"],
             "overfit_flagged": [r["name"] for r in over_rows if r["memorised"]],
             "demo_flagged": [r["name"] for r in rows if r["memorised"]]},
         "drift": {
-            "spearman_epoch_vs_prior_drift": round(spearman(epochs, [r["prior_drift"] for r in rows]), 3),
-            "spearman_epoch_vs_pixel_drift": round(spearman(epochs, [r["pixel_drift"] for r in rows]), 3),
-            "spearman_epoch_vs_toy_bleed": round(spearman(epochs, [1 - quality[r["name"]]["bleed_agreement"]
+            "spearman_step_vs_prior_drift": round(spearman(steps, [r["prior_drift"] for r in rows]), 3),
+            "spearman_step_vs_pixel_drift": round(spearman(steps, [r["pixel_drift"] for r in rows]), 3),
+            "spearman_step_vs_toy_bleed": round(spearman(steps, [1 - quality[r["name"]]["bleed_agreement"]
                                                                    for r in rows]), 3),
-            "spearman_epoch_vs_toy_pixel_change": round(spearman(epochs, [quality[r["name"]]["bleed_pixel_change"]
+            "spearman_step_vs_toy_pixel_change": round(spearman(steps, [quality[r["name"]]["bleed_pixel_change"]
                                                                           for r in rows]), 3),
-            "per_epoch": [{"epoch": r["epoch"], "prior_drift": r["prior_drift"], "pixel_drift": r["pixel_drift"],
+            "per_checkpoint": [{"step": r["step"], "prior_drift": r["prior_drift"], "pixel_drift": r["pixel_drift"],
                            "toy_bleed": round(1 - quality[r["name"]]["bleed_agreement"], 3),
                            "toy_pixel_change": round(quality[r["name"]]["bleed_pixel_change"], 3)} for r in rows]},
         "recommended": res_demo["recommended"], "pareto": res_demo["pareto"],

@@ -12,7 +12,8 @@ def test_demo_runs_draws_grid_and_prints_metrics(tmp_path, capsys):
     from lorakit.cli.demo_cmd import GRID_PROMPTS, GRID_SEEDS
     from lorakit.cli.main import main
 
-    assert main(["demo", "--output_dir", str(tmp_path), "--steps", "4", "--eval_seeds", "1", "--no_progress"]) == 0
+    assert main(["demo", "--output_dir", str(tmp_path), "--steps", "4", "--eval_seeds", "1", "--no_progress",
+                 "--seed", "7"]) == 0
     out = capsys.readouterr().out
     lora = tmp_path / "output" / "usu_bear.safetensors"
     assert lora.exists() and f"LoRA: {lora}" in out
@@ -25,7 +26,8 @@ def test_demo_runs_draws_grid_and_prints_metrics(tmp_path, capsys):
     assert "--train_embedding usu" in out and "--reg_data_dir" in out
     with safe_open(str(lora), "pt") as fh:
         assert "bundle_emb.usu.string_to_param.*" in fh.keys()
-    assert "lorakit train --pretrained_model_name_or_path" in out and "--max_train_steps 4" in out
+        assert fh.metadata()["ss_seed"] == "7"  # --seed reaches the training (the README's seed spread)
+    assert "lorakit train --pretrained_model_name_or_path" in out and "--max_train_steps 4" in out and "--seed 7" in out
     grid = Image.open(tmp_path / "before_after.png")
     # one 64 px cell per (prompt, base/LoRA, seed) plus label margins
     assert grid.width >= 64 * 2 * len(GRID_SEEDS) and grid.height >= 64 * len(GRID_PROMPTS)

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
                    help=f"training epochs (default {PIVOTAL_EPOCHS}: {PIVOTAL_EPOCHS * 2 * STEPS_PER_EPOCH} steps with "
                         f"the reg images; with --plain {EPOCHS}, as in seed 001: {EPOCHS * STEPS_PER_EPOCH} steps)")
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of --epochs")
+    p.add_argument("--seed", type=int, default=42,
+                   help="training seed (default 42, the README's figures; the README gives the spread over others)")
     p.add_argument("--plain", action="store_true",
                    help="seed 001's recipe as written: no trained trigger vector and no reg images (the trigger "
                         "then leaks into every 'bear'; see the README)")
@@ -133,7 +135,8 @@ def _train(args, out: Path, base: Path) -> Path | None:
                                                              + ", ".join(f"1_{c} {n}" for c, n in REG_CLASSES) + ")"
                                                              if data.get("reg_dir") else ""))
     epochs = args.epochs or (PIVOTAL_EPOCHS if pivotal else EPOCHS)
-    argv = usu_bear_argv(base, data, out / "output", epochs=epochs, steps=args.steps, pivotal=pivotal)
+    argv = usu_bear_argv(base, data, out / "output", epochs=epochs, seed=args.seed, steps=args.steps,
+                         pivotal=pivotal)
     half = max(1, epochs // 2)
     argv += ["--save_every_n_steps", str(max(1, args.steps // 2))] if args.steps else ["--save_every_n_epochs", str(half)]
     # The toy model is dominated by per-op overhead: one thread is fastest on small machines. It is a flag of the
