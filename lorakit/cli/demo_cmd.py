@@ -19,15 +19,17 @@ GRID_SEEDS = (11, 12, 13, 14)
 
 
 def register(subparsers) -> None:
-    from lorakit.toyworld.recipe import EPOCHS, PIVOTAL_EPOCHS, STEPS_PER_EPOCH
+    from lorakit.toyworld.recipe import (EPOCHS, PIVOTAL_BATCH, PIVOTAL_EPOCHS, PIVOTAL_STEPS_PER_EPOCH,
+                                         STEPS_PER_EPOCH)
 
     p = subparsers.add_parser("demo", help="train the 'usu bear' LoRA on the built-in toy base model, draw a "
                               "before/after grid and print quality metrics (CPU, a few minutes)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="lorakit-demo", help="folder for the dataset, LoRA, grid and metrics")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs (default {PIVOTAL_EPOCHS}: {PIVOTAL_EPOCHS * 2 * STEPS_PER_EPOCH} steps with "
-                        f"the reg images; with --plain {EPOCHS}, as in seed 001: {EPOCHS * STEPS_PER_EPOCH} steps)")
+                   help=f"training epochs (default {PIVOTAL_EPOCHS}: {PIVOTAL_EPOCHS * PIVOTAL_STEPS_PER_EPOCH} steps "
+                        f"at batch {PIVOTAL_BATCH} with the reg images; with --plain {EPOCHS}, as in seed 001: "
+                        f"{EPOCHS * STEPS_PER_EPOCH} steps)")
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of --epochs")
     p.add_argument("--seed", type=int, default=42,
                    help="training seed (default 42, the README's figures; the README gives the spread over others)")

@@ -28,12 +28,17 @@ NETWORK_ARGS = ("conv_dim=8", "conv_alpha=8")
 # vector, trained with the LoRA (--train_embedding), and the base model's own images of "bear" and four other animals
 # are regularization images (REG_CLASSES). The toy base never learned to read "usu", so without its own vector
 # "usu bear" and "bear" are one condition and the character leaks into every bear (leak 0.62); with it the reg
-# images can hold "bear" and the other animals in place while the LoRA learns the character. The LoRA learns at a
-# quarter of the plain recipe's 3e-3 (the vector carries the identity; faster rates move unrelated prompts more), and
-# with reg images an epoch is 150 steps: 2 epochs, 300 steps (docs/quality.md has the steps and rates measured).
+# images can hold "bear" and the other animals in place while the LoRA learns the character. The LoRA learns at about
+# a quarter of the plain recipe's 3e-3 (the vector carries the identity; faster rates move unrelated prompts more).
+# Batch 8 rather than 4: twice the images per step for 1.4x the step time, which on four training seeds drew the
+# character in 0.78-0.86 of 224 samples instead of 0.73-0.78, unrelated prompts kept as well (0.80). With reg images
+# an epoch is 2 x 300 images: 75 steps at batch 8, so 4 epochs are 300 steps.
 PIVOTAL_REG = "classes"
-PIVOTAL_EPOCHS = 2
-PIVOTAL_ARGS = ("--train_embedding", INSTANCE_TOKEN, "--embedding_lr", "2e-2", "--learning_rate", "7e-4")
+PIVOTAL_BATCH = 8
+PIVOTAL_STEPS_PER_EPOCH = 2 * 15 * 20 // PIVOTAL_BATCH
+PIVOTAL_EPOCHS = 4
+PIVOTAL_ARGS = ("--train_embedding", INSTANCE_TOKEN, "--embedding_lr", "3e-2", "--learning_rate", "8e-4",
+                "--train_batch_size", str(PIVOTAL_BATCH))
 
 
 # reg="classes": the base model's own samples of the class and of four other animals, 75 in all (folder -> count)
@@ -61,8 +66,10 @@ def write_dataset(out: Path, reg: bool | str = False, base: str | Path | None = 
 
 def generate_class_images(base: str | Path, reg_dir: Path, classes, seed: int = 1000) -> None:
     """Seed 001's regularization images: the base model's own samples of each class prompt into
-    `reg_dir/1_<prompt>`, through the same code as `lorakit generate --prompt bear --count N --outdir reg/1_bear`
-    (resumable, skips what exists). `classes`: (prompt, count) pairs; the model is loaded once for all of them."""
+    `reg_dir/1_<prompt>`, through the same code as `lorakit generate --prompt bear --count N --batch_size N
+    --outdir reg/1_bear` (resumable, skips what exists). `classes`: (prompt, count) pairs; the model is loaded once
+    for all of them. Each class is drawn in one batch (up to 16): 2.3x faster than one image at a time on a CPU; the
+    pixels differ from one-at-a-time draws by at most 1/255 (batched kernels sum in another order)."""
     from lorakit.generate.pipeline import GenerationSettings, Generator
     from lorakit.generate.reg_images import generate_reg_images
     from lorakit.models.loading import load_bundle
@@ -73,7 +80,8 @@ def generate_class_images(base: str | Path, reg_dir: Path, classes, seed: int = 
     with Generator(load_bundle(base, family="sd1", dtype="fp32")) as gen:
         for prompt, count in todo:
             generate_reg_images(gen, GenerationSettings(prompt=prompt, steps=20, sampler="DDIM", cfg_scale=5.0,
-                                                        seed=seed, width=64, height=64), count, reg_dir / f"1_{prompt}")
+                                                        seed=seed, width=64, height=64, batch_size=min(count, 16)),
+                                count, reg_dir / f"1_{prompt}")
 
 
 def usu_bear_argv(base: str | Path, data: dict, output_dir: str | Path, output_name: str = "usu_bear",
@@ -93,7 +101,8 @@ def usu_bear_argv(base: str | Path, data: dict, output_dir: str | Path, output_n
             "--save_model_as", "safetensors"]
     if data.get("reg_dir"):
         argv += ["--reg_data_dir", str(data["reg_dir"])]
-    if pivotal:
-        argv[argv.index("--learning_rate"):argv.index("--learning_rate") + 2] = []
+    if pivotal:  # the variant's values replace the recipe's, so the printed command names each flag once
+        for flag in ("--learning_rate", "--train_batch_size"):
+            argv[argv.index(flag):argv.index(flag) + 2] = []
         argv += list(PIVOTAL_ARGS)
     return argv
