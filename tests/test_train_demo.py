@@ -27,6 +27,10 @@ def test_demo_runs_draws_grid_and_prints_metrics(tmp_path, capsys):
     with safe_open(str(lora), "pt") as fh:
         assert "bundle_emb.usu.string_to_param.*" in fh.keys()
         assert fh.metadata()["ss_seed"] == "7"  # --seed reaches the training (the README's seed spread)
+        assert fh.metadata()["ss_batch_size_per_device"] == "8"  # the variant's batch, not the recipe's 4
+    command = next(line for line in out.splitlines() if line.lstrip().startswith("lorakit train "))
+    for flag in ("--learning_rate", "--train_batch_size"):  # the variant replaces the recipe's value: named once
+        assert command.split().count(flag) == 1, flag
     assert "lorakit train --pretrained_model_name_or_path" in out and "--max_train_steps 4" in out and "--seed 7" in out
     grid = Image.open(tmp_path / "before_after.png")
     # one 64 px cell per (prompt, base/LoRA, seed) plus label margins

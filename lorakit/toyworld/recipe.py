@@ -31,7 +31,7 @@ NETWORK_ARGS = ("conv_dim=8", "conv_alpha=8")
 # images can hold "bear" and the other animals in place while the LoRA learns the character. The LoRA learns at about
 # a quarter of the plain recipe's 3e-3 (the vector carries the identity; faster rates move unrelated prompts more).
 # Batch 8 rather than 4: twice the images per step for 1.4x the step time, which on four training seeds drew the
-# character in 0.78-0.86 of 224 samples instead of 0.73-0.78, unrelated prompts kept as well (0.80). With reg images
+# character in 0.78-0.86 of 224 samples instead of 0.67-0.78, unrelated prompts kept as well (0.80). With reg images
 # an epoch is 2 x 300 images: 75 steps at batch 8, so 4 epochs are 300 steps.
 PIVOTAL_REG = "classes"
 PIVOTAL_BATCH = 8
