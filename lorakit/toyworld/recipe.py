@@ -18,7 +18,8 @@ from pathlib import Path
 from lorakit.toyworld.world import CLASS_TOKEN, INSTANCE_TOKEN
 
 EPOCHS = 10
-STEPS_PER_EPOCH = 75  # 15 images x 20 repeats / batch 4 (twice that with reg images)
+TRAIN_IMAGES, TRAIN_REPEATS, BATCH = 15, 20, 4  # train/20_usu bear holds 15 images
+STEPS_PER_EPOCH = TRAIN_IMAGES * TRAIN_REPEATS // BATCH  # 75 (reg images double an epoch)
 # LoCon: the 3x3 convs of the ResNet blocks train too (rank 8). On the v2 base the crescent, a small detail, is what a
 # linear-only LoRA learns last: after 750 steps it drew the marking on 54% of trigger samples (the character 43%);
 # with the convs 84% (77%). See docs/quality.md.
@@ -35,7 +36,7 @@ NETWORK_ARGS = ("conv_dim=8", "conv_alpha=8")
 # an epoch is 2 x 300 images: 75 steps at batch 8, so 4 epochs are 300 steps.
 PIVOTAL_REG = "classes"
 PIVOTAL_BATCH = 8
-PIVOTAL_STEPS_PER_EPOCH = 2 * 15 * 20 // PIVOTAL_BATCH
+PIVOTAL_STEPS_PER_EPOCH = 2 * TRAIN_IMAGES * TRAIN_REPEATS // PIVOTAL_BATCH
 PIVOTAL_EPOCHS = 4
 PIVOTAL_ARGS = ("--train_embedding", INSTANCE_TOKEN, "--embedding_lr", "3e-2", "--learning_rate", "8e-4",
                 "--train_batch_size", str(PIVOTAL_BATCH))
@@ -53,7 +54,8 @@ def write_dataset(out: Path, reg: bool | str = False, base: str | Path | None = 
     the demo's default, see REG_CLASSES)."""
     from lorakit.toyworld.datasets import write_dreambooth_folder
 
-    data = write_dreambooth_folder(out, n_train=15, n_reg=75 if reg is True else 0, train_repeats=20, reg_repeats=1)
+    data = write_dreambooth_folder(out, n_train=TRAIN_IMAGES, n_reg=75 if reg is True else 0,
+                                   train_repeats=TRAIN_REPEATS, reg_repeats=1)
     classes = {"generated": ((CLASS_TOKEN, 75),), "classes": REG_CLASSES}.get(reg) if isinstance(reg, str) else None
     if isinstance(reg, str) and classes is None:
         raise ValueError(f"reg must be False, True, 'generated' or 'classes' (got {reg!r})")
@@ -95,14 +97,15 @@ def usu_bear_argv(base: str | Path, data: dict, output_dir: str | Path, output_n
             "--network_args", *NETWORK_ARGS,
             "--optimizer_type", "AdamW", "--learning_rate", "3e-3", "--lr_scheduler", "constant",
             *(["--max_train_steps", str(steps)] if steps else ["--max_train_epochs", str(epochs)]),
-            "--train_batch_size", "4",
+            "--train_batch_size", str(BATCH),
             "--shuffle_caption", "--keep_tokens", "1", "--caption_extension", ".txt",
             "--cache_latents", "--seed", str(seed), "--max_data_loader_n_workers", "0",
             "--save_model_as", "safetensors"]
     if data.get("reg_dir"):
         argv += ["--reg_data_dir", str(data["reg_dir"])]
     if pivotal:  # the variant's values replace the recipe's, so the printed command names each flag once
-        for flag in ("--learning_rate", "--train_batch_size"):
-            argv[argv.index(flag):argv.index(flag) + 2] = []
+        for flag in PIVOTAL_ARGS[::2]:  # (flag, value) pairs
+            if flag in argv:
+                del argv[argv.index(flag):argv.index(flag) + 2]
         argv += list(PIVOTAL_ARGS)
     return argv
