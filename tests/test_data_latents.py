@@ -187,6 +187,31 @@ def test_posterior_memo_draws_what_re_encoding_draws(tiny_sd1, one_thread):
     assert (enc.memo.hits, enc.memo.misses) == (3, 2)
 
 
+def test_half_precision_vae_encodes_channels_last_within_its_rounding(one_thread):
+    """A bf16 VAE encodes channels-last (faster on oneDNN's bf16 convolutions): the same posterior as the fp32 VAE to
+    bf16's rounding - no further from it than a bf16 encode in the old layout - and latents in the plain layout (a
+    channels-last latent would carry its layout into the UNet). An fp32 VAE keeps its layout and its bits."""
+    from lorakit.models.tiny import tiny_bundle
+    from lorakit.train.stages import vae_encoder
+
+    px = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    fp32 = tiny_bundle("sd1", seed=0)
+    want = vae_encoder(fp32, torch.Generator().manual_seed(5), torch.float32)(px)
+    assert all(p.is_contiguous() for p in fp32.vae.parameters())  # fp32: untouched
+    half = tiny_bundle("sd1", seed=0)
+    half.vae.to(torch.bfloat16)
+    with torch.no_grad():
+        old = half.vae.encode(px.to(torch.bfloat16)).latent_dist  # bf16 in the layout it had
+    eps = torch.randn(old.mean.shape, generator=torch.Generator().manual_seed(5))
+    old_z = (old.mean.float() + old.std.float() * eps) * half.latent_scale
+    got = vae_encoder(half, torch.Generator().manual_seed(5), torch.bfloat16)(px)
+    convs = [m.weight for m in half.vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    err, old_err = [float((z - want).norm() / want.norm()) for z in (got, old_z)]
+    assert err < 2e-2 and err <= 1.5 * old_err + 1e-3, (err, old_err)
+
+
 def test_posterior_memo_misses_changed_pixels_and_stays_in_budget(tiny_sd1, one_thread):
     from lorakit.data.latents import PosteriorMemo
     from lorakit.train.stages import vae_encoder

@@ -34,15 +34,18 @@ COMMON = BASE + ["--shuffle_caption", "--keep_tokens", "1", "--flip_aug"]
 # Keyed by torch's CPU kernel level (torch.backends.cpu.get_cpu_capability()): AVX2 and AVX-512 kernels round fp32
 # sums differently, so one build records one hash per level. The AVX2 ones were recorded 2026-12-05 on an AVX2-only
 # EPYC at commit cb623fe, the code the AVX-512 ones were recorded on (same code, other machine).
+# Re-recorded "sd2v_cached" (2026-12-06): a half-precision VAE encodes channels-last (stages.vae_layout), so this bf16
+# run's cached latents round otherwise (fp32 runs are unchanged). The AVX2 hash was recorded on an avx512_bf16 machine
+# with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, which reproduced all three earlier AVX2 hashes on the old code.
 GOLDENS = {
     "AVX512": {
         "sd1": "bb50ce6ac9da66d791565bca8036c558e5dec52ccf6ad40affe8be3956115b53",
-        "sd2v_cached": "a393512158c0933dfa9ec68700e950316b7b79e4e20c64c803ee464cf4af418c",
+        "sd2v_cached": "4dc3c84fbe66b64b2bde06764f00264c5493374e4cb7720377f30a237959a5db",
         "sdxl_resumed": "95613db0b335bcae4abf044e40e2fa4a85b041bf5bc563fbb973111f06daa1d3",
     },
     "AVX2": {
         "sd1": "8de526fec2927f2f9bcad7e4daa05ac08b4b7f8eb57377f457f18bcf973a6a03",
-        "sd2v_cached": "ff635a146dc4353031fcdc3b729aaa39c80ecddd298db379a004b86d7dcb1026",
+        "sd2v_cached": "1b98a5291fc5eadc8d53517e3e693ec3d3b9be4b44ff632c0212fcbfdc1d9c54",
         "sdxl_resumed": "4a74d0c7ffac846b313361468ff8594181ff68d5fd6038e491df842d92c264b7",
     },
 }

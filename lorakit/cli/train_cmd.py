@@ -31,6 +31,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from lorakit.utils.collector import pause_collector, resume_collector
+
+    pause_collector()  # start-up creates millions of objects that live for the run: collected never (until the loop)
+    try:
+        return _run(args)
+    finally:
+        resume_collector()
+
+
+def _run(args) -> int:
     from lorakit import options as O
 
     given = O.given_from_namespace(args)

@@ -644,6 +644,20 @@ class ProgressLines:
         self.log(f"  {self.what}: {done}/{total} done ({each:.2f} s each{left})")
 
 
+def vae_layout(vae: torch.nn.Module, dtype: torch.dtype) -> torch.memory_format:
+    """The memory layout the VAE encodes in (its weights are set to it here). Half precision: channels-last, which
+    oneDNN's bf16 convolutions run faster (measured, SD VAE encoder, bf16, 2 avx512_bf16 cores: 512 px 1.62 -> 1.41
+    s/image; tensor cores prefer it too). Float32 keeps its layout, so fp32 latents stay bitwise what they were
+    (channels-last fp32 was 10 % faster but rounds otherwise). The memory estimate's fake weights stay as they are."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    first = next(vae.parameters(), None)
+    if dtype not in (torch.bfloat16, torch.float16) or first is None or first.is_meta or is_fake(first):
+        return torch.contiguous_format
+    vae.to(memory_format=torch.channels_last)
+    return torch.channels_last
+
+
 def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype, memo_bytes: int = 0,
                 per_image: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """pixels [B,3,H,W] -> scaled latents, one draw from the VAE posterior per image from `generator`. With
@@ -656,10 +670,12 @@ def vae_encoder(bundle, generator: torch.Generator, dtype: torch.dtype, memo_byt
     scale, shift = bundle.latent_scale, bundle.latent_shift  # FLUX's AE: (z - 0.1159) * 0.3611
     vae = bundle.vae
     memo = PosteriorMemo(memo_bytes) if memo_bytes else None
+    layout = vae_layout(vae, dtype)
 
     def posterior(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = vae.encode(pixels.to(vae.device, dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
+        dist = vae.encode(pixels.to(vae.device, dtype).contiguous(memory_format=layout)).latent_dist
+        # contiguous again: a channels-last latent would carry its layout into the UNet, which is faster as it is
+        return dist.mean.float().contiguous(), dist.std.float().contiguous()
 
     def one_by_one(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []

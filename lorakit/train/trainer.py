@@ -36,6 +36,7 @@ from lorakit.train.optimizers import is_adaptive
 from lorakit.train.previews import PreviewOptions, Previews  # noqa: F401
 from lorakit.train.stages import DEFAULT_OUTPUT_NAME, picked as pick  # noqa: F401
 from lorakit.train.steplog import Console, LogOptions, StepLogger, run_summary
+from lorakit.utils.collector import resume_collector
 
 
 @dataclass
@@ -133,6 +134,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     steplog.start(start.step, data.max_steps, data.num_epochs)
     previews.at_start(start.step)
     guard = WeightGuard(optim.trainable, net.network.named_parameters)
+    resume_collector()  # the model and everything built so far live for the run: frozen, out of the collector's scans
     with _warnings_above_the_bar(run.progress):
         end = run_loop(loop, start, ckpt, steplog, previews, stop_after_step, guard=guard)
     steplog.close()
