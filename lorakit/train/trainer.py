@@ -36,7 +36,7 @@ from lorakit.train.optimizers import is_adaptive
 from lorakit.train.previews import PreviewOptions, Previews  # noqa: F401
 from lorakit.train.stages import DEFAULT_OUTPUT_NAME, picked as pick  # noqa: F401
 from lorakit.train.steplog import Console, LogOptions, StepLogger, run_summary
-from lorakit.utils.collector import resume_collector
+from lorakit.utils.collector import garbage_collected, resume_collector
 
 
 @dataclass
@@ -88,7 +88,8 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     for note in P.check_before_load(opts, out_folder, steps_per_epoch):
         run.log("note: " + note)
     # checks that need no model (preflight, memory estimates) go here: nothing is loaded yet
-    memory = M.check_memory(opts, run, plan, data) if predict_memory else None
+    with garbage_collected():  # the traced steps' garbage: freed now, not frozen with the model
+        memory = M.check_memory(opts, run, plan, data) if predict_memory else None
     if memory is not None and memory.options is not opts:  # --auto_fit changed them
         opts = memory.options
         run = dataclasses.replace(run, weight_dtype=M.training_dtype(opts.mixed_precision))
