@@ -65,3 +65,13 @@ def test_a_burst_s_cyclic_garbage_is_collected_not_frozen(restore_gc):
         assert gone() is not None  # paused: nothing collects it during the burst
     assert gone() is None and not gc.isenabled()
     assert gc.get_freeze_count() >= len(before)  # what existed before the burst was frozen, not scanned
+
+
+def test_a_job_that_ends_before_the_loop_collects_again(restore_gc):
+    """--estimate_memory or an error before training: the command's wrapper turns collection back on."""
+    gc.enable()
+    with pytest.raises(ValueError):
+        with collector.paused_start_up():
+            assert not gc.isenabled()
+            raise ValueError("refused before loading")
+    assert gc.isenabled()

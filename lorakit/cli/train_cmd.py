@@ -31,13 +31,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from lorakit.utils.collector import pause_collector, resume_collector
+    from lorakit.utils.collector import paused_start_up
 
-    pause_collector()  # start-up creates millions of objects that live for the run: collected never (until the loop)
-    try:
+    with paused_start_up():  # start-up creates millions of objects that live for the run: no collection until the loop
         return _run(args)
-    finally:
-        resume_collector()
 
 
 def _run(args) -> int:

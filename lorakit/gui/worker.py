@@ -103,13 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m lorakit.gui.worker JOB_DIR", file=sys.stderr)
         return 2
-    from lorakit.utils.collector import pause_collector, resume_collector
+    from lorakit.utils.collector import paused_start_up
 
-    pause_collector()  # as `lorakit train`: no cycle collection during start-up (the trainer resumes it)
-    try:
+    with paused_start_up():  # as `lorakit train`: no cycle collection during start-up (the trainer resumes it)
         return run_job(argv[0])
-    finally:
-        resume_collector()
 
 
 if __name__ == "__main__":

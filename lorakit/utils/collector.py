@@ -28,6 +28,17 @@ def pause_collector() -> None:
 
 
 @contextmanager
+def paused_start_up():
+    """A command's whole job (`lorakit train`, the GUI's worker): paused from here; the trainer resumes collection
+    before its loop, and this resumes it in any case when the job ends (an error, --estimate_memory)."""
+    pause_collector()
+    try:
+        yield
+    finally:
+        resume_collector()
+
+
+@contextmanager
 def garbage_collected():
     """A burst of short-lived objects during a paused start-up (the memory estimate's traced steps, several with
     --auto_fit): what exists before it is frozen, and the cyclic garbage it leaves is collected after it by a scan of
