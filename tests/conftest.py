@@ -13,3 +13,19 @@ def pytest_xdist_auto_num_workers(config):
     per-op overhead dominates, so a 2-core machine runs two test files at once at nearly twice the speed; each worker
     imports torch, diffusers and transformers once (seconds) and holds a few GB at most, hence the cap."""
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache_dir(tmp_path_factory):
+    """lorakit's caches (folder scans, traced memory steps) in the session's temporary folder: tests neither read
+    what earlier sessions or the user's runs left nor leave anything in ~/.cache."""
+    old = os.environ.get("LORAKIT_CACHE_DIR")
+    os.environ["LORAKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("lorakit-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LORAKIT_CACHE_DIR", None)
+    else:
+        os.environ["LORAKIT_CACHE_DIR"] = old

@@ -202,3 +202,73 @@ def test_bf16_on_a_cpu_without_it_warns_before_loading_and_auto_fit_avoids_it(tm
     code, out = _cli(tmp_path, capsys, "--estimate_memory")
     assert code == 0 and "--gradient_checkpointing" in out
     assert "--mixed_precision bf16" not in out and "--fp8_base" not in out
+
+
+# ---- the traced step kept between runs (train.memory_cache) -------------------------------------------------------
+def _estimate_inputs(tmp_path):
+    from lorakit import options as O
+    from lorakit.train import stages as S
+
+    data = dataset(tmp_path, n_train=2, sizes=((128, 128),))
+    opts = O.normalize(options(tmp_path, data, "--resolution", "128", "--train_batch_size", "2"))
+    run_ = S.set_up_run(S.picked(S.RunOptions, opts), lambda *a: None, False)
+    b = tiny("sd1")
+    d = S.load_data(S.dataset_configs(opts, b.family, run_.log), S.picked(S.DataOptions, opts), run_)
+    return opts, run_, b, M.step_shape(d)
+
+
+def _count_traces(monkeypatch) -> list:
+    calls, real = [], M.trace_step
+    monkeypatch.setattr(M, "trace_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_the_same_settings_reuse_the_traced_step(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "cache"))
+    opts, run_, b, shape = _estimate_inputs(tmp_path)
+    calls = _count_traces(monkeypatch)
+    first = M.estimate(opts, run_, b.family, b.configs, shape)
+    assert calls == [1] and list((tmp_path / "cache" / "memory").glob("*.json"))
+    # another output folder, seed, step count and learning-rate schedule: nothing a step's memory depends on
+    other = dataclasses.replace(opts, output_dir=str(tmp_path / "elsewhere"), output_name="x", seed=7,
+                                max_train_steps=99, save_every_n_steps=5, lr_scheduler="cosine")
+    assert M.estimate(other, run_, b.family, b.configs, shape) == first
+    assert calls == [1]
+
+
+def test_a_change_the_step_depends_on_traces_again(tmp_path, monkeypatch):
+    import dataclasses
+
+    from lorakit.train import memory_cache
+
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "cache"))
+    opts, run_, b, shape = _estimate_inputs(tmp_path)
+    calls = _count_traces(monkeypatch)
+    first = M.estimate(opts, run_, b.family, b.configs, shape)
+    bigger = M.estimate(dataclasses.replace(opts, network_dim=2 * opts.network_dim), run_, b.family, b.configs, shape)
+    assert bigger.trainable == 2 * first.trainable
+    gc = M.estimate(dataclasses.replace(opts, gradient_checkpointing=True), run_, b.family, b.configs, shape)
+    assert gc.activations < first.activations
+    tall = M.estimate(opts, run_, b.family, b.configs, dataclasses.replace(shape, height=2 * shape.height))
+    assert tall.activations > first.activations
+    assert len(calls) == 4
+    monkeypatch.setattr(memory_cache, "code_fingerprint", lambda: "edited code")  # lorakit or a library changed
+    assert M.estimate(opts, run_, b.family, b.configs, shape) == first
+    assert len(calls) == 5
+
+
+def test_a_broken_or_unwritable_cache_costs_only_a_trace(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "cache"))
+    opts, run_, b, shape = _estimate_inputs(tmp_path)
+    first = M.estimate(opts, run_, b.family, b.configs, shape)
+    (kept,) = (tmp_path / "cache" / "memory").glob("*.json")
+    kept.write_text("{not json")
+    calls = _count_traces(monkeypatch)
+    assert M.estimate(opts, run_, b.family, b.configs, shape) == first and calls == [1]
+    assert kept.read_text().startswith("{\"key\"")  # traced again and kept again
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(blocker))  # the cache cannot be created: predicted all the same
+    assert M.estimate(opts, run_, b.family, b.configs, shape) == first and calls == [1, 1]

@@ -17,6 +17,7 @@ from typing import Iterable
 from PIL import Image
 
 from lorakit.utils.atomic import write_text_atomic
+from lorakit.utils.cache import cache_root
 from lorakit.utils.images import IMAGE_EXTENSIONS, ImageReadError, image_error
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,7 @@ def repeat_folder_problem(folder: str | os.PathLike) -> tuple[str, str] | None:
 
 
 def default_scan_cache_dir() -> Path:
-    root = os.environ.get("LORAKIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lorakit")
-    return Path(root) / "scan"
+    return cache_root() / "scan"
 
 
 class ScanCache:

@@ -81,6 +81,14 @@ def build_unet(config: dict, denoiser: str = "unet"):
     return UNet2DConditionModel.from_config(config)
 
 
+def import_model_libraries() -> None:
+    """Import what building any family's modules imports (diffusers' UNet and VAE, transformers' text encoders)."""
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
+
 def build_vae(config: dict):
     from diffusers import AutoencoderKL
 

@@ -291,15 +291,36 @@ class _CachedText:
 def estimate(opts, run, family, configs: dict, shape: StepShape) -> MemoryEstimate:
     """The peak memory of one training step of this run, before anything is loaded (see the module docstring).
     `opts` are the run's frozen options, `run` the stages' Run, `configs` the model's module configs (None: the
-    family's full-size ones), `shape` the worst step of the scanned datasets."""
-    from lorakit.train import stages as S
+    family's full-size ones), `shape` the worst step of the scanned datasets. The traced part is kept between runs
+    (train.memory_cache): the same settings again cost no trace."""
+    from lorakit.train import memory_cache
 
     configs = {**{n: family.config(n) for n in ["unet", "vae"] + [s.config_name for s in family.text_encoders]},
                **(configs or {})}
+    key = memory_cache.step_key(opts, run.device, run.weight_dtype, family.name, configs,
+                                (shape.batch, shape.height, shape.width))
+    traced = memory_cache.load(key)
+    if traced is None:
+        traced = trace_step(opts, run, family, configs, shape)
+        memory_cache.save(key, traced)
+    else:  # the libraries a trace would have imported count in the process' runtime memory (_runtime_bytes)
+        from lorakit.models.bundle import import_model_libraries
+
+        import_model_libraries()
+    return MemoryEstimate(str(run.device.type), weights=traced.weights, trainable=traced.trainable,
+                          gradients=traced.trainable, optimizer=traced.optimizer, activations=traced.activations,
+                          caches=_cache_bytes(opts, family, shape, configs), runtime=_runtime_bytes(run.device),
+                          notes=traced.notes)
+
+
+def trace_step(opts, run, family, configs: dict, shape: StepShape):
+    """Build the model with fake tensors, inject the network and trace one step (memory_cache.TracedStep)."""
+    from lorakit.models.bundle import build_bundle
+    from lorakit.train import stages as S
+    from lorakit.train.memory_cache import TracedStep
+
     quiet = replace(run, log=lambda *a, **k: None)
     notes: list[str] = []
-    from lorakit.models.bundle import build_bundle
-
     bundle = build_bundle(family, configs, device="meta")
     with fake_mode():
         make_fake(bundle, run.device, S.component_dtypes(opts.no_half_vae, run.weight_dtype, family))
@@ -308,16 +329,11 @@ def estimate(opts, run, family, configs: dict, shape: StepShape) -> MemoryEstima
         trainable = [p for p in net.network.parameters() if p.requires_grad]
         weights = module_bytes(*bundle.components().values()) + _moved_weights(opts, run, family, configs, bundle,
                                                                                 notes)
-        step = _step(opts, run, model, net, shape)
-        traced = trace(step)
-    caches = _cache_bytes(opts, family, shape, configs)
-    make = _optimizer_factory(opts)
-    opt_state = optimizer_state_bytes(trainable, make)
+        traced = trace(_step(opts, run, model, net, shape))
+    opt_state = optimizer_state_bytes(trainable, _optimizer_factory(opts))
     grads = sum(p.numel() * p.element_size() for p in trainable)
-    runtime = _runtime_bytes(run.device)
-    return MemoryEstimate(str(run.device.type), weights=weights, trainable=grads, gradients=grads,
-                          optimizer=opt_state, activations=traced.peak, caches=caches, runtime=runtime,
-                          notes=tuple(notes))
+    return TracedStep(weights=weights, trainable=grads, optimizer=opt_state, activations=traced.peak,
+                      notes=tuple(notes))
 
 
 def _moved_weights(opts, run, family, configs: dict, bundle, notes: list[str]) -> int:

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import random
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,43 @@ class RunMetadata:
     save_kwargs: dict = field(default_factory=dict)  # Network.save_weights' ModelSpec arguments
 
 
-def run_metadata(opts, run, data, net, optim, model=None) -> RunMetadata:
+class ModelFileHashes:
+    """sd-scripts' hashes of the base model and VAE files (ss_sd_model_hash and ss_new_sd_model_hash: the legacy
+    8-digit hash and the sha256 of the whole file; ss_vae_hash, ss_new_vae_hash), computed in a daemon thread that
+    starts with the run. The sha256 of a 2 GB checkpoint takes ~1.3 s, which start-up used to wait for; file reads
+    and hashlib release the GIL, so the thread runs on the core that single-threaded start-up (imports, the memory
+    estimate's trace) leaves idle, and `keys()` finds it done."""
+
+    def __init__(self, opts):
+        from lorakit.models.saving import file_hashes  # imported here, not in the thread beside start-up's imports
+
+        self._hash_file = file_hashes
+        self._paths = {key: path for key, path in (("sd_model", opts.pretrained_model_name_or_path),
+                                                   ("vae", opts.vae)) if path and os.path.isfile(path)}
+        self._keys: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hash, name="lorakit-model-hash", daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        try:
+            for key, path in self._paths.items():
+                h = self._hash_file(path)
+                self._keys[f"ss_{key}_hash"], self._keys[f"ss_new_{key}_hash"] = h["legacy_hash"], h["sha256"]
+        except BaseException as e:  # re-raised where the keys are read, in the run's thread
+            self._error = e
+
+    def keys(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self._keys)
+
+
+def run_metadata(opts, run, data, net, optim, model=None, hashes: ModelFileHashes | None = None) -> RunMetadata:
     """Metadata records the options, so it reads them all (through the schema's `ss_metadata`). `model` (the
-    prepared Model) records what the checkpoint itself decided: a zero-terminal-SNR schedule from its `ztsnr` key."""
+    prepared Model) records what the checkpoint itself decided: a zero-terminal-SNR schedule from its `ztsnr` key.
+    `hashes`: the model files' hashes, started earlier (hashed now without it)."""
     from lorakit import options as O
 
     validation = getattr(data, "validation", None)
@@ -43,9 +78,7 @@ def run_metadata(opts, run, data, net, optim, model=None) -> RunMetadata:
         md.update(flow_metadata(opts))
     if not opts.network_args:
         md.pop("ss_network_args", None)
-    for key, path in (("sd_model", opts.pretrained_model_name_or_path), ("vae", opts.vae)):
-        if path and os.path.isfile(path):  # sd-scripts' legacy 8-digit hash and the full sha256 of the file
-            md[f"ss_{key}_hash"], md[f"ss_new_{key}_hash"] = file_hashes(path)
+    md.update((hashes or ModelFileHashes(opts)).keys())
     save_kwargs = dict(resolution=data.configs[0].resolution, clip_skip=opts.clip_skip, title=opts.metadata_title,
                        trigger_phrase=opts.metadata_trigger_phrase, description=opts.metadata_description,
                        author=opts.metadata_author)
@@ -148,20 +181,6 @@ def lorakit_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"lorakit/{__version__}" + (f"+g{commit}" if commit else "")
-
-
-def file_hashes(path) -> tuple[str, str]:
-    """sd-scripts' legacy 8-digit model hash and the sha256 of the whole file."""
-    import hashlib
-
-    with open(path, "rb") as fh:
-        fh.seek(0x100000)
-        legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
-        fh.seek(0)
-        full = hashlib.sha256()
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            full.update(block)
-    return legacy, full.hexdigest()
 
 
 def read_metadata(path: Path) -> dict:

@@ -31,7 +31,7 @@ from lorakit.train.guard import WeightGuard
 from lorakit.train.loop import LossOptions, Loop, LoopOptions, NoiseOptions, StepMaths, run_loop
 from lorakit.train.loop import apply_max_norm  # noqa: F401
 from lorakit.train.loop import batch_loss as _batch_loss  # looked up when train() runs: tests wrap it
-from lorakit.train.metadata import read_metadata, run_metadata
+from lorakit.train.metadata import ModelFileHashes, read_metadata, run_metadata
 from lorakit.train.optimizers import is_adaptive
 from lorakit.train.previews import PreviewOptions, Previews  # noqa: F401
 from lorakit.train.stages import DEFAULT_OUTPUT_NAME, picked as pick  # noqa: F401
@@ -78,6 +78,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     run = S.set_up_run(pick(S.RunOptions, opts), Console(log), progress)
     _use_threads(opts.num_cpu_threads_per_process, run)
     plan = S.plan_base_model(pick(S.LoadOptions, opts)) if bundle is None else ModelPlan.of(bundle)
+    hashes = None if opts.estimate_memory else ModelFileHashes(opts)  # ~1.3 s of sha256, beside the start-up
     S.report_options(opts, plan.family, run)
     S.check_network_args(pick(S.NetworkOptions, opts), plan.family)
     S.check_blocks_to_swap(opts.blocks_to_swap, plan.family, plan.configs)
@@ -115,7 +116,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
                          adaptive=is_adaptive(optim.info.name), log=run.log, log_every=log_every)
     ckpt = Checkpointer(run, net.network, optim, pick(SaveOptions, opts), every_n_epochs=data.save_every_n_epochs,
                         num_epochs=data.num_epochs, max_steps=data.max_steps,
-                        metadata=run_metadata(opts, run, data, net, optim, model),
+                        metadata=run_metadata(opts, run, data, net, optim, model, hashes),
                         options_record=_options_record(opts, run, data, net), emit=steplog.emit, ema=ema,
                         ema_save_as=opts.ema_save_as)
     previews = previews_for(pick(EmaOptions, opts), ema, pick(PreviewOptions, opts), run, model.bundle, net.network,
