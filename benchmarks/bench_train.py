@@ -30,8 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _random_full_bundle(family_name: str, dtype):
-    """Full-size modules with random weights, built on meta then filled (fast: no per-layer init)."""
+def _random_full_bundle(family_name: str, dtype, gemm_convs: bool = True):
+    """Full-size modules with random weights, built on meta then filled (fast: no per-layer init); the UNet's
+    low-resolution convolutions as GEMMs, as `lorakit train` runs them on a CPU (models.conv_gemm), unless not
+    `gemm_convs`."""
     import torch
 
     from lorakit.models.bundle import build_bundle
@@ -53,10 +55,14 @@ def _random_full_bundle(family_name: str, dtype):
                     b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
         module.to(dtype=dtype)
         module.requires_grad_(False).eval()
+    if gemm_convs:
+        from lorakit.models.conv_gemm import use_gemm_convs
+
+        use_gemm_convs(bundle.unet)
     return bundle
 
 
-def run_one(family: str, dtype_name: str, gc: bool, steps: int) -> dict:
+def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool = True) -> dict:
     import torch
 
     from lorakit.adapters.network import create_network
@@ -73,7 +79,7 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int) -> dict:
     keep_freed_memory()  # as `lorakit train` does: floor and step both run with it
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     t0 = time.time()
-    bundle = _random_full_bundle(family, dtype)
+    bundle = _random_full_bundle(family, dtype, gemm_convs)
     build_s = time.time() - t0
     fam = bundle.family
     res = 256
@@ -162,16 +168,19 @@ def main() -> int:
     ap.add_argument("--dtype", action="append", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--plain_convs", action="store_true",
+                    help="every UNet convolution through oneDNN as before models.conv_gemm (floor and step alike)")
     args = ap.parse_args()
     if args.one:
         fam, dt, gc = args.one
-        print(json.dumps(run_one(fam, dt, gc in ("1", "true", "True"), args.steps)), flush=True)
+        print(json.dumps(run_one(fam, dt, gc in ("1", "true", "True"), args.steps, not args.plain_convs)), flush=True)
         return 0
     rows = []
     for fam in args.family or ["sd1", "sdxl"]:
         for dt in args.dtype or ["fp32", "bf16"]:
             for gc in ("0", "1"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--one", fam, dt, gc, "--steps", str(args.steps)]
+                cmd += ["--plain_convs"] if args.plain_convs else []
                 try:
                     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 except subprocess.TimeoutExpired:

@@ -33,6 +33,7 @@ import torch
 
 from lorakit import options as O
 from lorakit.errors import UserError
+from lorakit.models.conv_gemm import use_gemm_convs
 from lorakit.models.dtypes import dtype_named
 from lorakit.train import noise as N
 from lorakit.train.flow import FlowOptions
@@ -271,6 +272,8 @@ def prepare_model(o: ModelOptions, run: Run, bundle) -> Model:
     dtypes = component_dtypes(o.no_half_vae, run.weight_dtype, fam)
     for name, module in bundle.components().items():
         place(module, run.device, dtypes[name])
+    if run.device.type == "cpu":  # the lowest resolutions' frozen convolutions as GEMMs (models.conv_gemm)
+        use_gemm_convs(bundle.unet)
     return Model(bundle, prediction, alphas_cumprod, dtypes["vae"])
 
 
