@@ -3,8 +3,8 @@
 Why: PyTorch's CPU convolution (oneDNN) reorders a plain weight into its blocked layout on every call, in forward and
 again in backward. At Stable Diffusion's lowest resolutions (the 4x4 and 8x8 latents of a 256 px step, 8x8 of a
 512 px one) with 1280-2560 channels that reorder is a large part of a bf16 convolution: 3x3 2560 -> 1280 at 4x4,
-forward + backward, 14.2 ms as a convolution, 9.3 ms as unfold + one GEMM; 1280 -> 1280 at 8x8 12.0 vs 8.8 ms; a
-1x1 2560 -> 1280 at 8x8 2.3 vs 1.2 ms (benchmarks/bench_conv_gemm.py, 2-core AVX-512 CPU, glibc keeping freed memory
+forward + backward, 14.4 ms as a convolution, 7.5 ms as unfold + one GEMM; 1280 -> 1280 at 8x8 12.3 vs 7.1 ms; a
+1x1 2560 -> 1280 at 8x8 1.9 vs 1.3 ms (benchmarks/bench_conv_gemm.py, 2-core AVX-512 CPU, glibc keeping freed memory
 as training runs). Prepacking each weight once would keep a second copy of every frozen convolution; a GEMM reads the
 plain weight as it is. In float32, at larger inputs and for smaller weights the convolution is as fast or faster and
 stays: only bf16 layers whose output has at most MAX_POSITIONS positions (batch x height x width) and whose weight
