@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.base import AdapterModule, alpha_or_rank, kaiming_, layer_kind, rescale_kept
-from lorakit.adapters.recompute import compute_dtype
+from lorakit.models.dtypes import compute_dtype
 
 
 class LoRAModule(AdapterModule):

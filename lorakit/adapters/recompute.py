@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from lorakit.models.dtypes import compute_dtype
+
 # Freed blocks of a few to a few tens of MB stay in glibc's heap (its mmap threshold rises to 32 MB once big blocks
 # are freed) and keep counting as resident memory: the rebuilt weights, freed between activations, left SD1.5 LoHa
 # and DoRA runs 0.8 GB above their live tensors. Handing them back after each layer that built a large one keeps
@@ -77,14 +79,6 @@ class RebuiltDelta(torch.autograd.Function):
         del pairs, gw
         release_freed_memory(a, x)
         return (gx, None, None, None, None, *[by_id.get(id(p)) if p.requires_grad else None for p in params])
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype linear/conv ops will run in: autocast's when it is on (torch >= 2.4 API), else x's."""
-    kind = x.device.type
-    if hasattr(torch, "get_autocast_dtype") and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return x.dtype
 
 
 def _input_grad(adapter, x, gy, weight):

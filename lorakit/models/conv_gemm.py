@@ -17,15 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.models.dtypes import compute_dtype
+
 MAX_POSITIONS = 64
 MIN_CHANNEL_PAIRS = 1280 * 1280
 _DTYPES = (torch.bfloat16,)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    return x.dtype
 
 
 def _out_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -39,7 +35,7 @@ def gemm_pays(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torc
         return False
     if conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
-    if weight.shape[0] * weight.shape[1] < MIN_CHANNEL_PAIRS or _compute_dtype(x) not in _DTYPES:
+    if weight.shape[0] * weight.shape[1] < MIN_CHANNEL_PAIRS or compute_dtype(x) not in _DTYPES:
         return False
     (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], conv.stride, conv.padding
     positions = x.shape[0] * _out_size(x.shape[2], kh, sh, ph) * _out_size(x.shape[3], kw, sw, pw)
@@ -49,7 +45,7 @@ def gemm_pays(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torc
 def conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding) (groups 1, dilation 1, frozen weight and bias) as unfold + one
     matrix product, in the autocast dtype when autocast is on."""
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     x = x if x.dtype == dt else x.to(dt)
     weight = weight if weight.dtype == dt else weight.to(dt)
     bias = None if bias is None else (bias if bias.dtype == dt else bias.to(dt))

@@ -17,3 +17,11 @@ def dtype_named(name: str | None, default: torch.dtype | None = None) -> torch.d
     if name is None:
         return default
     return DTYPES.get(str(name).lower(), default)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype linear/conv ops will run in: autocast's when it is on (torch >= 2.4 API), else x's."""
+    kind = x.device.type
+    if hasattr(torch, "get_autocast_dtype") and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
