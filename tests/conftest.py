@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -14,8 +16,6 @@ def pytest_xdist_auto_num_workers(config):
     imports torch, diffusers and transformers once (seconds) and holds a few GB at most, hence the cap."""
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

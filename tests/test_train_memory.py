@@ -272,3 +272,12 @@ def test_a_broken_or_unwritable_cache_costs_only_a_trace(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("LORAKIT_CACHE_DIR", str(blocker))  # the cache cannot be created: predicted all the same
     assert M.estimate(opts, run_, b.family, b.configs, shape) == first and calls == [1, 1]
+
+
+def test_the_unkeyed_options_exist():
+    """A renamed option left in the list would be keyed again silently (only costing traces): names must exist."""
+    from lorakit import options as O
+    from lorakit.train import memory_cache
+
+    assert memory_cache._UNKEYED <= set(O.OPTIONS_BY_NAME)
+    assert memory_cache._UNKEYED_GROUPS <= {o.group for o in O.OPTIONS}

@@ -58,7 +58,9 @@ def _pointwise(weight: torch.Tensor, stride, padding) -> bool:
 
 class _FrozenGemmConv(torch.autograd.Function):
     """y = W (cout x cin k k) @ im2col(x) + b; backward gives x's gradient only (the layer is frozen), as
-    fold((g^T W)^T): the weight as the product's right operand, as in forward (bf16 W^T g took twice as long)."""
+    fold((g^T W)^T): the weight as the product's right operand, as in forward (bf16 W^T g took twice as long).
+    Keeps for backward only the frozen weight, which the layer holds anyway: neither x nor its im2col columns
+    (the convolution keeps x)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):

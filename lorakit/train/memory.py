@@ -27,6 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lorakit.train import memory_cache
 from lorakit.utils.cpu import half_ok
 
 GIB = 2**30
@@ -293,8 +294,6 @@ def estimate(opts, run, family, configs: dict, shape: StepShape) -> MemoryEstima
     `opts` are the run's frozen options, `run` the stages' Run, `configs` the model's module configs (None: the
     family's full-size ones), `shape` the worst step of the scanned datasets. The traced part is kept between runs
     (train.memory_cache): the same settings again cost no trace."""
-    from lorakit.train import memory_cache
-
     configs = {**{n: family.config(n) for n in ["unet", "vae"] + [s.config_name for s in family.text_encoders]},
                **(configs or {})}
     key = memory_cache.step_key(opts, run.device, run.weight_dtype, family.name, configs,
@@ -317,7 +316,6 @@ def trace_step(opts, run, family, configs: dict, shape: StepShape):
     """Build the model with fake tensors, inject the network and trace one step (memory_cache.TracedStep)."""
     from lorakit.models.bundle import build_bundle
     from lorakit.train import stages as S
-    from lorakit.train.memory_cache import TracedStep
 
     quiet = replace(run, log=lambda *a, **k: None)
     notes: list[str] = []
@@ -332,7 +330,7 @@ def trace_step(opts, run, family, configs: dict, shape: StepShape):
         traced = trace(_step(opts, run, model, net, shape))
     opt_state = optimizer_state_bytes(trainable, _optimizer_factory(opts))
     grads = sum(p.numel() * p.element_size() for p in trainable)
-    return TracedStep(weights=weights, trainable=grads, optimizer=opt_state, activations=traced.peak,
+    return memory_cache.TracedStep(weights=weights, trainable=grads, optimizer=opt_state, activations=traced.peak,
                       notes=tuple(notes))
 
 
