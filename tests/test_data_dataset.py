@@ -1,6 +1,8 @@
+import contextlib
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -369,3 +371,47 @@ def test_face_crop_without_buckets(tmp_path):
     assert b["images"].shape[-2:] == (128, 128)
     assert px[0, 0, 0].item() == 236 // 2 and px[1, 0, 0].item() == 36 // 2
     assert px[0, 0, 127].item() == (236 + 127) // 2 and px[1, 127, 0].item() == (36 + 127) // 2
+
+
+@contextlib.contextmanager
+def torch_calls_in_other_threads():
+    """Collects every call into torch (Python functions in its package and its C functions, tensor methods
+    included) made by threads started inside the block, other than the main thread."""
+    seen: list[str] = []
+    torch_dir = os.sep + "torch" + os.sep
+
+    def profile(frame, event, arg):
+        if threading.current_thread() is threading.main_thread():
+            return
+        if event == "call" and torch_dir in frame.f_code.co_filename:
+            seen.append(frame.f_code.co_name)
+        elif event == "c_call":
+            owner = getattr(arg, "__self__", None)
+            module = getattr(arg, "__module__", None) or type(owner).__module__
+            if (module or "").split(".")[0] == "torch":
+                seen.append(getattr(arg, "__qualname__", repr(arg)))
+
+    threading.setprofile(profile)
+    try:
+        yield seen
+    finally:
+        threading.setprofile(None)
+
+
+def test_loader_threads_make_no_tensor(tmp_path):
+    # a torch operation in a loader thread starts a second OpenMP team, which slows every training step (the
+    # docstring of DatasetGroup.iter_batches): the threads decode, the consumer makes the tensors
+    root = make_tree(tmp_path)
+    g, _ = build(root, flip_aug=True, color_aug=True)
+    with torch_calls_in_other_threads() as seen:
+        threaded = [b for _, b in g.iter_batches(epoch=1, num_workers=2)]
+    assert threaded and not seen
+    inline = [g.get_batch(1, k) for k in range(len(g))]
+    for a, b in zip(threaded, inline):
+        assert a["images"].dtype == torch.float32 and torch.equal(a["images"], b["images"])
+    # the check itself sees a thread's torch call
+    with torch_calls_in_other_threads() as seen:
+        t = threading.Thread(target=lambda: torch.from_numpy(np.zeros(3)).float())
+        t.start()
+        t.join()
+    assert seen

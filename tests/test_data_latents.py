@@ -11,6 +11,7 @@ from lorakit.data.dataset import DatasetGroup
 from lorakit.data.latents import (TextEncoderCache, cache_latents, group_static_captions, latents_npz_path,
                                   load_latents_npz)
 from lorakit.errors import UserError
+from test_data_dataset import torch_calls_in_other_threads
 from test_train_common import one_thread  # noqa: F401
 
 
@@ -49,8 +50,12 @@ def test_memory_cache_matches_pixels(tmp_path):
     g = group_for(tmp_path, flip_aug=True)
     raw = [g.get_batch(1, k) for k in range(len(g))]
     enc = Encoder()
-    stats = cache_latents(g, enc, batch_size=2, num_workers=2)
+    with torch_calls_in_other_threads() as seen:  # the decoding threads make no tensor (DatasetGroup.iter_batches)
+        stats = cache_latents(g, enc, batch_size=2, num_workers=2)
+        cached = [b for _, b in g.iter_batches(1, num_workers=2)]
+    assert not seen
     assert stats == {"encoded": 4, "reused": 0, "skipped": 0}
+    assert all(torch.equal(b["latents"], g.get_batch(1, k)["latents"]) for k, b in enumerate(cached))
     assert enc.images == 8  # plus flipped copies
     for k, b0 in enumerate(raw):
         b = g.get_batch(1, k)

@@ -251,7 +251,7 @@ def test_alpha_mask_flag_and_toml(tmp_path):
                     encoding="utf-8")
     opts = options(tmp_path, {"dataset_config": str(toml)}, "--masked_loss")
     g = DatasetGroup.build(build_dataset_configs(opts), seed=1, masked_loss=True, scan_cache=False)
-    ms = {e.subset_index: g._load_sample(g.datasets[0], (64, 64), e, 1, 0, 0, 0)["alpha_mask"]
+    ms = {e.subset_index: torch.as_tensor(g._load_sample(g.datasets[0], (64, 64), e, 1, 0, 0, 0)["alpha_mask"])
           for e in g.datasets[0].entries}
     assert torch.equal(ms[0][:, :32], torch.ones(64, 32)) and torch.equal(ms[0][:, 32:], torch.zeros(64, 32))
     assert torch.equal(ms[1], torch.ones(64, 64))  # the mask image, not the alpha channel

@@ -562,17 +562,15 @@ class DatasetGroup:
 
             cached = load_latents_npz(entry.npz_path)
         if cached is not None:
-            import torch
-
             lat, lat_f, original_size, crop_ltrb, mask = cached
             if flipped:
                 if lat_f is None:
                     raise UserError(f"latent cache for {entry.path} has no flipped latents; rebuild the cache with flip_aug.")
                 lat = lat_f
                 if mask is not None:
-                    mask = torch.as_tensor(np.ascontiguousarray(np.asarray(mask)[:, ::-1]))
-            sample["latents"] = torch.as_tensor(np.asarray(lat), dtype=torch.float32)
-            sample["alpha_mask"] = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+                    mask = np.ascontiguousarray(np.asarray(mask)[:, ::-1])
+            sample["latents"] = lat  # a tensor or an array: `collate` makes the tensors (see its docstring)
+            sample["alpha_mask"] = mask
             target = (int(reso[0]), int(reso[1]))  # the bucket the latents were encoded at (any VAE factor)
         else:
             rgb, alpha = load_image_arrays(entry.path, subset.alpha_mask, entry.mask_path)
@@ -596,14 +594,12 @@ class DatasetGroup:
                 arr = color_aug(arr, R.rng_for(self.seed, R.COLOR, *keys))
             if flipped:
                 arr = arr[:, ::-1]
-            sample["image"] = to_tensor(arr)
+            sample["image"] = arr  # HxWx3 uint8; `collate` makes the tensor
             if alpha is not None:
-                import torch
-
                 m = np.asarray(alpha, dtype=np.float32) / 255.0
                 if flipped:
                     m = m[:, ::-1]
-                sample["alpha_mask"] = torch.from_numpy(np.ascontiguousarray(m))
+                sample["alpha_mask"] = np.ascontiguousarray(m)
             target = (arr.shape[1], arr.shape[0])
         sample["original_size_hw"] = (int(original_size[1]), int(original_size[0]))
         sample["crop_top_left"] = crop_top_left(crop_ltrb, target, flipped)
@@ -615,6 +611,11 @@ class DatasetGroup:
     def get_batch(self, epoch: int, k: int, global_step: int | None = None) -> dict:
         """Batch k (from 0) of `epoch` (from 1). `global_step` drives token warmup; by default it is the number of
         batches before this one (assuming every epoch has the same count)."""
+        return self.load_batch(epoch, k, global_step).collate()
+
+    def load_batch(self, epoch: int, k: int, global_step: int | None = None) -> "LoadedBatch":
+        """get_batch's decoding, resizing, augmentation and captions - numpy and PIL only, no torch call, so that it
+        can run in a loader thread (see `iter_batches`)."""
         plan = self.plan(epoch)
         if not 0 <= k < len(plan):
             raise IndexError(f"epoch {epoch} has {len(plan)} batches; batch {k} requested")
@@ -641,12 +642,18 @@ class DatasetGroup:
                         if str(entry.path) not in self.skipped:
                             logger.warning("warning: --on_bad_image skip: leaving out %s", msg)
                         self.skipped[str(entry.path)] = msg
-        return collate(samples, epoch=epoch, batch_index=k, dataset_index=ds_idx, bucket=reso,
-                       network_multiplier=ds.config.network_multiplier)
+        return LoadedBatch(samples, dict(epoch=epoch, batch_index=k, dataset_index=ds_idx, bucket=reso,
+                                         network_multiplier=ds.config.network_multiplier))
 
     def iter_batches(self, epoch: int, start_batch: int = 0, num_workers: int | None = None,
                      prefetch: int = 2) -> Iterator[tuple[int, dict]]:
-        """Yield (k, batch) for k = start_batch .. end of `epoch`, decoding ahead with a thread pool."""
+        """Yield (k, batch) for k = start_batch .. end of `epoch`, decoding ahead with a thread pool.
+
+        The threads only decode (`load_batch`: PIL and numpy); the tensors are made here, in the consumer's thread.
+        Why: a torch operation large enough to go parallel, run in another thread, starts a second OpenMP team, and
+        once libgomp manages more threads than there are CPUs it shortens every team's spin-wait, so the training
+        thread's thousands of parallel regions a step each wait for sleeping threads to wake: 15-30% slower steps on
+        a 2-core CPU (benchmarks/bench_loader_threads.py)."""
         n = self.num_batches(epoch)
         workers = num_workers or default_workers()
         if workers <= 1:
@@ -660,8 +667,8 @@ class DatasetGroup:
                 for k in range(start_batch, n):
                     for j in range(k, min(n, k + ahead)):
                         if j not in futures:
-                            futures[j] = ex.submit(self.get_batch, epoch, j)
-                    yield k, futures.pop(k).result()
+                            futures[j] = ex.submit(self.load_batch, epoch, j)
+                    yield k, futures.pop(k).result().collate()
             finally:  # a consumer that stops early does not wait for batches it will never use
                 for f in futures.values():
                     f.cancel()
@@ -693,10 +700,26 @@ class EpochBatches:
         return self.group.get_batch(self.epoch, self.start + i)
 
 
+@dataclass(frozen=True)
+class LoadedBatch:
+    """A batch as the loader threads leave it: samples with numpy images (HxWx3 uint8), latents and masks, and the
+    batch's position; `collate` makes it the training loop's tensors."""
+    samples: list[dict]
+    extra: dict
+
+    def collate(self) -> dict:
+        return collate(self.samples, **self.extra)
+
+
 def collate(samples: list[dict], **extra) -> dict:
     """Stack a bucket's samples: images [B,3,H,W] or latents [B,4,h,w], alpha_masks [B,H,W] (ones where a sample
-    has none), loss_weights [B], SDXL conditioning original_sizes_hw / crop_top_lefts / target_sizes_hw [B,2]."""
+    has none), loss_weights [B], SDXL conditioning original_sizes_hw / crop_top_lefts / target_sizes_hw [B,2].
+    Samples carry numpy arrays (or tensors); every tensor of the batch is made here, in the caller's thread."""
     import torch
+
+    def tensor(x):
+        return None if x is None else torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x,
+                                                      dtype=torch.float32)
 
     out: dict[str, Any] = dict(extra)
     out["captions"] = [s["caption"] for s in samples]
@@ -704,14 +727,14 @@ def collate(samples: list[dict], **extra) -> dict:
     out["is_reg"] = [s["is_reg"] for s in samples]
     out["flipped"] = [s["flipped"] for s in samples]
     out["loss_weights"] = torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32)
-    imgs = [s["image"] for s in samples]
-    lats = [s["latents"] for s in samples]
+    imgs = [None if s["image"] is None else to_tensor(s["image"]) for s in samples]
+    lats = [tensor(s["latents"]) for s in samples]
     out["images"] = torch.stack(imgs) if all(i is not None for i in imgs) else None
     out["latents"] = torch.stack(lats) if all(x is not None for x in lats) else None
     if out["images"] is None and out["latents"] is None:
         # mixed cached / uncached in one batch cannot happen when caching covers the dataset; refuse loudly
         raise UserError("a batch mixes cached latents and raw images; rebuild the latent cache for every image.")
-    masks = [s["alpha_mask"] for s in samples]
+    masks = [tensor(s["alpha_mask"]) for s in samples]
     if all(m is None for m in masks):
         out["alpha_masks"] = None
     else:

@@ -127,7 +127,8 @@ def _prepare(entry, subset, reso):
     rgb, alpha, original_size, crop_ltrb = resize_and_crop(rgb, alpha, entry.bucket.resized_size, reso, False, None,
                                                            subset.resize_interpolation)
     mask = None if alpha is None else np.asarray(alpha, dtype=np.float32) / 255.0
-    return to_tensor(np.asarray(rgb, dtype=np.uint8)), mask, original_size, crop_ltrb
+    # an array, not a tensor: the caller makes the tensor in its own thread (why: DatasetGroup.iter_batches)
+    return np.asarray(rgb, dtype=np.uint8), mask, original_size, crop_ltrb
 
 
 def cache_latents(group, encode: Callable, suffix: str = "sd", to_disk: bool = False, batch_size: int = 4,
@@ -202,7 +203,7 @@ def cache_latents(group, encode: Callable, suffix: str = "sd", to_disk: bool = F
                     stats["skipped"] += 1
             done += len(items)
             if good:
-                pixels = torch.stack([p[0] for p in prepared])
+                pixels = torch.stack([to_tensor(p[0]) for p in prepared])
                 if device is not None or dtype is not None:
                     pixels = pixels.to(device=device, dtype=dtype)
                 lat = encode(pixels).float().cpu()
