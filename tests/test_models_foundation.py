@@ -277,3 +277,35 @@ def test_tiny_sd1_diffusers_folder_is_recognised(tmp_path):
     assert loaded.family.name == "sd1"
     assert torch.equal(loaded.text_encoders[0].state_dict()["embeddings.token_embedding.weight"],
                        bundle.text_encoders[0].state_dict()["embeddings.token_embedding.weight"])
+
+
+_FIRST_IMPORT = """
+import sys, importlib.util
+from lorakit.models.bundle import import_model_libraries
+from lorakit.models.tiny import tiny_bundle
+import_model_libraries()
+from diffusers.utils.import_utils import is_bitsandbytes_available
+print("after diffusers:", "bitsandbytes" in sys.modules, is_bitsandbytes_available())
+tiny_bundle("sd1")  # diffusers builds its modules without it
+installed = importlib.util.find_spec("bitsandbytes") is not None
+if installed:
+    import bitsandbytes.optim  # lorakit's 8-bit optimizers import it when chosen: it still imports
+print("later import:", installed, "bitsandbytes" in sys.modules)
+"""
+
+
+def test_diffusers_first_import_leaves_bitsandbytes_out():
+    # diffusers imports bitsandbytes at import when installed (0.9 s a start here) for a quantizer lorakit never
+    # uses; the first import of diffusers (models.bundle.import_model_libraries) keeps it out, nothing else
+    r = subprocess.run([sys.executable, "-c", _FIRST_IMPORT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "after diffusers: False False" in r.stdout
+    import importlib.util
+
+    installed = importlib.util.find_spec("bitsandbytes") is not None
+    assert f"later import: {installed} {installed}" in r.stdout
+    # diffusers already imported (as in this process): the window is not opened, nothing is hidden
+    from lorakit.models.bundle import import_model_libraries
+
+    import_model_libraries()
+    assert sys.modules.get("bitsandbytes", "absent") is not None

@@ -82,11 +82,36 @@ def build_unet(config: dict, denoiser: str = "unet"):
 
 
 def import_model_libraries() -> None:
-    """Import what building any family's modules imports (diffusers' UNet and VAE, transformers' text encoders)."""
-    import diffusers  # noqa: F401
-    import transformers  # noqa: F401
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-    from transformers import CLIPTextModel  # noqa: F401
+    """Import what building any family's modules imports (diffusers' UNet and VAE, transformers' text encoders).
+    build_bundle and loading.load_bundle call it first, so that a run's first import of diffusers is this one."""
+    with _bitsandbytes_unseen():
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+        from transformers import CLIPTextModel  # noqa: F401
+
+
+@contextlib.contextmanager
+def _bitsandbytes_unseen():
+    """While diffusers is first imported, bitsandbytes looks absent (a None entry in sys.modules: find_spec returns
+    None, an import raises ModuleNotFoundError); afterwards it imports as usual.
+
+    Why: diffusers notes at import whether bitsandbytes is installed and, if so, imports it with its modules; that
+    import pulls torch._inductor and, on CPUs with AVX512-BF16, makes the `kernels` package look for a kernel on the
+    Hub - 0.9 s of every start on this kind of machine (python -X importtime) for diffusers' 4/8-bit model
+    quantizer, which lorakit never uses. lorakit's 8-bit optimizers import bitsandbytes themselves when chosen
+    (train.optimizers). Once diffusers is imported it has made its note, so the window is only opened then."""
+    import sys
+
+    if "diffusers" in sys.modules or "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
 
 
 def build_vae(config: dict):
@@ -142,6 +167,7 @@ def build_bundle(family: Family, configs: dict[str, dict] | None = None, device:
     device="empty" puts parameters on meta but keeps real buffers (CLIP's position_ids), ready for assigned weights."""
     from lorakit.models.tokenizer import make_tokenizer
 
+    import_model_libraries()
     configs = {**{name: family.config(name) for name in _config_names(family)}, **(configs or {})}
     if str(device) == "meta":
         ctx = torch.device("meta")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import UserError
-from lorakit.models.bundle import ModelBundle, build_bundle
+from lorakit.models.bundle import ModelBundle, build_bundle, import_model_libraries
 from lorakit.models.checkpoint_io import StateSource
 from lorakit.models.detect import (declares_zero_terminal_snr, detect_ldm_family, family_from_diffusers_config,
                                    looks_like_v_prediction)
@@ -45,6 +45,7 @@ def load_bundle(path: str | os.PathLike, *, family: str | Family | None = None, 
     widths in files that do not carry them (our own files do, in their metadata). FLUX keeps its parts apart:
     `clip_l`, `t5xxl` and `ae` (sd-scripts' --clip_l, --t5xxl, --ae) load or replace them from their own files."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import_model_libraries()
     path = Path(path)
     torch_dtype = parse_dtype(dtype)
     from lorakit.models.flux_folder import is_flux_folder, load_flux_folder
