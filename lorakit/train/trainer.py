@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 from lorakit import options as O
 from lorakit.errors import UserError
 from lorakit.models.conditioning import encode_captions as encode_text  # noqa: F401  (the old name)
+from lorakit.models.bundle import import_model_libraries
 from lorakit.models.loading import ModelPlan
 from lorakit.train import memory as M
 from lorakit.train import preflight as P
@@ -89,6 +90,7 @@ def train(opts, *, bundle=None, progress: bool = True, log: Callable[[str], None
     for note in P.check_before_load(opts, out_folder, steps_per_epoch):
         run.log("note: " + note)
     # checks that need no model (preflight, memory estimates) go here: nothing is loaded yet
+    import_model_libraries()  # lasting objects, imported before the window below so that it does not scan them
     with garbage_collected():  # the traced steps' garbage: freed now, not frozen with the model
         memory = M.check_memory(opts, run, plan, data) if predict_memory else None
     if memory is not None and memory.options is not opts:  # --auto_fit changed them
