@@ -84,11 +84,20 @@ def build_unet(config: dict, denoiser: str = "unet"):
 def import_model_libraries() -> None:
     """Import what building any family's modules imports (diffusers' UNet and VAE, transformers' text encoders).
     build_bundle and loading.load_bundle call it first, so that a run's first import of diffusers is this one."""
-    with _bitsandbytes_unseen():
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-        from transformers import CLIPTextModel  # noqa: F401
+    try:
+        with _bitsandbytes_unseen():
+            _import_model_libraries()
+    except ImportError as exc:  # a diffusers that imports bitsandbytes unconditionally: let it
+        if "bitsandbytes" not in str(exc):
+            raise
+        _import_model_libraries()
+
+
+def _import_model_libraries() -> None:
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
 
 
 @contextlib.contextmanager
