@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,8 +111,6 @@ def _bitsandbytes_unseen():
     Hub - 0.9 s of every start on this kind of machine (python -X importtime) for diffusers' 4/8-bit model
     quantizer, which lorakit never uses. lorakit's 8-bit optimizers import bitsandbytes themselves when chosen
     (train.optimizers). Once diffusers is imported it has made its note, so the window is only opened then."""
-    import sys
-
     if "diffusers" in sys.modules or "bitsandbytes" in sys.modules:
         yield
         return
