@@ -4,6 +4,7 @@ Public API (see each module for details):
     build_dataset_configs(args, dataset_config=None, notes=None) -> list[DatasetConfig]
     DatasetGroup.build(configs, seed, on_bad_image="error"|"skip", scan_cache=None, workers=None)
         .plan(epoch) / .num_batches(epoch) / .get_batch(epoch, k) / .iter_batches(epoch, start_batch=0)
+        .load_batch(epoch, k) -> LoadedBatch (numpy only, for loader threads; .collate() makes get_batch's tensors)
         .torch_dataset(epoch, start_batch) / .summary() / .summary_text() / .skipped
     cache_latents(group, encode, suffix="sd"|"sdxl", to_disk=False, batch_size=4, ...)
     TextEncoderCache(encode, cache_dir=None), group_static_captions(group)
