@@ -329,3 +329,22 @@ def test_a_diffusers_that_needs_bitsandbytes_at_import_gets_it():
     r = subprocess.run([sys.executable, "-c", _NEEDS_IT], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "tries: [None, 'absent'] after: absent" in r.stdout  # hidden once, then imported as usual
+
+
+def test_converted_reads_equal_plain_reads_and_do_not_share_the_buffer(tmp_path):
+    from lorakit.models.checkpoint_io import StateSource
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a16": torch.randn(64, 33, generator=g).half(), "b32": torch.randn(7, 5, 3, generator=g),
+               "cbf": torch.randn(300, generator=g).bfloat16(), "ints": torch.arange(12).reshape(3, 4),
+               "empty": torch.zeros(0, 4, dtype=torch.float16), "big16": torch.randn(128, 257, generator=g).half()}
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    src = StateSource(path)
+    for want in (None, torch.float32, torch.bfloat16, torch.float16):
+        got = {k: src.get(k, want) for k in tensors}  # all read before any is checked: a shared buffer would show
+        for k, t in tensors.items():
+            expect = t.to(want) if want is not None and t.is_floating_point() else t
+            assert got[k].dtype == expect.dtype and got[k].shape == expect.shape
+            assert torch.equal(got[k], expect), (k, want)
+    src.close()

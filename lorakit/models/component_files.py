@@ -30,8 +30,8 @@ class SourceView:
     def __contains__(self, key: str) -> bool:
         return key in self.names or key in self.converted
 
-    def get(self, key: str) -> torch.Tensor:
-        return self.converted[key] if key in self.converted else self.src.get(self.names[key])
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.converted[key] if key in self.converted else self.src.get(self.names[key], dtype)
 
     def shape(self, key: str):
         return tuple(self.converted[key].shape) if key in self.converted else self.src.shape(self.names.get(key, ""))

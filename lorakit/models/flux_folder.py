@@ -75,7 +75,7 @@ def load_flux_folder(folder: Path, dtype: torch.dtype, components=("unet", "vae"
         sd = {}
         for shard in shards:
             src = StateSource(shard)
-            sd.update({k: src.get(k).to(dtype) for k in src.keys()})
+            sd.update({k: src.get(k, dtype).to(dtype) for k in src.keys()})
         with init_empty_weights(include_buffers=False):
             unet = build_unet(configs["unet"], family.denoiser)
         unet.load_state_dict(diffusers_to_bfl(sd), assign=True, strict=True)

@@ -186,7 +186,7 @@ def _assign_from_ldm(bundle: ModelBundle, src: StateSource, dtype: torch.dtype, 
         if rule.ldm not in src:
             missing.setdefault(component, []).append(rule.ldm)
             continue
-        for our_key, tensor in zip(rule.ours, from_ldm_tensor(rule, src.get(rule.ldm))):
+        for our_key, tensor in zip(rule.ours, from_ldm_tensor(rule, src.get(rule.ldm, dtype))):
             local = our_key.split(".", 1)[1]
             want = tuple(expected[component][local].shape)
             if tuple(tensor.shape) != want:
