@@ -32,8 +32,8 @@ sys.path.insert(0, ROOT)
 
 def _random_full_bundle(family_name: str, dtype, gemm_convs: bool = True):
     """Full-size modules with random weights, built on meta then filled (fast: no per-layer init); the UNet's
-    low-resolution convolutions as GEMMs, as `lorakit train` runs them on a CPU (models.conv_gemm), unless not
-    `gemm_convs`."""
+    low-resolution convolutions as GEMMs and float32 Linear layers through oneDNN, as `lorakit train` runs them on a
+    CPU (models.conv_gemm, models.dnn_linear), unless not `gemm_convs`."""
     import torch
 
     from lorakit.models.bundle import build_bundle
@@ -57,8 +57,11 @@ def _random_full_bundle(family_name: str, dtype, gemm_convs: bool = True):
         module.requires_grad_(False).eval()
     if gemm_convs:
         from lorakit.models.conv_gemm import use_gemm_convs
+        from lorakit.models.dnn_linear import use_dnn_linears
 
         use_gemm_convs(bundle.unet)
+        for module in [bundle.unet] + list(bundle.text_encoders):
+            use_dnn_linears(module)
     return bundle
 
 
@@ -169,7 +172,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--plain_convs", action="store_true",
-                    help="every UNet convolution through oneDNN as before models.conv_gemm (floor and step alike)")
+                    help="every UNet convolution through oneDNN as before models.conv_gemm, every Linear through torch's own matmul as before models.dnn_linear (floor and step alike)")
     args = ap.parse_args()
     if args.one:
         fam, dt, gc = args.one

@@ -67,3 +67,68 @@ def test_dropouts_use_the_unfused_path():
     assert a.forward_fused(torch.randn(2, 48)) is None
     a.eval()  # dropouts only act in training
     assert a.forward_fused(torch.randn(2, 48)) is not None
+
+
+def _pointwise_setup(cin, cout, rank, dtype=torch.float32, **conv):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(cin, cout, 1, **conv).to(dtype).requires_grad_(False)
+    a = LoRAModule("lora_unet_proj", layer, lora_dim=rank, alpha=rank / 2)
+    with torch.no_grad():
+        a.lora_up.weight.normal_(0, 0.1)
+    a.multiplier, a.module_weight = 0.8, 0.5
+    return layer, a.train()
+
+
+def _pointwise_reference(layer, a, x, autocast=None):
+    """Today's maths written out: the base convolution plus two chained 1x1 convolutions, scaled."""
+    s = a.scale * a.multiplier * a.module_weight
+    with autocast or torch.autocast("cpu", enabled=False):
+        y = layer._conv_forward(x, layer.weight, layer.bias)
+        y = y + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a.lora_down.weight), a.lora_up.weight) * s
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    params = [a.lora_down.weight, a.lora_up.weight]
+    return y, torch.autograd.grad(y, ([x] if x.requires_grad else []) + params, gy)
+
+
+@pytest.mark.parametrize("batch,x_grad,size", [(1, True, "tiny"), (3, True, "tiny"), (2, False, "tiny"),
+                                               (1, True, "full")])
+def test_pointwise_conv_lora_equals_two_convolutions(batch, x_grad, size):
+    """A 1x1 convolution's LoRA runs as matrix products over the channel axis (LoRAPointwise); outputs and every
+    gradient equal the two-convolution form to float32 rounding, tiny and at SD1.5's proj_in size (320 ch, 32x32)."""
+    cin, cout, rank, hw = (24, 40, 4, 5) if size == "tiny" else (320, 320, 16, 32)
+    layer, a = _pointwise_setup(cin, cout, rank)
+    x = torch.randn(batch, cin, hw, hw).requires_grad_(x_grad)
+    y1, g1 = _run(layer, a, x, fused=True)
+    assert "LoRAPointwise" in repr(y1.grad_fn.next_functions)
+    y2, g2 = _pointwise_reference(layer, a, x)
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    for u, v in zip(g1, g2):  # to 2e-6 of each gradient's scale: sums over 1024 positions round in another order
+        assert u.dtype == v.dtype == torch.float32
+        torch.testing.assert_close(u, v, rtol=0, atol=2e-6 * float(v.abs().max()))
+
+
+def test_pointwise_conv_lora_under_bf16_autocast():
+    layer, a = _pointwise_setup(24, 40, 4, torch.bfloat16)
+    x = torch.randn(2, 24, 6, 6, dtype=torch.bfloat16).requires_grad_(True)
+    ac = torch.autocast("cpu", dtype=torch.bfloat16)
+    y1, g1 = _run(layer, a, x, True, ac)
+    y2, g2 = _pointwise_reference(layer, a, x, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y1, y2, rtol=2e-2, atol=2e-2)
+    for u, v in zip(g1, g2):
+        assert u.dtype == v.dtype
+        torch.testing.assert_close(u.float(), v.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("conv", [dict(stride=2), dict(padding=1)])
+def test_strided_or_padded_1x1_and_channels_last_use_convolutions(conv):
+    layer, a = _pointwise_setup(8, 8, 2, **conv)
+    assert not a._pointwise
+    y, _ = _run(layer, a, torch.randn(1, 8, 6, 6), fused=True)
+    assert "LoRAPointwise" not in repr(y.grad_fn.next_functions)
+    layer, a = _pointwise_setup(8, 8, 2)
+    x = torch.randn(1, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_(True)
+    y1, g1 = _run(layer, a, x, fused=True)
+    assert "LoRAPointwise" not in repr(y1.grad_fn.next_functions)
+    y2, g2 = _pointwise_reference(layer, a, x)
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)

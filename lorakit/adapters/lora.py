@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.base import AdapterModule, alpha_or_rank, kaiming_, layer_kind, rescale_kept
+from lorakit.models.dnn_linear import DnnLinear, dnn_pays, fp32_linear
 from lorakit.models.dtypes import compute_dtype
 
 
@@ -42,6 +43,9 @@ class LoRAModule(AdapterModule):
             else:
                 self.lora_down = nn.Conv2d(cin, r, k, bias=False, **kw)
             self.lora_up = nn.Conv2d(r, cout, 1, bias=False)
+        # a 1x1 convolution with stride 1 and no padding is a matrix product over the channel axis
+        self._pointwise = kind == "conv1x1" and not self.tucker and tuple(org_module.stride) == (1, 1) \
+            and tuple(org_module.padding) == (0, 0) and tuple(org_module.dilation) == (1, 1)
         alpha = alpha_or_rank(alpha, r)
         self.scale = alpha / r
         self.register_buffer("alpha", torch.tensor(alpha))
@@ -114,7 +118,7 @@ class LoRAModule(AdapterModule):
         if self.wd:
             return super().forward_fused(x)
         org = self.org_module
-        if self.is_conv or self.tucker or type(org) is not nn.Linear or (self.training and (
+        if self.is_conv or self.tucker or type(org) not in (nn.Linear, DnnLinear) or (self.training and (
                 self.dropout or self.rank_dropout or self.module_dropout)):
             return None
         return LoRALinear.apply(x, org.weight, org.bias, self.lora_down.weight, self.up_weight(),
@@ -126,6 +130,10 @@ class LoRAModule(AdapterModule):
         training = self.training
         if training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return None
+        if self._pointwise and not (training and (self.dropout or self.rank_dropout)) and x.dim() == 4 \
+                and x.is_contiguous():
+            return LoRAPointwise.apply(x, self.lora_down.weight, self.up_weight(),
+                                       self.scale * self.multiplier * self.module_weight)
         # compute in the activations' dtype: casting the small factors costs nothing, casting x (an activation)
         # to fp32 would copy it, and under autocast it would be cast back again
         dt = compute_dtype(x)
@@ -219,36 +227,111 @@ class LoRALinear(torch.autograd.Function):
     """y = x W^T + b + s (x D^T) U^T as one autograd node, for a frozen Linear W with LoRA factors D (r, in), U (out, r).
 
     Against base(x) + up(down(x)) * s: the rank-r product is added into the base output by one in-place addmm, the
-    scale rides on the (out x r) factor, and backward accumulates the LoRA's input gradient into the base's with
-    another addmm - about a third of the ops and no full-size elementwise pass. Saves x and the rank-r activations
-    (what the unfused form keeps too) and the frozen weight as stored (an fp8 base is cast again in backward, not
-    kept cast)."""
+    scale rides on the GEMMs' alpha, and backward accumulates the LoRA's input gradient into the base's with another
+    addmm - about a third of the ops and no full-size elementwise pass. Saves x and the rank-r activations (what the
+    unfused form keeps too), the factors as cast for the forward (small; not cast again in backward) and the frozen
+    weight as stored (an fp8 base is cast again in backward, not kept cast). The factors' gradients are returned in
+    the compute dtype: autograd casts them to the parameters' dtype (one op fewer each on the Python side, which is
+    most of a rank-16 layer's cost at SD's sizes on a CPU). Its float32 products go through oneDNN where that is faster
+    (models.dnn_linear), like the frozen layers around it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale):
         dt = compute_dtype(x)
         x = x if x.dtype == dt else x.to(dt)
-        y = F.linear(x, weight if weight.dtype == dt else weight.to(dt), None if bias is None else bias.to(dt))
-        lx = x.reshape(-1, x.shape[-1]) @ down.to(dt).t()
-        y.view(-1, y.shape[-1]).addmm_(lx, up.to(dt).t(), alpha=scale)
+        d, u = _cast(down, dt), _cast(up, dt)
+        y = fp32_linear(x, _cast(weight, dt), None if bias is None else _cast(bias, dt))
+        lx = fp32_linear(x.reshape(-1, x.shape[-1]), d)
+        y.view(-1, y.shape[-1]).addmm_(lx, u.t(), alpha=scale)
         ctx.scale = scale
-        ctx.save_for_backward(x, lx, weight, down, up)
+        ctx.save_for_backward(x, lx, weight, d, u)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, lx, weight, down, up = ctx.saved_tensors
+        x, lx, weight, d, u = ctx.saved_tensors
         dt, s = x.dtype, ctx.scale
-        g2, x2 = gy.to(dt).reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-        glx = g2 @ up.to(dt)  # (tokens, r), unscaled
+        g2, x2 = _cast(gy, dt).reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+        glx = fp32_linear(g2, u.t())  # (tokens, r), unscaled
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = torch.addmm(g2 @ weight.to(dt), glx, down.to(dt), alpha=s).view(x.shape)
-        gdown = (glx.t() @ x2).mul_(s).to(down.dtype) if ctx.needs_input_grad[3] else None
-        gup = (g2.t() @ lx).mul_(s).to(up.dtype) if ctx.needs_input_grad[4] else None
+            gx = fp32_linear(g2, _cast(weight, dt).t()).addmm_(glx, d, alpha=s).view(x.shape)
+        gdown = _rank_product(glx, x2, s) if ctx.needs_input_grad[3] else None
+        gup = _rank_product(lx, g2, s).t() if ctx.needs_input_grad[4] else None
         return gx, None, None, gdown, gup, None
 
 
+class LoRAPointwise(torch.autograd.Function):
+    """s U (D x) for a 1x1 convolution's LoRA (D (r, in, 1, 1), U (out, r, 1, 1)) as matrix products on x's
+    (batch, channels, positions) view: what two chained 1x1 convolutions compute, without the convolution's per-call
+    weight reorder and its backward's separate weight- and input-gradient passes (SD's proj_in/proj_out: 1.55 ->
+    1.1 ms forward + backward a layer at 32x32 in bf16). The frozen convolution stays the layer's own. Saves x (the
+    convolution keeps it too) and the rank-r activations."""
+
+    @staticmethod
+    def forward(ctx, x, down, up, scale):
+        dt = compute_dtype(x)
+        x = x if x.dtype == dt else x.to(dt)
+        n, c, h, w = x.shape
+        d = _cast(down, dt).reshape(down.shape[0], c)
+        u = _cast(up, dt).reshape(up.shape[0], -1)
+        x3 = x.view(n, c, h * w)
+        lx = _left_mm(d, x3)  # (n, r, positions)
+        out = _left_mm(u, lx, scale)
+        ctx.scale = scale
+        ctx.save_for_backward(x, lx, d, u)
+        return out.view(n, u.shape[0], h, w)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, lx, d, u = ctx.saved_tensors
+        s = ctx.scale
+        n, c, h, w = x.shape
+        g3 = _cast(gy, x.dtype).reshape(n, -1, h * w)
+        glx = _left_mm(u.t(), g3)  # (n, r, positions), unscaled
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = _left_mm(d.t(), glx, s).view(n, c, h, w)
+        x3 = x.view(n, c, h * w)
+        gdown = gup = None
+        if ctx.needs_input_grad[1]:
+            gdown = _batch_summed(glx, x3, s).view(-1, c, 1, 1)
+        if ctx.needs_input_grad[2]:
+            gup = _batch_summed(g3, lx, s).view(u.shape[0], -1, 1, 1)
+        return gx, gdown, gup, None
+
+
+def _cast(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dt else t.to(dt)
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s (a @ b) with the scale as the GEMM's alpha (no separate pass)."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=s)
+
+
+def _rank_product(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s a^T b for a (tokens, r) and b (tokens, k): a factor's gradient, (r, k). In float32 on an x86 CPU through
+    oneDNN with the rank as the product's rows (1024 tokens x 2560: 0.2 ms; MKL 0.8, oneDNN with the rank as columns
+    1.5)."""
+    if dnn_pays(b, a):
+        return fp32_linear(a.t(), b.t()).mul_(s)
+    return _scaled_mm(a.t(), b, s)
+
+
+def _left_mm(a: torch.Tensor, b: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+    """s a @ b_i for each b_i of the batch (n, q, k): one 2-D GEMM when n is 1 (a batched one costs more there)."""
+    if b.shape[0] == 1:
+        return (_scaled_mm(a, b[0], s) if s != 1.0 else a @ b[0]).unsqueeze(0)
+    out = torch.matmul(a, b)
+    return out.mul_(s) if s != 1.0 else out
+
+
+def _batch_summed(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s sum_i a_i b_i^T over the batch of (n, p, k) and (n, q, k): one GEMM when n is 1."""
+    if a.shape[0] == 1:
+        return _scaled_mm(a[0], b[0].t(), s)
+    return torch.matmul(a, b.transpose(1, 2)).sum(0).mul_(s)
 
 
 class DyLoRAModule(LoRAModule):

@@ -34,6 +34,7 @@ import torch
 from lorakit import options as O
 from lorakit.errors import UserError
 from lorakit.models.conv_gemm import use_gemm_convs
+from lorakit.models.dnn_linear import use_dnn_linears
 from lorakit.models.dtypes import dtype_named
 from lorakit.train import noise as N
 from lorakit.train.flow import FlowOptions
@@ -274,6 +275,8 @@ def prepare_model(o: ModelOptions, run: Run, bundle) -> Model:
         place(module, run.device, dtypes[name])
     if run.device.type == "cpu":  # the lowest resolutions' frozen convolutions as GEMMs (models.conv_gemm)
         use_gemm_convs(bundle.unet)
+        for module in [bundle.unet, *filter(None, bundle.text_encoders)]:  # float32 Linears through oneDNN
+            use_dnn_linears(module)
     return Model(bundle, prediction, alphas_cumprod, dtypes["vae"])
 
 
