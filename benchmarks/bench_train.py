@@ -2,7 +2,7 @@
 
 Per configuration (family x fp32/bf16 x gradient checkpointing on/off), in a fresh process so peak RSS is its own:
   - floor: forward + backward through the frozen UNet (no LoRA; gradient w.r.t. the noisy latents only), the least
-    any LoRA training step must cost;
+    any LoRA training step must cost, measured before each LoRA step with the adapters switched off;
   - step: one real training step of lorakit's loop body as a UNet-only run does it (noise, UNet with LoRA rank 16 on
     every attention layer, loss, backward, clipping, AdamW as the trainer builds it, the NaN guard), latents given
     as if cached and the frozen text encoder's output remembered as the trainer does (data.latents.TextEncoderCache
@@ -115,13 +115,6 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
             out = bundle.unet(x, torch.tensor([500]), hidden, **kwargs).sample
         out.float().square().mean().backward()
 
-    floor = []
-    for i in range(steps + 1):
-        t = time.time()
-        floor_step()
-        if i:
-            floor.append(time.time() - t)
-
     torch.manual_seed(0)
     net = create_network(bundle, "networks.lora", 16, 8, {}, train_text_encoder=False)
     net.apply_to(bundle)
@@ -133,9 +126,25 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
     memo = TextEncoderCache(lambda caps: encode_captions(bundle, caps, None, None)[0], batch_size=1,
                             max_bytes=memo_budget_bytes())
 
-    def timed_steps(te_cache) -> list[float]:
+    adapters = [m for m in net.modules() if hasattr(m, "enabled")]
+
+    def timed_floor() -> float:
+        for a in adapters:  # the frozen UNet alone: each layer's own forward (the adapters' hooks return at once)
+            a.enabled = False
+        try:
+            t = time.time()
+            floor_step()
+            return time.time() - t
+        finally:
+            for a in adapters:
+                a.enabled = True
+
+    def timed_steps(te_cache, floor: list[float] | None) -> list[float]:
+        """LoRA steps; with `floor`, each preceded by a floor step (interleaved: both see the same machine state,
+        which drifts by more than the difference measured over a run's minute)."""
         times = []
         for i in range(steps + 1):
+            f = timed_floor() if floor is not None else None
             t = time.time()
             with autocast:
                 loss = batch_loss(bundle, batch, maths, gen, None, te_cache)
@@ -146,9 +155,13 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
             guard.check()
             if i:
                 times.append(time.time() - t)
+                if floor is not None:
+                    floor.append(f)
         return times
 
-    step_t, step_te = timed_steps(memo), timed_steps(None)
+    floor: list[float] = []
+    step_t = timed_steps(memo, floor)
+    step_te = timed_steps(None, None)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     f, s = statistics.median(floor), statistics.median(step_t)
     return {"family": family, "dtype": dtype_name, "gradient_checkpointing": gc, "resolution": res, "batch": 1,

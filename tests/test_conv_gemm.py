@@ -1,4 +1,4 @@
-"""Frozen bf16 convolutions at low resolution as one GEMM on the CPU (lorakit.models.conv_gemm): the same maths as
+"""Frozen bf16 (and, through oneDNN, float32) convolutions at low resolution as one GEMM on the CPU (lorakit.models.conv_gemm): the same maths as
 F.conv2d, taken only where it pays, and applied to the UNet of a CPU training run."""
 
 from __future__ import annotations
@@ -52,18 +52,40 @@ def test_a_large_frozen_bf16_layer_at_low_resolution_takes_the_gemm_under_autoca
     assert x.grad is not None and x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("case", ["fp32", "large_input", "small_weight", "trainable", "cuda_like_meta"])
+def test_float32_takes_the_gemm_through_onednn_where_it_is_reachable():
+    """float32 layers of the same sizes take the GEMM where oneDNN's float32 GEMM is reachable (models.dnn_linear:
+    torch's own float32 convolution there is im2col + MKL at AVX2 speed on non-Intel CPUs); output and input
+    gradient equal the convolution's to float32 rounding (against float64)."""
+    from lorakit.models import dnn_linear
+
+    conv = _conv(2560, 1280, dtype=torch.float32)
+    G.use_gemm_convs(conv)
+    x = torch.randn(1, 2560, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert G.gemm_pays(conv, x, conv.weight, conv.bias) == (dnn_linear._LINEAR is not None)
+    y = conv(x)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    (gx,) = torch.autograd.grad(y, x, gy)
+    x64 = x.detach().double().requires_grad_(True)
+    want = F.conv2d(x64, conv.weight.double(), conv.bias.double(), 1, 1)
+    (want_gx,) = torch.autograd.grad(want, x64, gy.double())
+    for got, ref in ((y, want), (gx, want_gx)):
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        assert float((got.detach().double() - ref.detach()).abs().max()) <= 1e-5 * float(ref.detach().abs().max())
+
+
+@pytest.mark.parametrize("case", ["large_input", "small_weight", "trainable", "cuda_like_meta", "float64"])
 def test_elsewhere_the_convolution_stays(case):
     cin, hw, dtype = 1280, 4, torch.bfloat16
     if case == "small_weight":
         cin = 640
-    conv = _conv(cin, 1280 if case != "small_weight" else 640, dtype=torch.float32 if case == "fp32" else dtype)
+    dtype = torch.float64 if case == "float64" else dtype  # no oneDNN GEMM for it: the convolution
+    conv = _conv(cin, 1280 if case != "small_weight" else 640, dtype=dtype)
     G.use_gemm_convs(conv)
     if case == "large_input":
         hw = 16  # 256 positions: the convolution is faster there
     if case == "trainable":
         conv.weight.requires_grad_(True)
-    x = torch.randn(1, cin, hw, hw, dtype=torch.float32 if case == "fp32" else dtype)
+    x = torch.randn(1, cin, hw, hw, dtype=dtype)
     if case == "cuda_like_meta":
         x = x.to("meta")
         conv = conv.to("meta")

@@ -6,9 +6,12 @@ again in backward. At Stable Diffusion's lowest resolutions (the 4x4 and 8x8 lat
 forward + backward, 14.4 ms as a convolution, 7.5 ms as unfold + one GEMM; 1280 -> 1280 at 8x8 12.3 vs 7.1 ms; a
 1x1 2560 -> 1280 at 8x8 1.9 vs 1.3 ms (benchmarks/bench_conv_gemm.py, 2-core AVX-512 CPU, glibc keeping freed memory
 as training runs). Prepacking each weight once would keep a second copy of every frozen convolution; a GEMM reads the
-plain weight as it is. In float32, at larger inputs and for smaller weights the convolution is as fast or faster and
-stays: only bf16 layers whose output has at most MAX_POSITIONS positions (batch x height x width) and whose weight
-has at least MIN_CHANNEL_PAIRS input x output channels take the GEMM. Same maths, other rounding.
+plain weight as it is. float32 layers of the same sizes take it too where oneDNN's float32 GEMM is reachable
+(models.dnn_linear; x86): torch runs those convolutions as im2col + MKL's sgemm, at AVX2 speed on non-Intel CPUs
+(3x3 2560 -> 1280 at 4x4 21.9 -> 11.3 ms, 1280 -> 1280 at 8x8 17.5 -> 13.5 ms). At larger inputs and for smaller
+weights the convolution is as fast or faster and stays: only layers whose output has at most MAX_POSITIONS positions
+(batch x height x width) and whose weight has at least MIN_CHANNEL_PAIRS input x output channels take the GEMM. Same
+maths, other rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.models.dnn_linear import dnn_pays, fp32_linear
 from lorakit.models.dtypes import compute_dtype
 
 MAX_POSITIONS = 64
@@ -35,7 +39,10 @@ def gemm_pays(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torc
         return False
     if conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
-    if weight.shape[0] * weight.shape[1] < MIN_CHANNEL_PAIRS or compute_dtype(x) not in _DTYPES:
+    if weight.shape[0] * weight.shape[1] < MIN_CHANNEL_PAIRS:
+        return False
+    dt = compute_dtype(x)
+    if dt not in _DTYPES and not (dt == torch.float32 and dnn_pays(x, weight)):
         return False
     (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], conv.stride, conv.padding
     positions = x.shape[0] * _out_size(x.shape[2], kh, sh, ph) * _out_size(x.shape[3], kw, sw, pw)
@@ -73,8 +80,10 @@ class _FrozenGemmConv(torch.autograd.Function):
             cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (n, cin k k, oh ow)
         cols = cols[0] if n == 1 else cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
         w2 = weight.reshape(cout, -1)
-        # the bias enters the product's accumulator: one rounding, as in the convolution
-        y = w2 @ cols if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
+        if dnn_pays(x, weight):  # float32: oneDNN's GEMM (models.dnn_linear), positions as the product's rows
+            y = fp32_linear(cols.t(), w2, bias).t().contiguous()
+        else:  # the bias enters the product's accumulator: one rounding, as in the convolution
+            y = w2 @ cols if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
         ctx.save_for_backward(weight)
         ctx.geometry = (n, cin, h, w, oh, ow, stride, padding)
         return y.view(1, cout, oh, ow) if n == 1 else y.view(cout, n, oh, ow).transpose(0, 1).contiguous()
@@ -86,7 +95,8 @@ class _FrozenGemmConv(torch.autograd.Function):
         cout, _, kh, kw = weight.shape
         g = gy.to(weight.dtype)
         g = g.reshape(cout, oh * ow) if n == 1 else g.transpose(0, 1).reshape(cout, n * oh * ow)
-        gcols = (g.t() @ weight.reshape(cout, -1)).t()  # (cin k k, n oh ow)
+        w2 = weight.reshape(cout, -1)
+        gcols = (fp32_linear(g.t(), w2.t()) if dnn_pays(g, weight) else g.t() @ w2).t()  # (cin k k, n oh ow)
         gcols = gcols.reshape(-1, n, oh * ow).transpose(0, 1)  # (n, cin k k, oh ow)
         if _pointwise(weight, stride, padding):
             gx = gcols.reshape(n, cin, h, w)
