@@ -123,8 +123,11 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
     gen = torch.Generator().manual_seed(0)
     maths = StepMaths(ac, fam.prediction_type, picked(NoiseOptions, opts), picked(LossOptions, opts), None, None,
                       False, torch.device("cpu"), dtype)
-    memo = TextEncoderCache(lambda caps: encode_captions(bundle, caps, None, None)[0], batch_size=1,
-                            max_bytes=memo_budget_bytes())
+    def encode_for_memo(caps):  # as stages.prepare_inputs: SDXL's pooled vector rides with the hidden states
+        h, p = encode_captions(bundle, caps, None, None)
+        return h if p is None else (h, p)
+
+    memo = TextEncoderCache(encode_for_memo, batch_size=1, max_bytes=memo_budget_bytes())
 
     adapters = [m for m in net.modules() if hasattr(m, "enabled")]
 
