@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.recompute import RebuiltDelta
+from lorakit.models.dnn_linear import fp32_linear
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -135,9 +136,13 @@ class AdapterModule(nn.Module):
         return None if db is None else db * multiplier
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's op with another weight. Outside autograd (the rebuilt-delta forward, inference) float32
+        Linear products go through oneDNN where that is faster (models.dnn_linear), which has no backward."""
         if self.is_conv:
             return F.conv2d(x, weight, bias, **self._conv_kw)
-        return F.linear(x, weight, bias)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return F.linear(x, weight, bias)
+        return fp32_linear(x, weight, bias)
 
     # ---- training and unmerged inference: the weight change rebuilt from the factors, never kept ----------------
     full_size_change = True  # the forward builds a full-size weight change (False: LoRA's low-rank activations path)

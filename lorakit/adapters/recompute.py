@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from lorakit.models.dnn_linear import fp32_linear
 from lorakit.models.dtypes import compute_dtype
 
 # Freed blocks of a few to a few tens of MB stay in glibc's heap (its mmap threshold rises to 32 MB once big blocks
@@ -88,7 +89,7 @@ def _input_grad(adapter, x, gy, weight):
         return torch.ops.aten.convolution_backward(
             gy, x, weight, None, list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]), False, [0, 0],
             kw["groups"], [True, False, False])[0]
-    return gy @ weight
+    return fp32_linear(gy, weight.t())  # g W
 
 
 def _weight_grad(adapter, x, gy, need_bias: bool):
@@ -101,7 +102,8 @@ def _weight_grad(adapter, x, gy, need_bias: bool):
             False, [0, 0], kw["groups"], [False, True, need_bias])
         return gw, gb
     g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-    return g2.t() @ x2, (g2.sum(0) if need_bias else None)
+    # g^T x; in float32 through oneDNN with both as transposed views (1024 tokens, 320 -> 2560: 8.0 -> 5.0 ms)
+    return fp32_linear(g2.t(), x2.t()), (g2.sum(0) if need_bias else None)
 
 
 def _shape_only(adapter, x):
