@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.models.dnn_linear import dnn_pays, fp32_linear
+from lorakit.models.dnn_linear import dnn_pays, fp32_linear, swap_classes
 from lorakit.models.dtypes import compute_dtype
 
 MAX_POSITIONS = 64
@@ -117,9 +117,4 @@ class GemmConv2d(nn.Conv2d):
 
 def use_gemm_convs(module: nn.Module) -> int:
     """Give every plain nn.Conv2d of `module` the GEMM path; the number changed."""
-    n = 0
-    for m in module.modules():
-        if type(m) is nn.Conv2d:
-            m.__class__ = GemmConv2d
-            n += 1
-    return n
+    return swap_classes(module, nn.Conv2d, GemmConv2d)

@@ -73,13 +73,17 @@ class DnnLinear(nn.Linear):
         return super().forward(input)
 
 
-def use_dnn_linears(module: nn.Module) -> int:
-    """Give every plain nn.Linear of `module` the oneDNN path (nothing where oneDNN is missing); the number changed."""
-    if _LINEAR is None:
-        return 0
+def swap_classes(module: nn.Module, plain: type, fast: type) -> int:
+    """Make every submodule of exactly class `plain` a `fast` (a subclass that only changes how forward computes:
+    parameters, hooks and state dict keys stay); the number changed."""
     n = 0
     for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = DnnLinear
+        if type(m) is plain:
+            m.__class__ = fast
             n += 1
     return n
+
+
+def use_dnn_linears(module: nn.Module) -> int:
+    """Give every plain nn.Linear of `module` the oneDNN path (nothing where oneDNN is missing); the number changed."""
+    return 0 if _LINEAR is None else swap_classes(module, nn.Linear, DnnLinear)
