@@ -70,7 +70,7 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
 
     from lorakit.adapters.network import create_network
     from lorakit.train import noise as N
-    from lorakit.models.conditioning import added_cond_kwargs, encode_captions
+    from lorakit.models.conditioning import added_cond_kwargs, caption_outputs, encode_captions
     from lorakit.train.loop import LossOptions, NoiseOptions, StepMaths, batch_loss
     from lorakit.train.stages import picked
     from lorakit.data.latents import TextEncoderCache, memo_budget_bytes
@@ -123,11 +123,8 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
     gen = torch.Generator().manual_seed(0)
     maths = StepMaths(ac, fam.prediction_type, picked(NoiseOptions, opts), picked(LossOptions, opts), None, None,
                       False, torch.device("cpu"), dtype)
-    def encode_for_memo(caps):  # as stages.prepare_inputs: SDXL's pooled vector rides with the hidden states
-        h, p = encode_captions(bundle, caps, None, None)
-        return h if p is None else (h, p)
-
-    memo = TextEncoderCache(encode_for_memo, batch_size=1, max_bytes=memo_budget_bytes())
+    memo = TextEncoderCache(lambda caps: caption_outputs(bundle, caps, None, None), batch_size=1,
+                            max_bytes=memo_budget_bytes())
 
     adapters = [m for m in net.modules() if hasattr(m, "enabled")]
 

@@ -322,7 +322,7 @@ def _rank_product(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
 def _left_mm(a: torch.Tensor, b: torch.Tensor, s: float = 1.0) -> torch.Tensor:
     """s a @ b_i for each b_i of the batch (n, q, k): one 2-D GEMM when n is 1 (a batched one costs more there)."""
     if b.shape[0] == 1:
-        return (_scaled_mm(a, b[0], s) if s != 1.0 else a @ b[0]).unsqueeze(0)
+        return _scaled_mm(a, b[0], s).unsqueeze(0)
     out = torch.matmul(a, b)
     return out.mul_(s) if s != 1.0 else out
 

@@ -107,6 +107,13 @@ def encode_captions(bundle: ModelBundle, captions: list[str], clip_skip: int | N
     return join_windows(hidden, trim=True), pooled
 
 
+def caption_outputs(bundle: ModelBundle, captions: list[str], clip_skip: int | None, max_token_length: int | None):
+    """encode_captions as a text-encoder cache stores it (data.latents.TextEncoderCache): the hidden states, with
+    the pooled vector beside them when the family has one (SDXL)."""
+    hidden, pooled = encode_captions(bundle, captions, clip_skip, max_token_length)
+    return hidden if pooled is None else (hidden, pooled)
+
+
 def encode_text(bundle: ModelBundle, ids_per_encoder: list[torch.Tensor], clip_skip: int | None = None):
     """Prompt ids [B, 77 k] per encoder -> (context [B, 77 k, D], pooled [B, P] or None), A1111's "Clip skip"
     (1 = last layer; SD2 reads at least the penultimate one, SDXL always it)."""

@@ -564,7 +564,7 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data, train_te
     encoded again; each caption is encoded alone so that a remembered output equals a fresh one bitwise."""
     from lorakit.data import TextEncoderCache, cache_latents, group_static_captions
     from lorakit.data.latents import memo_budget_bytes
-    from lorakit.models.conditioning import encode_captions
+    from lorakit.models.conditioning import caption_outputs
 
     bundle, fam = model.bundle, model.family
     # the whole dataset is encoded once when cached (batched, no memo); else each step encodes what it draws
@@ -584,8 +584,7 @@ def prepare_inputs(o: InputOptions, run: Run, model: Model, data: Data, train_te
     def encode_for_cache(caps):
         if model.objective is not None:  # FLUX: T5 features and CLIP-L's pooled vector, at T5's length
             return model.objective.encode_text(bundle, caps)
-        h, p = encode_captions(bundle, caps, o.clip_skip, o.max_token_length)
-        return h if p is None else (h, p)
+        return caption_outputs(bundle, caps, o.clip_skip, o.max_token_length)
 
     te_cache = None
     text_memo = not o.cache_text_encoder_outputs and not train_te
