@@ -7,7 +7,10 @@ Per configuration (family x fp32/bf16 x gradient checkpointing on/off), in a fre
     every attention layer, loss, backward, clipping, AdamW as the trainer builds it, the NaN guard), latents given
     as if cached and the frozen text encoder's output remembered as the trainer does (data.latents.TextEncoderCache
     as a memo); `step_te_s` is the same step with the captions encoded every time;
-  - ratio = step / floor; peak RSS of the process.
+  - ratio = step / floor; peak RSS of the process;
+  - where the difference goes: the adapted layers' own cost, each timed alone (forward + backward with the adapter on
+    minus off, warm caches), and the step's tail (clipping, AdamW, the NaN guard); `ratio_bound` = 1 + both / floor,
+    the least step/floor these kernels allow on this machine.
 
     .venv/bin/python benchmarks/bench_train.py                       # all configurations, a table at the end
     .venv/bin/python benchmarks/bench_train.py --family sd1 --steps 3 # only SD1.5
@@ -75,7 +78,7 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
     from lorakit.train.stages import picked
     from lorakit.data.latents import TextEncoderCache, memo_budget_bytes
     from lorakit.train.guard import WeightGuard
-    from lorakit.train.optimizers import create_optimizer
+    from lorakit.train.optimizers import clip_grad_norm, create_optimizer
 
     from lorakit.utils.allocator import keep_freed_memory
 
@@ -139,6 +142,18 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
             for a in adapters:
                 a.enabled = True
 
+    def train_step(te_cache) -> float:
+        """One step; returns the seconds of its tail (clipping, AdamW, zeroing, the NaN guard)."""
+        with autocast:
+            loss = batch_loss(bundle, batch, maths, gen, None, te_cache)
+        loss.backward()
+        t_tail = time.time()
+        clip_grad_norm(list(net.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        guard.check()
+        return time.time() - t_tail
+
     def timed_steps(te_cache, floor: list[float] | None) -> list[float]:
         """LoRA steps; with `floor`, each preceded by a floor step (interleaved: both see the same machine state,
         which drifts by more than the difference measured over a run's minute)."""
@@ -146,29 +161,78 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
         for i in range(steps + 1):
             f = timed_floor() if floor is not None else None
             t = time.time()
-            with autocast:
-                loss = batch_loss(bundle, batch, maths, gen, None, te_cache)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            guard.check()
+            tail_s = train_step(te_cache)
             if i:
                 times.append(time.time() - t)
                 if floor is not None:
                     floor.append(f)
+                    tail.append(tail_s)
         return times
 
     floor: list[float] = []
+    tail: list[float] = []
+    shapes = _record_inputs(adapters, lambda: train_step(memo))  # also the first, slow step
     step_t = timed_steps(memo, floor)
     step_te = timed_steps(None, None)
+    layers_s = isolated_layer_costs(adapters, shapes, autocast)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     f, s = statistics.median(floor), statistics.median(step_t)
     return {"family": family, "dtype": dtype_name, "gradient_checkpointing": gc, "resolution": res, "batch": 1,
             "lora_params": sum(p.numel() for p in net.parameters()), "floor_s": round(f, 3), "step_s": round(s, 3),
             "ratio": round(s / f, 3), "step_te_s": round(statistics.median(step_te), 3),
+            "lora_layers_isolated_s": round(layers_s, 3), "optimizer_tail_s": round(statistics.median(tail), 3),
+            "ratio_bound": round(1 + (layers_s + statistics.median(tail)) / f, 3),
             "peak_rss_gib": round(rss_gib, 2), "build_s": round(build_s, 1),
             "threads": torch.get_num_threads(), "steps": steps}
+
+
+def _record_inputs(adapters, one_step) -> dict:
+    """{adapter: (input shape, dtype)} as one training step calls each adapted layer (the first call's)."""
+    seen: dict = {}
+    hooks = [a.org_module.register_forward_pre_hook(
+        lambda _m, args, a=a: seen.setdefault(a, (tuple(args[0].shape), args[0].dtype))) for a in adapters]
+    try:
+        one_step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def isolated_layer_costs(adapters, shapes: dict, autocast, reps: int = 15) -> float:
+    """Seconds a step spends in its adapted layers beyond their frozen cost, each layer timed alone with warm caches:
+    its forward + backward with the adapter on minus the same with it off, summed over the layers (one timing per
+    distinct layer kind, size and input shape, times its count). What a LoRA step must cost over the floor even if
+    nothing else did: with the optimizer's tail, the ratio this machine's kernels allow (`ratio_bound`)."""
+    import torch
+
+    groups: dict = {}
+    for a, (shape, dtype) in shapes.items():
+        key = (type(a.org_module).__name__, tuple(a.shape), shape, dtype)
+        groups.setdefault(key, []).append(a)
+    total = 0.0
+    for (_, _, shape, dtype), members in groups.items():
+        a = members[0]
+        x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        with autocast:
+            g = torch.randn_like(a.org_module(x), dtype=torch.float32)
+        times = {}
+        for enabled in (False, True):
+            a.enabled = enabled
+            runs = []
+            for i in range(reps + 2):
+                t = time.perf_counter()
+                with autocast:
+                    y = a.org_module(x)
+                y.backward(g.to(y.dtype))
+                runs.append(time.perf_counter() - t)
+                x.grad = None
+            times[enabled] = statistics.median(runs[2:])
+        a.enabled = True
+        for p in a.parameters():
+            p.grad = None
+        total += (times[True] - times[False]) * len(members)
+    return total
 
 
 # sd-scripts' UNet-only LoRA step on this machine kind (../shared/reference/performance-targets.md, side by side on one
@@ -209,14 +273,16 @@ def main() -> int:
                 row = json.loads(line[-1])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| family | dtype | grad ckpt | floor s | step s | step/floor (target <= 1.05) | step s, captions encoded "
-          "each step | sd-scripts s/step (target: step <= 0.8x) | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| family | dtype | grad ckpt | floor s | step s | step/floor (target <= 1.05) | LoRA layers alone s | "
+          "clip + AdamW + guard s | step/floor these allow | step s, captions encoded each step | "
+          "sd-scripts s/step (target: step <= 0.8x) | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = SD_SCRIPTS_S_PER_STEP.get((r["family"], r["dtype"], bool(r["gradient_checkpointing"])))
         verdict = "-" if ref is None else f"{ref} ({'met' if r['step_s'] <= 0.8 * ref else 'not met'})"
         print(f"| {r['family']} | {r['dtype']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['floor_s']} | "
-              f"{r['step_s']} | {r['ratio']} ({'met' if r['ratio'] <= 1.05 else 'not met'}) | {r['step_te_s']} | "
+              f"{r['step_s']} | {r['ratio']} ({'met' if r['ratio'] <= 1.05 else 'not met'}) | "
+              f"{r['lora_layers_isolated_s']} | {r['optimizer_tail_s']} | {r['ratio_bound']} | {r['step_te_s']} | "
               f"{verdict} | "
               f"{r['peak_rss_gib']} |")
     return 0

@@ -193,3 +193,30 @@ def test_fused_adamw_is_the_default_and_follows_the_adamw_formula():
         assert not chosen.optimizer.param_groups[0]["fused"], args
     meta = OPT.create_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2, device="meta"))], 1e-3)
     assert not meta.optimizer.param_groups[0]["fused"]  # no fused kernel for that device: torch's default
+
+
+@pytest.mark.parametrize("scale", [1e-3, 9.8e-3, 1.0, float("inf"), float("nan")])
+def test_clip_grad_norm_gives_torchs_gradients_bit_for_bit(scale):
+    """Below, at and above the limit, and with an inf or NaN gradient: the same gradients as torch's clip_grad_norm_;
+    below the limit the gradients are not even written (the multiply by 1.0 skipped)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(16, 320), (320, 16), (7,)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, ref):
+        grad = torch.randn(a.shape, generator=g) * (scale if scale == scale and scale != float("inf") else 1.0)
+        a.grad, b.grad = grad.clone(), grad.clone()
+    if scale != scale or scale == float("inf"):
+        ours[1].grad[3, 0] = ref[1].grad[3, 0] = scale
+    versions = [p.grad._version for p in ours]
+    before = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.grad) for b in ref])))
+    OPT.clip_grad_norm(ours, 1.0)
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.grad) for b in ref]))
+    written = [p.grad._version != v for p, v in zip(ours, versions)]
+    assert all(written) == (not before < 1.0) and any(written) == all(written)
+    if scale == 1.0:
+        assert before > 50 and abs(float(total) - 1.0) < 1e-4  # clipped to the limit
+    OPT.clip_grad_norm([torch.nn.Parameter(torch.ones(2))], 1.0)  # no gradient at all: nothing to do

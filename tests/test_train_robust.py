@@ -207,3 +207,17 @@ def test_generated_pngs_and_diffusers_folders_get_the_usual_permissions(tmp_path
     assert (os.stat(folder).st_mode & 0o777) == want_dir
     assert modes and all(m == (want_dir if os.path.isdir(folder / rel) else want_file) for rel, m in modes.items())
     assert any(rel.endswith(".safetensors") for rel in modes)
+
+
+def test_guard_keeps_huge_finite_weights_and_finds_nan_among_them():
+    """The guard's one-read check is a norm, which overflows for finite weights beyond ~1e19: those are still
+    finite (checked element by element then), and a NaN next to them is still found."""
+    from lorakit.train.guard import WeightGuard
+
+    a, b = torch.nn.Parameter(torch.full((4,), 1e30)), torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    guard = WeightGuard([a, b], lambda: [("a", a), ("b", b)])
+    assert guard.check() and guard.bad_names is None
+    with torch.no_grad():
+        b[2] = float("nan")
+    assert not guard.check() and guard.bad_names == ["b"]
+    assert torch.equal(b.detach(), torch.ones(3, dtype=torch.bfloat16))

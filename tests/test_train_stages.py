@@ -154,3 +154,26 @@ def test_allocator_keeps_freed_memory_for_low_rank_networks_only(tmp_path, monke
     monkeypatch.undo()
     if sys.platform.startswith("linux") and ctypes.util.find_library("c"):
         assert allocator.keep_freed_memory() is True
+
+
+def test_importing_lorakit_asks_torch_for_huge_pages_unless_the_user_chose():
+    """utils/allocator.prefer_huge_pages: torch's CPU allocator then madvises blocks of 2 MB and more as huge pages
+    (seen in the process' AnonHugePages where the kernel gives them on request, THP "madvise"); a user's
+    THP_MEM_ALLOC_ENABLE=0 is kept. Fresh interpreters: torch reads the variable at its first large allocation."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import os, lorakit, torch\n"
+            "ts = [torch.ones(8 << 20, dtype=torch.uint8) for _ in range(4)]\n"
+            "huge = [line.split()[1] for line in open('/proc/self/smaps_rollup') if line.startswith('AnonHuge')]\n"
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], int(huge[0]) if huge else -1)\n")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    asked = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                          capture_output=True, text=True, check=True).stdout
+    assert asked.split()[0] == "1" and kept.split()[0] == "0"
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if mode.exists() and "[madvise]" in mode.read_text():
+        assert int(asked.split()[1]) > 0 and int(kept.split()[1]) == 0  # kB in huge pages: only when asked

@@ -1,8 +1,8 @@
 """The NaN/inf guard of the trainable weights: checked after every optimizer step, with a copy of the last finite ones.
 
 A finite loss does not prove a finite update (an fp16 overflow in the optimizer, a too-high learning rate on a huge
-gradient): only the weights themselves tell. The check reads each weight's largest and smallest value (NaN and inf
-survive both; one device sync), and the copy of the last good weights costs one copy of the adapter (LoRA weights
+gradient): only the weights themselves tell. The check reads each weight's norm (NaN and inf
+survive it; one device sync), and the copy of the last good weights costs one copy of the adapter (LoRA weights
 are small). Names are looked up (lorakit.utils.finite.nonfinite_names) only once something is wrong.
 """
 
@@ -27,14 +27,14 @@ class WeightGuard:
     def all_finite(self) -> bool:
         if not self.params:
             return True
-        if hasattr(torch, "_foreach_max"):
-            # max propagates NaN and +inf, min NaN and -inf: two reads of the weights, no copy (a concatenation
-            # and an isfinite pass cost 50 ms a step on SD1.5's 7M LoRA parameters on a CPU; these 5 ms)
-            ps = [p.detach() for p in self.params if p.numel()]
-            extremes = torch.stack([*torch._foreach_max(ps), *(p.amin() for p in ps)])
-            return bool(torch.isfinite(extremes).all())
-        flat = torch.cat([p.detach().reshape(-1) for p in self.params])  # pragma: no cover - older torch
-        return bool(torch.isfinite(flat).all())
+        ps = [p.detach() for p in self.params if p.numel()]
+        if hasattr(torch, "_foreach_norm"):
+            # one fused read of the weights: NaN and inf propagate through each norm (SDXL's 42.6M LoRA parameters
+            # on a CPU: 8 ms; a max and a per-tensor min: 18 ms). A norm also overflows for finite values beyond
+            # ~1e19, so only a non-finite norm has the weights themselves inspected
+            if bool(torch.isfinite(torch.stack(torch._foreach_norm(ps))).all()):
+                return True
+        return all(bool(torch.isfinite(p).all()) for p in ps)
 
     @torch.no_grad()
     def check(self) -> bool:

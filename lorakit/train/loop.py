@@ -16,6 +16,7 @@ import torch
 
 from lorakit.models.conditioning import added_cond_kwargs, encode_captions
 from lorakit.train import losses, noise as N
+from lorakit.train.optimizers import clip_grad_norm
 from lorakit.train.stages import autocast
 
 
@@ -215,7 +216,7 @@ def _optimizer_step(loop: Loop) -> None:
     if o.scaler is not None:
         o.scaler.unscale_(o.optimizer)
     if loop.o.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(o.trainable, loop.o.max_grad_norm)
+        clip_grad_norm(o.trainable, loop.o.max_grad_norm)
     if o.scaler is not None:
         o.scaler.step(o.optimizer)
         o.scaler.update()

@@ -252,6 +252,24 @@ def create_optimizer(optimizer_type: str, params: Iterable | list[dict], lr: flo
     return OptimizerInfo(opt, canon, f"{cls.__module__}.{cls.__name__}", shown, relative)
 
 
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """torch's clip_grad_norm_ (the same total norm and clamped coefficient, so the same gradients bit for bit) without
+    its multiply of every gradient by 1.0 when nothing needs clipping and the norm is on the CPU: there reading the
+    coefficient costs no device sync, and the multiply is a read and write of all gradients (SDXL's 42.6M LoRA
+    parameters: 13 of the clip's 19 ms a step). A NaN or inf norm multiplies, as torch does."""
+    get_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_norm is None:  # pragma: no cover - torch before 2.6
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = get_norm(grads, 2.0)
+    if total.device.type == "cpu" and bool(max_norm / (total + 1e-6) >= 1.0):  # torch clamps this coefficient to 1
+        return
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+
 def effective_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     """The step size each group really uses: d * lr for D-Adaptation/Prodigy (their "d"), else lr.
 
@@ -334,5 +352,5 @@ def make_param_groups(sets: Sequence[ParamSet], base_lr: float, *,
 __all__ = [
     "OPTIMIZER_NAMES", "OptimizerInfo", "ParamSet", "create_optimizer", "resolve_optimizer_class",
     "parse_optimizer_args", "effective_lrs", "set_train_mode", "make_param_groups", "is_adaptive",
-    "check_group_lrs", "bnb_available_on", "LORAPLUS_UP_KEYS",
+    "check_group_lrs", "bnb_available_on", "LORAPLUS_UP_KEYS", "clip_grad_norm",
 ]

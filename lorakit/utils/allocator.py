@@ -15,6 +15,7 @@ only to low-rank networks (stages.build_network). Only glibc on Linux has mallop
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -39,3 +40,16 @@ def keep_freed_memory() -> bool:
     # mallopt's values are ints: 1 GiB and 2 GiB - 1 are the largest round choices
     _done = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
     return _done
+
+
+def prefer_huge_pages() -> None:
+    """Ask torch's CPU allocator to back blocks of 2 MB and more with transparent huge pages (its own
+    THP_MEM_ALLOC_ENABLE switch: 2 MB alignment and madvise(MADV_HUGEPAGE)), unless the user set the variable.
+
+    Why: a block the kernel hands out afresh is page-faulted and zeroed page by page, 512 faults per 2 MB with 4 KB
+    pages. LyCORIS' rebuilt weights are handed back after every large layer to keep the peak at LoRA's
+    (adapters/recompute.py), so each step faults them in again: SD1.5 LoHa fp32 at 256 px 11.2 -> 8.4 s a step with
+    huge pages, peak RSS 4.86 -> 4.79 GiB; a LoRA run's first step 2.7 -> 2.1-2.5 s, later steps unchanged (their
+    blocks stay in the heap). torch reads the variable at its first large allocation, so this runs when lorakit is
+    imported; a kernel with THP off, another OS or an older torch ignores it."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
