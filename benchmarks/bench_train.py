@@ -174,7 +174,7 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
     shapes = _record_inputs(adapters, lambda: train_step(memo))  # also the first, slow step
     step_t = timed_steps(memo, floor)
     step_te = timed_steps(None, None)
-    layers_s = isolated_layer_costs(adapters, shapes, autocast)
+    layers_s = isolated_layer_costs(adapters, shapes, autocast, forward_twice=gc)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     f, s = statistics.median(floor), statistics.median(step_t)
     return {"family": family, "dtype": dtype_name, "gradient_checkpointing": gc, "resolution": res, "batch": 1,
@@ -189,8 +189,13 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
 def _record_inputs(adapters, one_step) -> dict:
     """{adapter: (input shape, dtype)} as one training step calls each adapted layer (the first call's)."""
     seen: dict = {}
-    hooks = [a.org_module.register_forward_pre_hook(
-        lambda _m, args, a=a: seen.setdefault(a, (tuple(args[0].shape), args[0].dtype))) for a in adapters]
+
+    def hook_for(a):
+        def hook(_module, args):  # returns None: the layer's inputs stay as they are
+            seen.setdefault(a, (tuple(args[0].shape), args[0].dtype))
+        return hook
+
+    hooks = [a.org_module.register_forward_pre_hook(hook_for(a)) for a in adapters]
     try:
         one_step()
     finally:
@@ -199,11 +204,12 @@ def _record_inputs(adapters, one_step) -> dict:
     return seen
 
 
-def isolated_layer_costs(adapters, shapes: dict, autocast, reps: int = 15) -> float:
+def isolated_layer_costs(adapters, shapes: dict, autocast, reps: int = 15, forward_twice: bool = False) -> float:
     """Seconds a step spends in its adapted layers beyond their frozen cost, each layer timed alone with warm caches:
     its forward + backward with the adapter on minus the same with it off, summed over the layers (one timing per
-    distinct layer kind, size and input shape, times its count). What a LoRA step must cost over the floor even if
-    nothing else did: with the optimizer's tail, the ratio this machine's kernels allow (`ratio_bound`)."""
+    distinct layer kind, size and input shape, times its count); `forward_twice` (gradient checkpointing, which runs
+    each forward again in backward) adds the forward's difference once more. What a LoRA step must cost over the
+    floor even if nothing else did: with the optimizer's tail, the ratio this machine's kernels allow."""
     import torch
 
     groups: dict = {}
@@ -216,24 +222,25 @@ def isolated_layer_costs(adapters, shapes: dict, autocast, reps: int = 15) -> fl
         x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
         with autocast:
             g = torch.randn_like(a.org_module(x), dtype=torch.float32)
-        times = {}
+        both, forward = {}, {}
         for enabled in (False, True):
             a.enabled = enabled
-            runs = []
-            for i in range(reps + 2):
+            runs, fw = [], []
+            for _ in range(reps + 2):
                 t = time.perf_counter()
                 with autocast:
                     y = a.org_module(x)
+                fw.append(time.perf_counter() - t)
                 y.backward(g.to(y.dtype))
                 runs.append(time.perf_counter() - t)
                 x.grad = None
-            times[enabled] = statistics.median(runs[2:])
+            both[enabled], forward[enabled] = statistics.median(runs[2:]), statistics.median(fw[2:])
         a.enabled = True
         for p in a.parameters():
             p.grad = None
-        total += (times[True] - times[False]) * len(members)
+        extra = both[True] - both[False] + (forward[True] - forward[False] if forward_twice else 0.0)
+        total += extra * len(members)
     return total
-
 
 # sd-scripts' UNet-only LoRA step on this machine kind (../shared/reference/performance-targets.md, side by side on one
 # idle machine, dim 16, 256 px, batch 1); its step also encodes the latents, so on the same flags ours is compared
