@@ -154,9 +154,10 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
         guard.check()
         return time.time() - t_tail
 
-    def timed_steps(te_cache, floor: list[float] | None) -> list[float]:
+    def timed_steps(te_cache, floor: list[float] | None = None, tail: list[float] | None = None) -> list[float]:
         """LoRA steps; with `floor`, each preceded by a floor step (interleaved: both see the same machine state,
-        which drifts by more than the difference measured over a run's minute)."""
+        which drifts by more than the difference measured over a run's minute) and its tail's time added to
+        `tail`."""
         times = []
         for i in range(steps + 1):
             f = timed_floor() if floor is not None else None
@@ -166,14 +167,15 @@ def run_one(family: str, dtype_name: str, gc: bool, steps: int, gemm_convs: bool
                 times.append(time.time() - t)
                 if floor is not None:
                     floor.append(f)
+                if tail is not None:
                     tail.append(tail_s)
         return times
 
     floor: list[float] = []
     tail: list[float] = []
     shapes = _record_inputs(adapters, lambda: train_step(memo))  # also the first, slow step
-    step_t = timed_steps(memo, floor)
-    step_te = timed_steps(None, None)
+    step_t = timed_steps(memo, floor, tail)
+    step_te = timed_steps(None)
     layers_s = isolated_layer_costs(adapters, shapes, autocast, forward_twice=gc)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     f, s = statistics.median(floor), statistics.median(step_t)
