@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorakit.adapters.base import attach, detach
 from lorakit.adapters.lora import LoRAModule
@@ -132,3 +133,61 @@ def test_strided_or_padded_1x1_and_channels_last_use_convolutions(conv):
     assert "LoRAPointwise" not in repr(y1.grad_fn.next_functions)
     y2, g2 = _pointwise_reference(layer, a, x)
     torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+
+
+class _CountProducts(TorchDispatchMode):
+    """Counts the matrix products whose output has a given shape (a layer's full-size output)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.n = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__
+        if ("mm" in name or "linear" in name) and isinstance(out, torch.Tensor) and tuple(out.shape) in (self.shape, (self.shape[0] * self.shape[1],
+                                                                               self.shape[2])):
+            self.n += 1
+        return out
+
+
+@pytest.mark.parametrize("dtype,last", [(torch.float32, "lora"), (torch.bfloat16, "lora"),
+                                        (torch.float32, "frozen"), (torch.bfloat16, "frozen")])
+def test_checkpoint_recomputation_stops_before_the_last_product(dtype, last):
+    """Non-reentrant gradient checkpointing (diffusers' default) recomputes a block in backward only up to the last
+    tensor saved. A block whose last layer is a LoRA Linear (a transformer block's ff.net.2) or a frozen oneDNN
+    Linear must not compute that layer's full-size product again: nothing saved needs it. Gradients equal the
+    uncheckpointed ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lorakit.models.dnn_linear import use_dnn_linears
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(48, 80), nn.GELU(), nn.Linear(80, 96)).to(dtype).requires_grad_(False)
+    use_dnn_linears(block)
+    adapted = [block[0], block[2]] if last == "lora" else [block[0]]
+    ads = [LoRAModule(f"lora_unet_{i}", m, lora_dim=4, alpha=2.0).train() for i, m in enumerate(adapted)]
+    for a in ads:
+        with torch.no_grad():
+            a.lora_up.weight.normal_(0, 0.1)
+        attach(a)
+    params = [p for a in ads for p in (a.lora_down.weight, a.lora_up.weight)]
+    x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=True)
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    try:
+        grads = []
+        for gc in (False, True):
+            with ac:
+                y = checkpoint(block, x, use_reentrant=False) if gc else block(x)
+            if gc:
+                assert "LoRALinear" in type(y.grad_fn).__name__ if last == "lora" else True
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+            counter = _CountProducts((2, 5, 96))
+            with counter:
+                grads.append(torch.autograd.grad(y, [x] + params, gy))
+            assert counter.n == 0, f"the last layer's product ran {counter.n} time(s) in backward"
+    finally:
+        for a in ads:
+            detach(a)
+    for u, v in zip(*grads):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)

@@ -121,8 +121,8 @@ class LoRAModule(AdapterModule):
         if self.is_conv or self.tucker or type(org) not in (nn.Linear, DnnLinear) or (self.training and (
                 self.dropout or self.rank_dropout or self.module_dropout)):
             return None
-        return LoRALinear.apply(x, org.weight, org.bias, self.lora_down.weight, self.up_weight(),
-                                self.scale * self.multiplier * self.module_weight)
+        return lora_linear(x, org.weight, org.bias, self.lora_down.weight, self.up_weight(),
+                           self.scale * self.multiplier * self.module_weight)
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.wd:
@@ -223,42 +223,84 @@ def _save_diagonal_up(module: SplitLoRAModule, state_dict, prefix, _local_metada
     state_dict[prefix + "lora_up.weight"] = up.detach()
 
 
-class LoRALinear(torch.autograd.Function):
-    """y = x W^T + b + s (x D^T) U^T as one autograd node, for a frozen Linear W with LoRA factors D (r, in), U (out, r).
+def lora_linear(x, weight, bias, down, up, scale):
+    """y = x W^T + b + s (x D^T) U^T for a frozen Linear W with LoRA factors D (r, in), U (out, r), as two autograd
+    nodes: `_LoRADown` (the rank-r activations, keeping x for the down factor's gradient) and `_LoRALinear` (the
+    frozen product with the rank-r term added in, and every gradient but the down factor's).
 
-    Against base(x) + up(down(x)) * s: the rank-r product is added into the base output by one in-place addmm, the
-    scale rides on the GEMMs' alpha, and backward accumulates the LoRA's input gradient into the base's with another
-    addmm - about a third of the ops and no full-size elementwise pass. Saves x and the rank-r activations (what the
-    unfused form keeps too), the factors as cast for the forward (small; not cast again in backward) and the frozen
-    weight as stored (an fp8 base is cast again in backward, not kept cast). The factors' gradients are returned in
-    the compute dtype: autograd casts them to the parameters' dtype (one op fewer each on the Python side, which is
-    most of a rank-16 layer's cost at SD's sizes on a CPU). Its float32 products go through oneDNN where that is faster
-    (models.dnn_linear), like the frozen layers around it."""
+    Why two: under non-reentrant gradient checkpointing (diffusers' default) the backward recomputes a checkpointed
+    block only up to the last tensor any node saved, and a custom node saves when its forward has returned. With one
+    node saving x, the block's last LoRA layer (a transformer block's `ff.net.2`) redid its full frozen product for
+    nothing, where a frozen layer's own op saves before computing and is skipped (1.4 GFLOP a block at SD1.5's
+    512 px, 13 at SDXL's 1024 px; 85 ms of a 5.9 s SD1.5 bf16 step, measured). Here x is saved by the cheap down
+    product and `_LoRALinear` saves no tensor through the autograd machinery at all (see there), so the
+    recomputation stops before the frozen product."""
+    dt = compute_dtype(x)
+    x = _cast(x, dt)  # once, as an autograd op, for both nodes (an fp32 activation under bf16 autocast)
+    if not torch.is_grad_enabled():  # sampling: the same products without the nodes' bookkeeping
+        return _base_plus_rank_r(x, fp32_linear(x.reshape(-1, x.shape[-1]), _cast(down, dt)), weight, bias, up, scale)
+    lx = _LoRADown.apply(x, down)
+    return _LoRALinear.apply(x, lx, weight, bias, down, up, scale)
+
+
+def _base_plus_rank_r(x, lx, weight, bias, up, scale):
+    """x W^T + b, then s lx U^T added into it in place (one addmm, the scale as its alpha)."""
+    dt = x.dtype
+    y = fp32_linear(x, _cast(weight, dt), None if bias is None else _cast(bias, dt))
+    y.view(-1, y.shape[-1]).addmm_(lx, _cast(up, dt).t(), alpha=scale)
+    return y
+
+
+class _LoRADown(torch.autograd.Function):
+    """lx = x D^T in the compute dtype, tokens flattened to rows: (tokens, r). x's gradient through this node is
+    left to `_LoRALinear`, which adds it into the frozen layer's in one product."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale):
-        dt = compute_dtype(x)
-        x = x if x.dtype == dt else x.to(dt)
-        d, u = _cast(down, dt), _cast(up, dt)
-        y = fp32_linear(x, _cast(weight, dt), None if bias is None else _cast(bias, dt))
-        lx = fp32_linear(x.reshape(-1, x.shape[-1]), d)
-        y.view(-1, y.shape[-1]).addmm_(lx, u.t(), alpha=scale)
-        ctx.scale = scale
-        ctx.save_for_backward(x, lx, weight, d, u)
+    def forward(ctx, x, down):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2)
+        return fp32_linear(x2, _cast(down, x.dtype))
+
+    @staticmethod
+    def backward(ctx, glx):
+        (x2,) = ctx.saved_tensors
+        gdown = _rank_product(glx, x2, 1.0) if ctx.needs_input_grad[1] else None
+        return None, gdown
+
+
+class _LoRALinear(torch.autograd.Function):
+    """y = x W^T + b + s lx U^T with lx = x D^T from `_LoRADown`: the rank-r product is added into the base output
+    by one in-place addmm and the scale rides on the GEMMs' alpha; backward accumulates the LoRA's input gradient
+    into the base's with another addmm - no full-size elementwise pass. Its float32 products go through oneDNN where
+    that is faster (models.dnn_linear), like the frozen layers around it.
+
+    Saves nothing through `save_for_backward` (why: `lora_linear`): it keeps as attributes the frozen weight as
+    stored (a parameter: held anyway; an fp8 base is cast again in backward, not kept cast), the factors as
+    parameters (cast again in backward: a few microseconds, and under checkpointing no cast copy is held) and lx
+    (tokens x r: what the unfused form keeps too; under checkpointing it is kept instead of recomputed, ~1% of the
+    activations the checkpoint frees). The factors' gradients are returned in the compute dtype: autograd casts
+    them to the parameters' dtype (one op fewer each on the Python side, which is most of a rank-16 layer's cost at
+    SD's sizes on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, lx, weight, bias, down, up, scale):
+        y = _base_plus_rank_r(x, lx, weight, bias, up, scale)
+        ctx.scale, ctx.dt, ctx.x_shape = scale, x.dtype, x.shape
+        ctx.lx, ctx.weight, ctx.down, ctx.up = lx, weight, down, up
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, lx, weight, d, u = ctx.saved_tensors
-        dt, s = x.dtype, ctx.scale
-        g2, x2 = _cast(gy, dt).reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-        glx = fp32_linear(g2, u.t())  # (tokens, r), unscaled
+        dt, s = ctx.dt, ctx.scale
+        g2 = _cast(gy, dt).reshape(-1, gy.shape[-1])
+        glx = fp32_linear(g2, _cast(ctx.up, dt).t())  # lx's gradient, (tokens, r)
+        if s != 1.0:
+            glx.mul_(s)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = fp32_linear(g2, _cast(weight, dt).t()).addmm_(glx, d, alpha=s).view(x.shape)
-        gdown = _rank_product(glx, x2, s) if ctx.needs_input_grad[3] else None
-        gup = _rank_product(lx, g2, s).t() if ctx.needs_input_grad[4] else None
-        return gx, None, None, gdown, gup, None
+            gx = fp32_linear(g2, _cast(ctx.weight, dt).t()).addmm_(glx, _cast(ctx.down, dt)).view(ctx.x_shape)
+        gup = _rank_product(ctx.lx, g2, s).t() if ctx.needs_input_grad[5] else None
+        return gx, glx, None, None, None, gup, None
 
 
 class LoRAPointwise(torch.autograd.Function):

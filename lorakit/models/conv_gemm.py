@@ -67,7 +67,9 @@ class _FrozenGemmConv(torch.autograd.Function):
     """y = W (cout x cin k k) @ im2col(x) + b; backward gives x's gradient only (the layer is frozen), as
     fold((g^T W)^T): the weight as the product's right operand, as in forward (bf16 W^T g took twice as long).
     Keeps for backward only the frozen weight, which the layer holds anyway: neither x nor its im2col columns
-    (the convolution keeps x)."""
+    (the convolution keeps x). The weight is kept as an attribute, not through `save_for_backward`, so that gradient
+    checkpointing's recomputation, which runs a block up to its last saved tensor, can stop before a block's last
+    convolution (a custom node saves only when its forward has returned; see models.dnn_linear._FrozenLinear)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
@@ -84,14 +86,12 @@ class _FrozenGemmConv(torch.autograd.Function):
             y = fp32_linear(cols.t(), w2, bias).t().contiguous()
         else:  # the bias enters the product's accumulator: one rounding, as in the convolution
             y = w2 @ cols if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
-        ctx.save_for_backward(weight)
-        ctx.geometry = (n, cin, h, w, oh, ow, stride, padding)
+        ctx.weight, ctx.geometry = weight, (n, cin, h, w, oh, ow, stride, padding)
         return y.view(1, cout, oh, ow) if n == 1 else y.view(cout, n, oh, ow).transpose(0, 1).contiguous()
 
     @staticmethod
     def backward(ctx, gy):
-        (weight,) = ctx.saved_tensors
-        n, cin, h, w, oh, ow, stride, padding = ctx.geometry
+        weight, (n, cin, h, w, oh, ow, stride, padding) = ctx.weight, ctx.geometry
         cout, _, kh, kw = weight.shape
         g = gy.to(weight.dtype)
         g = g.reshape(cout, oh * ow) if n == 1 else g.transpose(0, 1).reshape(cout, n * oh * ow)

@@ -48,16 +48,19 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 class _FrozenLinear(torch.autograd.Function):
     """y = x W^T + b for a frozen W and b through oneDNN; backward gives x's gradient only, g W, through oneDNN too
-    (W^T passed as the weight, no copy). Keeps only W, which the layer holds anyway."""
+    (W^T passed as the weight, no copy). Keeps only W, which the layer holds anyway, as an attribute rather than
+    through `save_for_backward`: a custom node saves when its forward has returned, and non-reentrant gradient
+    checkpointing recomputes a block up to its last saved tensor - a block ending in this layer would redo its
+    product for nothing (torch's own linear saves before computing)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)
+        ctx.weight = weight
         return _LINEAR(x, weight, bias, "none", [], "")
 
     @staticmethod
     def backward(ctx, gy):
-        (weight,) = ctx.saved_tensors
+        weight = ctx.weight
         return _LINEAR(gy.to(weight.dtype), weight.t(), None, "none", [], ""), None, None
 
 
