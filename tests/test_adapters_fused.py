@@ -136,17 +136,24 @@ def test_strided_or_padded_1x1_and_channels_last_use_convolutions(conv):
 
 
 class _CountProducts(TorchDispatchMode):
-    """Counts the matrix products whose output has a given shape (a layer's full-size output)."""
+    """Counts the products (matrix products, or ops whose name holds `kind`) whose output has a given shape (a
+    layer's full-size output; for matrix products also flattened to 2-D), and with `weight` only those taking it
+    as their second operand."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, kind: str | None = None, weight: torch.Tensor | None = None):
         super().__init__()
-        self.shape, self.n = tuple(shape), 0
+        self.shape, self.kind, self.n = tuple(shape), kind, 0
+        self.weight_ptr = None if weight is None else weight.data_ptr()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.__name__
-        if ("mm" in name or "linear" in name) and isinstance(out, torch.Tensor) and tuple(out.shape) in (self.shape, (self.shape[0] * self.shape[1],
-                                                                               self.shape[2])):
+        product = self.kind in name if self.kind else ("mm" in name or "linear" in name)
+        if self.weight_ptr is not None:
+            product = product and len(args) > 1 and isinstance(args[1], torch.Tensor) \
+                and args[1].data_ptr() == self.weight_ptr
+        if product and isinstance(out, torch.Tensor) and (tuple(out.shape) == self.shape or (
+                len(self.shape) == 3 and tuple(out.shape) == (self.shape[0] * self.shape[1], self.shape[2]))):
             self.n += 1
         return out
 
@@ -186,6 +193,38 @@ def test_checkpoint_recomputation_stops_before_the_last_product(dtype, last):
             with counter:
                 grads.append(torch.autograd.grad(y, [x] + params, gy))
             assert counter.n == 0, f"the last layer's product ran {counter.n} time(s) in backward"
+    finally:
+        for a in ads:
+            detach(a)
+    for u, v in zip(*grads):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_checkpoint_recomputation_skips_a_locon_blocks_last_convolution():
+    """The same for a LoCon on a block's last 3x3 convolution (a resnet's conv2): the adapter's change is computed
+    before the base output, so backward's recomputation stops before the base convolution (the change's rank-r
+    products still run: they come first). Gradients equal the uncheckpointed ones bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.SiLU(), nn.Conv2d(12, 16, 3, padding=1))
+    block.requires_grad_(False)
+    ads = [LoRAModule(f"lora_unet_c{i}", block[i], lora_dim=4, alpha=2.0).train() for i in (0, 2)]
+    for a in ads:
+        with torch.no_grad():
+            a.lora_up.weight.normal_(0, 0.1)
+        attach(a)
+    params = [p for a in ads for p in (a.lora_down.weight, a.lora_up.weight)]
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    try:
+        grads = []
+        for gc in (False, True):
+            y = checkpoint(block, x, use_reentrant=False) if gc else block(x)
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+            counter = _CountProducts((1, 16, 6, 6), "convolution", weight=block[2].weight)
+            with counter:
+                grads.append(torch.autograd.grad(y, [x] + params, gy))
+            assert counter.n == 0, f"the last base convolution ran {counter.n} time(s) in backward"
     finally:
         for a in ads:
             detach(a)

@@ -103,3 +103,38 @@ def test_a_cpu_training_run_gives_its_unet_the_gemm_path(tmp_path):
     model = S.prepare_model(S.picked(S.ModelOptions, opts), run, tiny("sd1"))
     convs = [m for m in model.bundle.unet.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(type(m) is G.GemmConv2d for m in convs)
+
+
+def test_checkpoint_recomputation_skips_a_blocks_last_gemm_convolution():
+    """Under non-reentrant gradient checkpointing backward recomputes a block only up to its last saved tensor: a
+    block ending in a GEMM convolution (a resnet's conv2) must not redo that product, as torch's own convolution is
+    not redone. Counted: the matrix products giving the last layer's (cout, positions) output, during backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import checkpoint
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__  # oneDNN's float32 GEMM (dnn_linear) gives (positions, cout)
+            if ("mm" in name or "linear" in name) and tuple(out.shape) in ((6, 25), (25, 6)):
+                Count.n += 1
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(4, 3, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)
+    x = torch.randn(1, 3, 5, 5, generator=g, requires_grad=True)
+
+    def block(x):
+        h = F.silu(G.conv2d_as_gemm(x, w1, None, (1, 1), (1, 1)))
+        return G.conv2d_as_gemm(h, w2, None, (1, 1), (1, 1))
+
+    grads = []
+    for gc in (False, True):
+        y = checkpoint(block, x, use_reentrant=False) if gc else block(x)
+        assert type(y.grad_fn).__name__.startswith("_FrozenGemmConv")
+        with Count():
+            grads.append(torch.autograd.grad(y, x, torch.ones_like(y))[0])
+        assert Count.n == 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

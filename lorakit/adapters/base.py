@@ -315,12 +315,14 @@ class _Host:
             y = self.adapters[0].forward_fused(x)  # one op with W + change where that is exact enough
             if y is not None:
                 return y
+        # the changes before the base output: under non-reentrant gradient checkpointing backward recomputes a block
+        # only up to its last saved tensor, and the base layer's op saves before it computes, so a block ending in an
+        # adapted layer (a resnet's conv2 under LoCon) skips its base product; computed after the changes' products,
+        # whose tensors are saved later, the base product would be redone for nothing
+        deltas = [d for d in (a.forward_delta(x) for a in self.adapters if a.enabled) if d is not None]
         y = self.orig_forward(x, *args, **kwargs)
-        for a in self.adapters:
-            if a.enabled:
-                d = a.forward_delta(x)
-                if d is not None:
-                    y = y + d.to(y.dtype)
+        for d in deltas:
+            y = y + d.to(y.dtype)
         return y
 
 
