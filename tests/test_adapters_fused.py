@@ -158,75 +158,65 @@ class _CountProducts(TorchDispatchMode):
         return out
 
 
+def _adapted(layers):
+    """A LoRA (rank 4, a non-zero up) attached to each layer; the adapters and their parameters."""
+    ads = [LoRAModule(f"lora_unet_{i}", m, lora_dim=4, alpha=2.0).train() for i, m in enumerate(layers)]
+    for a in ads:
+        with torch.no_grad():
+            a.lora_up.weight.normal_(0, 0.1)
+        attach(a)
+    return ads, [p for a in ads for p in (a.lora_down.weight, a.lora_up.weight)]
+
+
+def _plain_and_checkpointed(block, x, params, counter, autocast=None):
+    """block(x)'s gradients without and with non-reentrant checkpointing (diffusers' kind), each backward counted by
+    a fresh `counter()`; asserts that neither backward ran the counted product and that both give the same bits."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for gc in (False, True):
+        with autocast or torch.autocast("cpu", enabled=False):
+            y = checkpoint(block, x, use_reentrant=False) if gc else block(x)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        count = counter()
+        with count:
+            grads.append(torch.autograd.grad(y, [x] + params, gy))
+        assert count.n == 0, f"the last layer's product ran {count.n} time(s) in backward (checkpointed: {gc})"
+    for u, v in zip(*grads):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype,last", [(torch.float32, "lora"), (torch.bfloat16, "lora"),
                                         (torch.float32, "frozen"), (torch.bfloat16, "frozen")])
 def test_checkpoint_recomputation_stops_before_the_last_product(dtype, last):
-    """Non-reentrant gradient checkpointing (diffusers' default) recomputes a block in backward only up to the last
-    tensor saved. A block whose last layer is a LoRA Linear (a transformer block's ff.net.2) or a frozen oneDNN
-    Linear must not compute that layer's full-size product again: nothing saved needs it. Gradients equal the
-    uncheckpointed ones."""
-    from torch.utils.checkpoint import checkpoint
-
+    """Non-reentrant gradient checkpointing recomputes a block in backward only up to the last tensor saved. A block
+    whose last layer is a LoRA Linear (a transformer block's ff.net.2) or a frozen oneDNN Linear must not compute
+    that layer's full-size product again: nothing saved needs it. Gradients equal the uncheckpointed ones."""
     from lorakit.models.dnn_linear import use_dnn_linears
 
     torch.manual_seed(0)
     block = nn.Sequential(nn.Linear(48, 80), nn.GELU(), nn.Linear(80, 96)).to(dtype).requires_grad_(False)
     use_dnn_linears(block)
-    adapted = [block[0], block[2]] if last == "lora" else [block[0]]
-    ads = [LoRAModule(f"lora_unet_{i}", m, lora_dim=4, alpha=2.0).train() for i, m in enumerate(adapted)]
-    for a in ads:
-        with torch.no_grad():
-            a.lora_up.weight.normal_(0, 0.1)
-        attach(a)
-    params = [p for a in ads for p in (a.lora_down.weight, a.lora_up.weight)]
+    ads, params = _adapted([block[0], block[2]] if last == "lora" else [block[0]])
     x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=True)
-    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     try:
-        grads = []
-        for gc in (False, True):
-            with ac:
-                y = checkpoint(block, x, use_reentrant=False) if gc else block(x)
-            if gc:
-                assert "LoRALinear" in type(y.grad_fn).__name__ if last == "lora" else True
-            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
-            counter = _CountProducts((2, 5, 96))
-            with counter:
-                grads.append(torch.autograd.grad(y, [x] + params, gy))
-            assert counter.n == 0, f"the last layer's product ran {counter.n} time(s) in backward"
+        _plain_and_checkpointed(block, x, params, lambda: _CountProducts((2, 5, 96)),
+                                torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16))
     finally:
         for a in ads:
             detach(a)
-    for u, v in zip(*grads):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
 def test_checkpoint_recomputation_skips_a_locon_blocks_last_convolution():
     """The same for a LoCon on a block's last 3x3 convolution (a resnet's conv2): the adapter's change is computed
     before the base output, so backward's recomputation stops before the base convolution (the change's rank-r
     products still run: they come first). Gradients equal the uncheckpointed ones bit for bit."""
-    from torch.utils.checkpoint import checkpoint
-
     torch.manual_seed(0)
     block = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.SiLU(), nn.Conv2d(12, 16, 3, padding=1))
-    block.requires_grad_(False)
-    ads = [LoRAModule(f"lora_unet_c{i}", block[i], lora_dim=4, alpha=2.0).train() for i in (0, 2)]
-    for a in ads:
-        with torch.no_grad():
-            a.lora_up.weight.normal_(0, 0.1)
-        attach(a)
-    params = [p for a in ads for p in (a.lora_down.weight, a.lora_up.weight)]
-    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    ads, params = _adapted(list(block.requires_grad_(False))[0::2])
     try:
-        grads = []
-        for gc in (False, True):
-            y = checkpoint(block, x, use_reentrant=False) if gc else block(x)
-            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-            counter = _CountProducts((1, 16, 6, 6), "convolution", weight=block[2].weight)
-            with counter:
-                grads.append(torch.autograd.grad(y, [x] + params, gy))
-            assert counter.n == 0, f"the last base convolution ran {counter.n} time(s) in backward"
+        _plain_and_checkpointed(block, torch.randn(1, 8, 6, 6, requires_grad=True), params,
+                                lambda: _CountProducts((1, 16, 6, 6), "convolution", weight=block[2].weight))
     finally:
         for a in ads:
             detach(a)
-    for u, v in zip(*grads):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
