@@ -268,6 +268,8 @@ def main() -> int:
     ap.add_argument("--plain_convs", action="store_true",
                     help="every UNet convolution through oneDNN as before models.conv_gemm, every Linear through torch's own matmul as before models.dnn_linear (floor and step alike)")
     args = ap.parse_args()
+    if args.resolution < 64 or args.resolution % 64:
+        ap.error(f"--resolution {args.resolution}: give a multiple of 64 (the UNet halves the latent three times)")
     if args.one:
         fam, dt, gc = args.one
         print(json.dumps(run_one(fam, dt, gc in ("1", "true", "True"), args.steps, not args.plain_convs,

@@ -232,7 +232,8 @@ def lora_linear(x, weight, bias, down, up, scale):
     block only up to the last tensor any node saved, and a custom node saves when its forward has returned. With one
     node saving x, the block's last LoRA layer (a transformer block's `ff.net.2`) redid its full frozen product for
     nothing, where a frozen layer's own op saves before computing and is skipped (1.4 GFLOP a block at SD1.5's
-    512 px, 13 at SDXL's 1024 px; 85 ms of a 5.9 s SD1.5 bf16 step, measured). Here x is saved by the cheap down
+    512 px, 13 at SDXL's 1024 px; measured, bf16 with checkpointing: SDXL 1024 px 39.3 -> 37.8 s a step, SD1.5
+    256 px 1.31-1.34 -> 1.23-1.25 s; benchmarks/bench_train.py). Here x is saved by the cheap down
     product and `_LoRALinear` saves no tensor through the autograd machinery at all (see there), so the
     recomputation stops before the frozen product."""
     dt = compute_dtype(x)

@@ -2,7 +2,8 @@
 
 A finite loss does not prove a finite update (an fp16 overflow in the optimizer, a too-high learning rate on a huge
 gradient): only the weights themselves tell. The check reads each weight's norm (NaN and inf survive it; one device
-sync), and the copy of the last good weights costs one copy of the adapter (LoRA weights are small). Names are looked up (lorakit.utils.finite.nonfinite_names) only once something is wrong.
+sync), and the copy of the last good weights costs one copy of the adapter (LoRA weights are small). Names are looked
+up (lorakit.utils.finite.nonfinite_names) only once something is wrong.
 """
 
 from __future__ import annotations
