@@ -4,11 +4,16 @@
 #
 #   scripts/check_quickstart.sh [WORK_DIR]          # default: a new folder under /tmp
 #   scripts/check_quickstart.sh --committed [DIR]   # clone HEAD only (default: HEAD plus the working tree's changes)
+#   scripts/check_quickstart.sh --keep ...          # keep the clone after a pass (default: removed, log kept)
 #
 # The commands are read from the README's Quick start block, so this checks what a newcomer would type.
 set -euo pipefail
-committed=0
-if [ "${1:-}" = "--committed" ]; then committed=1; shift; fi
+committed=0 keep=0
+while [ "${1:-}" = "--committed" ] || [ "${1:-}" = "--keep" ]; do
+  [ "$1" = "--committed" ] && committed=1
+  [ "$1" = "--keep" ] && keep=1
+  shift
+done
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-$(mktemp -d /tmp/lorakit-quickstart.XXXXXX)}"
 mkdir -p "$work"
@@ -49,4 +54,7 @@ EOF
 # a clean environment, as on a new machine: no venv of this checkout, no inherited Python path
 env -u VIRTUAL_ENV -u PYTHONPATH PATH="$(echo "$PATH" | tr ':' '\n' | grep -v "$repo" | paste -sd:)" \
   bash "$work/quickstart.sh" 2>&1 | tee "$work/quickstart.log"
-exit "${PIPESTATUS[0]}"
+rc="${PIPESTATUS[0]}"
+# a clone with its venv is ~2 GB: left behind by every check they filled the disk (and then CI's /tmp) once
+if [ "$rc" = 0 ] && [ "$keep" = 0 ]; then rm -rf "$clone"; echo "check_quickstart: clone removed (--keep keeps it)"; fi
+exit "$rc"
