@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorakit.adapters.base import attach, detach
+from lorakit.adapters.loha import LoHaModule
+from lorakit.adapters.lokr import LoKrModule
 from lorakit.adapters.lora import LoRAModule
 
 
@@ -158,14 +160,33 @@ class _CountProducts(TorchDispatchMode):
         return out
 
 
-def _adapted(layers):
-    """A LoRA (rank 4, a non-zero up) attached to each layer; the adapters and their parameters."""
-    ads = [LoRAModule(f"lora_unet_{i}", m, lora_dim=4, alpha=2.0).train() for i, m in enumerate(layers)]
-    for a in ads:
+def _lora(name, layer):
+    a = LoRAModule(name, layer, lora_dim=4, alpha=2.0)
+    with torch.no_grad():
+        a.lora_up.weight.normal_(0, 0.1)
+    return a
+
+
+def _lycoris(algo):
+    """A maker of `algo`'s adapter (rank 4) with every factor moved off its zero initialisation."""
+    cls, kw = {"loha": (LoHaModule, {}), "lokr": (LoKrModule, {"factor": 4}),
+               "dora": (LoRAModule, {"weight_decompose": True})}[algo]
+
+    def make(name, layer):
+        a = cls(name, layer, lora_dim=4, alpha=2.0, **kw)
         with torch.no_grad():
-            a.lora_up.weight.normal_(0, 0.1)
+            for p in a.parameters():
+                p.add_(torch.randn(p.shape) * 0.05)
+        return a
+    return make
+
+
+def _adapted(layers, make=_lora):
+    """An adapter (default: LoRA rank 4, a non-zero up) attached to each layer; the adapters and their parameters."""
+    ads = [make(f"lora_unet_{i}", m).train() for i, m in enumerate(layers)]
+    for a in ads:
         attach(a)
-    return ads, [p for a in ads for p in (a.lora_down.weight, a.lora_up.weight)]
+    return ads, [p for a in ads for p in a.parameters() if p.requires_grad]
 
 
 def _plain_and_checkpointed(block, x, params, counter, autocast=None):
@@ -217,6 +238,30 @@ def test_checkpoint_recomputation_skips_a_locon_blocks_last_convolution():
     try:
         _plain_and_checkpointed(block, torch.randn(1, 8, 6, 6, requires_grad=True), params,
                                 lambda: _CountProducts((1, 16, 6, 6), "convolution", weight=block[2].weight))
+    finally:
+        for a in ads:
+            detach(a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32_fused", "bf16_bypass"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_checkpoint_recomputation_skips_a_rebuilt_layers_op(algo, kind, dtype):
+    """The same for LoHa, LoKr and DoRA (`rebuilt_delta`) on a block's last Linear or 3x3 convolution, in float32
+    (one op with W + change) and under bf16 autocast (base op plus the change's op): backward's recomputation stops
+    before the layer's full-size op - the rebuilt one and the base one. Gradients equal the uncheckpointed ones."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        block, x, out = nn.Sequential(nn.Linear(48, 80), nn.GELU(), nn.Linear(80, 96)), torch.randn(2, 5, 48), (2, 5, 96)
+    else:
+        block = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.SiLU(), nn.Conv2d(12, 16, 3, padding=1))
+        x, out = torch.randn(1, 8, 6, 6), (1, 16, 6, 6)
+    block = block.to(dtype).requires_grad_(False)
+    ads, params = _adapted([block[0], block[2]], _lycoris(algo))
+    try:
+        _plain_and_checkpointed(block, x.to(dtype).requires_grad_(True), params,
+                                lambda: _CountProducts(out, None if kind == "linear" else "convolution"),
+                                torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16))
     finally:
         for a in ads:
             detach(a)

@@ -1,4 +1,4 @@
-"""LoHa, LoKr, DoRA and full adapters train through `RebuiltDelta`: the same outputs and gradients as plain autograd
+"""LoHa, LoKr, DoRA and full adapters train through `rebuilt_delta`: the same outputs and gradients as plain autograd
 through op(x, W_change) (the maths before the low-memory path), while autograd keeps no full-size tensor."""
 
 from __future__ import annotations
@@ -71,12 +71,16 @@ def _grads(a, x, out):
     return torch.autograd.grad(out, [x] + params, gy)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "bypass"])
+@pytest.mark.parametrize("form", ["merged", "sum", "change"])
 @pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_outputs_and_gradients_equal_plain_autograd(case, kind, fused, monkeypatch):
-    if not fused:  # the form used with half-precision weights: base(x) + op(x, change)
+def test_outputs_and_gradients_equal_plain_autograd(case, kind, form, monkeypatch):
+    """Each form of the layer (AdapterModule._rebuilt), in float32 here: "merged" (float32's own), "sum" (one
+    node with the base op, what half precision uses) and "change" (the host adds the base output: stacked adapters)."""
+    if form == "change":
         monkeypatch.setattr(AdapterModule, "forward_fused", lambda self, x: None)
+    elif form == "sum":
+        monkeypatch.setattr(AdapterModule, "whole_layer_form", lambda self, x: "sum")
     if case == "loha_tucker" and kind != "conv":
         pytest.skip("Tucker applies to 3x3 convolutions")
     layer = _layer(kind, "tiny").requires_grad_(False)
@@ -90,6 +94,31 @@ def test_outputs_and_gradients_equal_plain_autograd(case, kind, fused, monkeypat
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("case", ["loha", "lokr", "dora", "full"])
+def test_whole_layer_under_autocast_equals_base_plus_change(case, kind, weights):
+    """Under bf16 autocast an adapted layer is one node ("sum": the base op and the change's op) and gives the bits
+    the host's base(x) + change gives (outputs and every gradient, x's included) - with float32 weights too, where
+    W + change in one op would round the change into a bf16 weight."""
+    layer = _layer(kind, "tiny").requires_grad_(False).to(weights)
+    a = _adapter(case, layer).train()
+    x = _input(layer, "tiny").requires_grad_(True)
+    attach(a)
+    results = []
+    for host_adds in (False, True):
+        if host_adds:
+            a.forward_fused = lambda x: None  # instance attribute: the host's base + change
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert ("RebuiltOp" in type(out.grad_fn).__name__) != host_adds
+        results.append((out, _grads(a, x, out.float())))
+    (y1, g1), (y2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    for u, v in zip(g1, g2):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.recompute import RebuiltDelta
+from lorakit.adapters.recompute import rebuilt_delta
 from lorakit.models.dnn_linear import fp32_linear
+from lorakit.models.dtypes import compute_dtype
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -148,32 +149,54 @@ class AdapterModule(nn.Module):
     full_size_change = True  # the forward builds a full-size weight change (False: LoRA's low-rank activations path)
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output change, base(x) + this = the adapted layer. Training goes through `RebuiltDelta`
+        """The layer's output change, base(x) + this = the adapted layer. Training goes through `rebuilt_delta`
         (keeps x and the factors, never the full-size change); subclasses with a low-rank path override this."""
-        return self._rebuilt(x, fused=False)
+        return self._rebuilt(x, "change")
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The whole adapted layer as one op with W + change, or None when the bypass form must be used. Fusing
-        saves two full-size ops per layer (LoHa/LoKr/DoRA on 3x3 convs cost as much as the convs themselves), but
-        W + change rounds the change away in a half-precision weight, so it is used in float32 only."""
-        if not self.full_size_change or x.dtype != torch.float32 or self.org_module.weight.dtype != torch.float32:
+        """The whole adapted layer as one autograd node, or None when base(x) + forward_delta(x) must be used. One
+        node saves x once for both ops, and under gradient checkpointing lets the recomputation stop before either
+        op (adapters.recompute.rebuilt_delta)."""
+        if not self.full_size_change:
             return None
-        return self._rebuilt(x, fused=True)
+        return self._rebuilt(x, self.whole_layer_form(x))
 
-    def _rebuilt(self, x: torch.Tensor, fused: bool) -> torch.Tensor | None:
+    def whole_layer_form(self, x: torch.Tensor) -> str:
+        """"merged": one op with W + change - two full-size ops fewer per layer in forward and backward (LoHa/LoKr/
+        DoRA on 3x3 convs cost as much as the convs themselves) - where the op runs in float32; W + change would
+        round the change away in a half-precision weight (under autocast too, whatever x's dtype), so there "sum":
+        the base op plus the change's op."""
+        exact = compute_dtype(x) == torch.float32 and self.org_module.weight.dtype == torch.float32
+        return "merged" if exact else "sum"
+
+    def _rebuilt(self, x: torch.Tensor, form: str) -> torch.Tensor | None:
+        """The layer in `form`: "change" (the output change only), "merged" or "sum" (the whole layer)."""
         m = self.effective_multiplier
         if self.module_dropout and self.training and torch.rand(()) < self.module_dropout:
-            return self.org_module._lorakit_host.orig_forward(x) if fused else None
+            return None if form == "change" else self.base_forward(x)
         keep = self.rank_keep()
         params = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return RebuiltDelta.apply(x, self, m, keep, fused, *params)
+            return rebuilt_delta(x, self, m, keep, form, params)
         with torch.no_grad():
-            w, b = self.layer_weights(m, keep, fused)
-        return self._op(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+            return self.rebuilt_op(x, m, keep, form)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.org_module._lorakit_host.orig_forward(x)
+
+    def rebuilt_op(self, x: torch.Tensor, multiplier: float, keep: torch.Tensor | None, form: str,
+                   dora=None) -> torch.Tensor:
+        """The layer's output in `form` (see `_rebuilt`), under no_grad; the weights are built and dropped."""
+        w, b = self.layer_weights(multiplier, keep, form == "merged", dora)
+        y = self._op(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        del w, b
+        if form == "sum":
+            base = self.base_forward(x)
+            y = base.add_(y.to(base.dtype))
+        return y
 
     def layer_weights(self, multiplier: float, keep: torch.Tensor | None, fused: bool, dora=None):
-        """(weight, bias) of the op `RebuiltDelta` runs: the change (bypass) or W + change (fused), built in place
+        """(weight, bias) of the op `rebuilt_op` runs: the change (bypass) or W + change (fused), built in place
         (call under no_grad): at most two full-size tensors alive. `dora`: a `dora_state` to build from (kept)."""
         b = self.bias_change(multiplier)
         org = self.org_module
@@ -312,7 +335,7 @@ class _Host:
 
     def __call__(self, x, *args, **kwargs):
         if len(self.adapters) == 1 and not args and not kwargs and self.adapters[0].enabled:
-            y = self.adapters[0].forward_fused(x)  # one op with W + change where that is exact enough
+            y = self.adapters[0].forward_fused(x)  # the whole layer as one node where the adapter has one
             if y is not None:
                 return y
         # the changes before the base output: under non-reentrant gradient checkpointing backward recomputes a block

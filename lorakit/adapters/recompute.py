@@ -9,8 +9,9 @@ one more small matmul per factor product to rebuild the change, the same trade L
 each algorithm's `delta_backward` writes the chain rule out so that no more than ~3 full-size tensors of ONE layer
 exist at a time (e.g. 3 x 118 MB for SD1.5's largest 3x3 conv, 2560 -> 1280).
 
-`fused`: the op runs with W + change instead of base(x) + op(x, change) - one full-size op instead of two in forward
-and backward (float32 only: see AdapterModule.forward_fused).
+The forms (AdapterModule._rebuilt): "change", op(x, change), added to the base layer's output by the host; the whole
+layer as "merged", one op with W + change (float32), or "sum", base(x) + op(x, change) (half precision: see
+AdapterModule.whole_layer_form).
 """
 
 from __future__ import annotations
@@ -40,54 +41,109 @@ def release_freed_memory(adapter, x: torch.Tensor) -> None:
         _malloc_trim(0)
 
 
-class RebuiltDelta(torch.autograd.Function):
-    """y = op(x, weight, bias) where (weight, bias) = adapter.layer_weights(multiplier, keep, fused); saves x and the
-    parameters, never a full-size tensor. `keep` is the rank-dropout mask, drawn once in forward and replayed."""
+def rebuilt_delta(x, adapter, multiplier: float, keep, form: str, params) -> torch.Tensor:
+    """adapter.rebuilt_op(x, multiplier, keep, form) for training: autograd keeps x and the parameters, never a
+    full-size tensor. `keep` is the rank-dropout mask, drawn once in forward and replayed in backward.
+
+    Two nodes, as LoRA's Linear (adapters.lora.lora_linear) and for the same reason: under non-reentrant gradient
+    checkpointing (diffusers' kind) backward recomputes a block only up to the last tensor a node saved, and a custom
+    node saves when its forward has returned. One node saving x made a block's last LoHa/LoKr/DoRA layer (a
+    transformer block's ff.net.2, a resnet's conv2 under conv_dim) rebuild its weight and redo its full-size op in
+    the recomputation for nothing. Here `_SaveInput` saves x and computes nothing; `_RebuiltOp` runs the op and saves
+    no tensor (the input gradient needs only x's shape), and hands its output gradient to `_SaveInput`'s backward,
+    which computes the weight gradient there, where x is. In "sum" form the base op runs inside `_RebuiltOp` too:
+    as a node of its own it saves its tensors after the change's op has run, which the recomputation would redo."""
+    link = _Link()
+    token = _SaveInput.apply(x, adapter, multiplier, keep, link, *params)
+    return _RebuiltOp.apply(x, token, adapter, multiplier, keep, form, link)
+
+
+class _Link:
+    """What one layer's two nodes hand each other: in forward x in the compute dtype (cast once), in backward the
+    output gradient and DoRA's (W + dW, norm), built once for both (`_SaveInput`'s backward runs right after
+    `_RebuiltOp`'s: the token is its only way back)."""
+
+    __slots__ = ("x", "gy", "dora")
+
+    def __init__(self):
+        self.x = self.gy = self.dora = None
+
+
+class _SaveInput(torch.autograd.Function):
+    """Saves x; its output is a scalar token for `_RebuiltOp`, whose backward leaves gy in the link. Backward: the
+    weight gradient g^T x, then each parameter's through the algorithm's chain rule (`change_backward`)."""
 
     @staticmethod
-    def forward(ctx, x, adapter, multiplier, keep, fused, *params):
-        # under autocast the op runs in its dtype: keep x in it too (an fp32 activation saved for backward would
+    def forward(ctx, x, adapter, multiplier, keep, link, *params):
+        # under autocast the op runs in its dtype: x is kept in it (an fp32 activation saved for backward would
         # double what the bf16 run keeps; the base layer casts the same way)
         dt = compute_dtype(x)
-        x = x if x.dtype == dt else x.to(dt)
+        link.x = x = x if x.dtype == dt else x.to(dt)
+        ctx.save_for_backward(x)
+        ctx.adapter, ctx.multiplier, ctx.keep, ctx.link, ctx.params = adapter, multiplier, keep, link, params
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        (x,) = ctx.saved_tensors
+        a, link = ctx.adapter, ctx.link
+        gy, dora = link.gy, link.dora
+        link.gy = link.dora = None
+        has_bias = a.delta_bias() is not None
         with torch.no_grad():
-            w, b = adapter.layer_weights(multiplier, keep, fused)
-            y = adapter._op(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-        ctx.adapter, ctx.multiplier, ctx.keep, ctx.fused = adapter, multiplier, keep, fused
-        ctx.save_for_backward(x, *params)
-        del w, b
+            gw, gb = _weight_grad(a, x, gy, has_bias)
+            del gy
+            pairs = a.change_backward(gw.float(), ctx.multiplier, ctx.keep, dora)
+            del dora, gw
+            if has_bias:
+                pairs.append((a.diff_b, gb.float() * ctx.multiplier))
+        by_id = {id(p): g.to(p.dtype).reshape(p.shape) for p, g in pairs}
+        del pairs
+        release_freed_memory(a, x)
+        return (None, None, None, None, None,
+                *[by_id.get(id(p)) if p.requires_grad else None for p in ctx.params])
+
+
+class _RebuiltOp(torch.autograd.Function):
+    """The op with the rebuilt weight. Keeps x's shape and dtype, never x (see `rebuilt_delta`). Backward: the input
+    gradient g W', and gy to the link."""
+
+    @staticmethod
+    def forward(ctx, x, token, adapter, multiplier, keep, form, link):
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        x, link.x = link.x, None  # in the compute dtype
+        y = adapter.rebuilt_op(x, multiplier, keep, form)  # forward runs without grad: weights built in place
+        ctx.adapter, ctx.multiplier, ctx.keep, ctx.form, ctx.link = adapter, multiplier, keep, form, link
+        ctx.dt = x.dtype
         release_freed_memory(adapter, x)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, *params = ctx.saved_tensors
-        a, m = ctx.adapter, ctx.multiplier
-        has_bias = a.delta_bias() is not None
+        a, link = ctx.adapter, ctx.link
+        gx = None
         with torch.no_grad():
-            dora = a.dora_state(ctx.keep) if a.wd else None  # W + dW and its norm: built once for both uses
-            gx = None
+            link.dora = a.dora_state(ctx.keep) if a.wd else None
             if ctx.needs_input_grad[0]:
-                w, _ = a.layer_weights(m, ctx.keep, ctx.fused, dora)
-                gx = _input_grad(a, x, gy, w.to(x.dtype))
+                g = gy.to(ctx.dt)
+                w, _ = a.layer_weights(ctx.multiplier, ctx.keep, ctx.form == "merged", link.dora)
+                gx = _input_grad(a, ctx.x_shape, g, w.to(ctx.dt))
                 del w
-            gw, gb = _weight_grad(a, x, gy, has_bias)
-            pairs = a.change_backward(gw.float(), m, ctx.keep, dora)
-            del dora
-            if has_bias:
-                pairs.append((a.diff_b, gb.float() * m))
-        by_id = {id(p): g.to(p.dtype).reshape(p.shape) for p, g in pairs}
-        del pairs, gw
-        release_freed_memory(a, x)
-        return (gx, None, None, None, None, *[by_id.get(id(p)) if p.requires_grad else None for p in params])
+                if ctx.form == "sum":  # the base layer's input gradient, added in x's dtype as autograd adds the
+                    # two nodes' (float32 under autocast: each rounded to the compute dtype, not their sum)
+                    base = _input_grad(a, ctx.x_shape, g, a.org_module.weight.to(ctx.dt))
+                    gx = base.to(ctx.x_dtype).add_(gx.to(ctx.x_dtype))
+        link.gy = gy
+        return gx, gy.new_zeros(()), None, None, None, None, None
 
 
-def _input_grad(adapter, x, gy, weight):
-    gy = gy.to(x.dtype)
+def _input_grad(adapter, x_shape, gy, weight):
     if adapter.is_conv:
         kw = adapter._conv_kw
+        # the input's values are not read for its gradient: a zero-stride stand-in of its shape (torch's own
+        # nn.grad.conv2d_input passes the same)
         return torch.ops.aten.convolution_backward(
-            gy, x, weight, None, list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]), False, [0, 0],
+            gy, gy.new_empty(1).expand(x_shape), weight, None, list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]), False, [0, 0],
             kw["groups"], [True, False, False])[0]
     return fp32_linear(gy, weight.t())  # g W
 
