@@ -252,7 +252,8 @@ def test_checkpoint_recomputation_skips_a_rebuilt_layers_op(algo, kind, dtype):
     before the layer's full-size op - the rebuilt one and the base one. Gradients equal the uncheckpointed ones."""
     torch.manual_seed(0)
     if kind == "linear":
-        block, x, out = nn.Sequential(nn.Linear(48, 80), nn.GELU(), nn.Linear(80, 96)), torch.randn(2, 5, 48), (2, 5, 96)
+        block = nn.Sequential(nn.Linear(48, 80), nn.GELU(), nn.Linear(80, 96))
+        x, out = torch.randn(2, 5, 48), (2, 5, 96)
     else:
         block = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.SiLU(), nn.Conv2d(12, 16, 3, padding=1))
         x, out = torch.randn(1, 8, 6, 6), (1, 16, 6, 6)

@@ -80,6 +80,8 @@ class _SaveInput(torch.autograd.Function):
         dt = compute_dtype(x)
         link.x = x = x if x.dtype == dt else x.to(dt)
         ctx.save_for_backward(x)
+        # the parameters as passed, to give each its gradient: not matched through saved tensors, which under
+        # non-reentrant checkpointing come back as other objects (matched by identity, no UNet adapter got one)
         ctx.adapter, ctx.multiplier, ctx.keep, ctx.link, ctx.params = adapter, multiplier, keep, link, params
         return x.new_zeros(())
 
@@ -143,8 +145,8 @@ def _input_grad(adapter, x_shape, gy, weight):
         # the input's values are not read for its gradient: a zero-stride stand-in of its shape (torch's own
         # nn.grad.conv2d_input passes the same)
         return torch.ops.aten.convolution_backward(
-            gy, gy.new_empty(1).expand(x_shape), weight, None, list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]), False, [0, 0],
-            kw["groups"], [True, False, False])[0]
+            gy, gy.new_empty(1).expand(x_shape), weight, None, list(kw["stride"]), list(kw["padding"]),
+            list(kw["dilation"]), False, [0, 0], kw["groups"], [True, False, False])[0]
     return fp32_linear(gy, weight.t())  # g W
 
 
