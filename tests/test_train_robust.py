@@ -81,6 +81,63 @@ ARGS = ["--max_train_steps", "3", "--network_dim", "2", "--learning_rate", "1e-3
         "--shuffle_caption", "--noise_offset", "0.05"]
 
 
+# ---- gradients that never arrive ----------------------------------------------------------------------------------
+def test_loha_with_gradient_checkpointing_trains_the_unet(tmp_path):
+    """A LoHa run with --gradient_checkpointing changes its UNet modules (they start as no change: hada_w2_a = 0).
+    Before the fix no UNet adapter got a gradient under diffusers' checkpointing and the file's UNet part stayed
+    at zero."""
+    opts = options(tmp_path, dataset(tmp_path), "--network_module", "lycoris.kohya", "--network_args", "algo=loha",
+                   "--gradient_checkpointing", "--max_train_steps", "2", "--learning_rate", "1e-2")
+    run(opts)
+    sd, _ = read_lora(tmp_path / "out" / "last.safetensors")
+    w2a = {k: v for k, v in sd.items() if k.endswith("hada_w2_a")}
+    unet = [k for k in w2a if k.startswith("lora_unet_")]
+    assert unet and all(w2a[k].abs().sum() > 0 for k in unet)
+
+
+def test_a_step_whose_gradients_reach_no_adapter_stops_at_step_1(tmp_path, monkeypatch):
+    """If no UNet adapter gets a gradient on the first step (a bug, as LoHa under checkpointing once was), the run
+    stops there with a one-paragraph error instead of training nothing for an hour; some missing is logged."""
+    from lorakit.adapters import base
+
+    host_call = base._Host.__call__
+
+    def unet_bypassed(self, x, *a, **k):  # the UNet's layers ignore their adapters; the text encoders' do not
+        if self.adapters[0].lora_name.startswith("lora_unet_"):
+            return self.orig_forward(x, *a, **k)
+        return host_call(self, x, *a, **k)
+
+    monkeypatch.setattr(base._Host, "__call__", unet_bypassed)
+    opts = options(tmp_path, dataset(tmp_path), "--max_train_steps", "2")
+    with pytest.raises(UserError, match=r"No gradient reached any of the UNet's \d+ adapters on the first step"):
+        run(opts)
+    assert not (tmp_path / "out" / "last.safetensors").exists()
+    # and with no adapter anywhere on the loss's path (nothing to differentiate): the same kind of stop
+    monkeypatch.setattr(base._Host, "__call__", lambda self, x, *a, **k: self.orig_forward(x, *a, **k))
+    with pytest.raises(UserError, match=r"A step's loss depends on no trained parameter"):
+        run(opts)
+
+
+def test_some_adapters_without_a_gradient_are_named_in_the_log():
+    from lorakit.adapters.network import create_network
+    from lorakit.train.loop import check_first_gradients
+
+    b = tiny("sd1")
+    net = create_network(b, "networks.lora", 4, 4, {})
+    net.apply_to(b)
+    x, h = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    b.unet(x, torch.tensor([500]), h).sample.square().mean().backward()
+    lines = []
+    check_first_gradients(net, lines.append)
+    assert lines == []
+    first = net.unet_adapters[0]
+    for p in first.parameters():
+        p.grad = None
+    check_first_gradients(net, lines.append)
+    assert len(lines) == 1 and f"1 of the UNet's {len(net.unet_adapters)} adapters got no gradient" in lines[0] \
+        and first.lora_name in lines[0]
+
+
 def test_resume_is_bitwise_exact_with_two_threads_and_restores_the_count(tmp_path):
     """Two threads: the state records the count; a resume started under another count takes it back."""
     data = dataset(tmp_path, n_train=2)

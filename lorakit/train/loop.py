@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lorakit.errors import UserError
 from lorakit.models.conditioning import added_cond_kwargs, encode_captions
 from lorakit.train import losses, noise as N
 from lorakit.train.optimizers import clip_grad_norm
@@ -158,6 +159,8 @@ def run_loop(loop: Loop, start, ckpt, steplog, previews, stop_after_step: Option
                 if _any_process(loss is None, loop):  # a NaN on any process stops every process
                     stop = "nan"
                     break
+                if step == start.step:
+                    check_first_gradients(loop.network, steplog.log)
                 _optimizer_step(loop)
                 extra = _after_optimizer_step(loop, guard)
                 if _any_process(guard.bad_names is not None, loop):  # restored to the last finite weights
@@ -203,10 +206,37 @@ def _accumulate(loop: Loop, batches, chunk: list[int], step: int) -> Optional[fl
                                    loop.inputs.te_cache)
         if not torch.isfinite(loss):
             return None
+        if not loss.requires_grad:
+            if any(getattr(a, "module_dropout", None) for a in loop.network.adapters):
+                total += loss.item() / len(chunk)  # module dropout left every adapter out of this batch
+                continue
+            # otherwise only a bug does this (see check_first_gradients): say so, not autograd's error
+            raise UserError("A step's loss depends on no trained parameter: no adapter is on its path, so this run "
+                            "would train nothing. This is a lorakit bug: please report it with your command line.")
         scaled = loss / len(chunk)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.item() / len(chunk)
     return total
+
+
+def check_first_gradients(network, log: Callable[[str], None]) -> None:
+    """Once, after a run's first backward: did every trainable UNet adapter get a gradient? Every UNet layer is on
+    the loss's path (a text encoder's last layers are not under --clip_skip: not checked). None at all means the
+    run would train nothing - stopped at step 1 instead of found after an hour (LoHa/LoKr/DoRA under gradient
+    checkpointing once trained nothing in the UNet this way); some missing is logged. Adapters with module dropout
+    can be left out of a step and are not counted."""
+    adapters = [a for a in network.unet_adapters if not getattr(a, "module_dropout", None)
+                and any(p.requires_grad for p in a.parameters())]
+    missing = [a.lora_name for a in adapters if any(p.requires_grad and p.grad is None for p in a.parameters())]
+    if not missing:
+        return
+    names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    if len(missing) == len(adapters):
+        raise UserError(f"No gradient reached any of the UNet's {len(adapters)} adapters on the first step ({names}): "
+                        f"this run would train nothing in the UNet, so it stops here. This is a lorakit bug: please "
+                        f"report it with your command line.")
+    log(f"warning: {len(missing)} of the UNet's {len(adapters)} adapters got no gradient on the first step and will "
+        f"not train: {names}")
 
 
 def _optimizer_step(loop: Loop) -> None:
