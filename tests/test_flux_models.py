@@ -212,3 +212,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(dev):
         unet(*args).square().mean().backward()
         grads.append(unet.double_blocks[3].img_attn.qkv.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("module,args", [("networks.lora", {}), ("lycoris.kohya", {"algo": "loha"}),
+                                         ("lycoris.kohya", {"algo": "lokr"})], ids=["lora", "loha", "lokr"])
+def test_gradient_checkpointing_gives_adapters_the_same_gradients(module, args):
+    """FLUX checkpoints its blocks itself (non-reentrant): every adapter parameter gets the gradient it gets without
+    (LoHa/LoKr once got none under checkpointing: adapters/recompute.py)."""
+    from lorakit.adapters.network import create_network
+
+    g = torch.Generator().manual_seed(1)
+    args_in = (pack_latents(torch.randn(1, 16, 4, 4, generator=g)), image_ids(1, 4, 4),
+               torch.randn(1, 3, 32, generator=g), text_ids(1, 3), torch.tensor([0.4]), torch.randn(1, 32, generator=g),
+               torch.tensor([2.0]))
+    grads = []
+    for checkpointing in (False, True):
+        b = tiny_bundle("flux-dev", seed=3)
+        torch.manual_seed(0)
+        net = create_network(b, module, 4, 4, args, train_text_encoder=False)
+        net.apply_to(b)
+        with torch.no_grad():  # every factor off its zero initialisation
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape) * 0.05)
+        b.unet.train().gradient_checkpointing = checkpointing
+        b.unet(*args_in).square().mean().backward()
+        params = [p for a in net.unet_adapters for p in a.parameters()]
+        assert params and all(p.grad is not None for p in params), f"checkpointing {checkpointing}"
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
