@@ -217,7 +217,7 @@ class AdapterModule(nn.Module):
         if not self.additive or self.wd:  # IA3, OFT (load only), DoRA (layer_weights): the plain formula
             return self.weight_change(multiplier, keep)
         d = self._fresh_delta(keep)
-        return d.mul_(multiplier)
+        return d if multiplier == 1.0 else d.mul_(multiplier)  # training's 1.0: a full-size pass fewer
 
     def _fresh_delta(self, keep: torch.Tensor | None) -> torch.Tensor:
         d = self.delta_weight()
@@ -235,7 +235,9 @@ class AdapterModule(nn.Module):
         """Given g = dLoss/d(weight change) (float32, consumed), the (parameter, gradient) pairs, keeping at most two
         more full-size tensors alive. The chain rule of `weight_change` written out: DoRA's normalisation here, each
         algorithm's delta in its own `delta_backward`."""
-        g = g.reshape(self.shape).mul_(multiplier)
+        g = g.reshape(self.shape)
+        if multiplier != 1.0:  # training's 1.0: a full-size pass fewer
+            g = g.mul_(multiplier)
         extra = []
         if self.wd:
             g, gs = self._dora_backward(g, *(dora if dora is not None else self.dora_state(keep)))

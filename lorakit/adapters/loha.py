@@ -85,13 +85,18 @@ class LoHaModule(AdapterModule):
         return mod
 
     def delta_weight(self):
+        if not torch.is_grad_enabled() and not self.tucker:
+            # building for a forward only: in place, two full-size tensors at most, the scale on a small factor
+            # (a full-size pass fewer: these layers' steps are bound by passes over full-size weights)
+            w1 = torch.mm(self.hada_w1_a.float() * self.scale, self.hada_w1_b.float())
+            return w1.mul_(torch.mm(self.hada_w2_a.float(), self.hada_w2_b.float())).reshape(self.shape)
         if self.tucker:
             w1 = _tucker(self.hada_t1.float(), self.hada_w1_a.float(), self.hada_w1_b.float())
             w2 = _tucker(self.hada_t2.float(), self.hada_w2_a.float(), self.hada_w2_b.float())
         else:
             w1 = self.hada_w1_a.float() @ self.hada_w1_b.float()
             w2 = self.hada_w2_a.float() @ self.hada_w2_b.float()
-        if not torch.is_grad_enabled():  # building for a forward only: in place, two full-size tensors at most
+        if not torch.is_grad_enabled():
             return w1.mul_(w2).mul_(self.scale).reshape(self.shape)
         return (w1 * w2).reshape(self.shape) * self.scale
 
@@ -101,9 +106,10 @@ class LoHaModule(AdapterModule):
             return super().delta_backward(g)
         a1, b1, a2, b2 = (p.float() for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b))
         g = g.reshape(a1.shape[0], -1)
-        t = torch.mm(a2, b2).mul_(g).mul_(self.scale)  # dLoss/dW1
+        s = self.scale  # on the small factors: a full-size pass fewer each
+        t = torch.mm(a2 * s, b2).mul_(g)  # dLoss/dW1
         out = [(self.hada_w1_a, t @ b1.t()), (self.hada_w1_b, a1.t() @ t)]
-        torch.mm(a1, b1, out=t).mul_(g).mul_(self.scale)  # dLoss/dW2, in the same buffer
+        torch.mm(a1 * s, b1, out=t).mul_(g)  # dLoss/dW2, in the same buffer
         return out + [(self.hada_w2_a, t @ b2.t()), (self.hada_w2_b, a2.t() @ t)]
 
     def plus_parameters(self):
