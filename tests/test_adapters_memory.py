@@ -274,3 +274,16 @@ def test_network_args_choose_the_rank_dropout_rescale_of_each_tool():
     with pytest.raises(UserError, match="use_scalar is not supported"):
         rescale("lycoris.kohya", algo="locon", use_scalar=True)
     assert rescale("lycoris.kohya", algo="locon", use_scalar=False) is None
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (1000, 3), (3, 700), (6, 4, 3, 3), (300, 20, 3, 3)])
+def test_column_norms_equal_torchs_vector_norm(shape):
+    """DoRA's per-input-column norm on a CPU (blocks of rows, `base._column_norms`) is torch's vector_norm over every
+    axis but 1, within float32 rounding, for Linear and convolution weights of several row counts."""
+    from lorakit.adapters.base import _column_norms
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
+    want = torch.linalg.vector_norm(w, dim=[d for d in range(w.dim()) if d != 1], keepdim=True)
+    got = _column_norms(w, chunk_elems=64)  # several blocks even for the small shapes
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
