@@ -309,8 +309,8 @@ def alpha_or_rank(alpha, rank: int) -> float:
 def _column_norms(w: torch.Tensor, chunk_elems: int = 1 << 18) -> torch.Tensor:
     """||w[:, j, ...]|| for each input column j, shaped like a per-column dora_scale. torch's vector_norm over the
     leading axis reads the weight with a stride (CPU, 10240 x 1280 float32: 14.7 ms; DoRA takes this norm two or
-    three times a layer and step); sums of squares over blocks of rows that stay in cache: 1.7 ms. CPU only: on a GPU the
-    loop's launches would cost more than the strided read."""
+    three times a layer and step); sums of squares over blocks of rows that stay in cache: 1.7 ms. CPU only: on a
+    GPU the loop's launches would cost more than the strided read."""
     w3 = w.reshape(w.shape[0], w.shape[1], -1)
     step = max(1, chunk_elems // max(1, w3[0].numel()))
     acc = torch.zeros(w3.shape[1:], dtype=w.dtype, device=w.device)
